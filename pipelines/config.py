@@ -1,0 +1,226 @@
+"""The one typed configuration: params.yaml loaded into frozen dataclasses.
+
+Loaded once at an entry point and passed down; nothing here reads the environment or
+touches the disk at import time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """params.yaml or an override is invalid."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    data: str
+    incoming: str
+    deid: str
+    manifest: str
+    quarantine: str
+    deid_report: str
+    validation: str
+    dataset: str
+    frozen_test: str
+    model_dir: str
+    metrics: str
+    gx_root: str
+    key_file: str
+    dvc_remote: str
+    mlflow_uri: str
+    mlflow_artifacts: str
+    prefect_home: str
+    demo_cohort: str
+
+
+@dataclass(frozen=True)
+class SynthParams:
+    patients: int
+    seed: int
+    hypoplasia_fraction: float
+    ga_min: float
+    ga_max: float
+    max_exams: int
+    png_fraction: float
+    styles: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DeidParams:
+    key_env: str
+    max_date_shift_days: int
+    keep_columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ValidateSection:
+    min_per_class: int
+    ga_min: float
+    ga_max: float
+    spacing_min_mm: float
+    spacing_max_mm: float
+    cm_max_mm: float
+    tcd_max_abs_z: float
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    seed: int
+    test_fraction: float
+    val_fraction: float
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    size: int
+    crop_margin: float
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    max_epochs: int
+    batch_size: int
+    lr: float
+    channels: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    model: str
+    seed: int
+    max_epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    features: int
+    predicted_mask_fraction: float
+    num_workers: int
+    accelerator: str
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    sensitivity_target: float
+    bootstrap: int
+
+
+@dataclass(frozen=True)
+class PromoteParams:
+    min_auc: float
+    min_sensitivity: float
+    auc_margin: float
+    model_name: str
+
+
+MODELS = ("asc", "asc-ga", "image-only")
+
+
+@dataclass(frozen=True)
+class Params:
+    paths: Paths
+    synth: SynthParams
+    deid: DeidParams
+    validate: ValidateSection
+    split: SplitParams
+    preprocess: PreprocessParams
+    segment: SegmentParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    promote: PromoteParams
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value` for logging (MLflow params, lineage)."""
+        out: dict[str, Any] = {}
+        for section, values in self.raw.items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = getattr(typ, "__origin__", None)
+    try:
+        if origin is tuple:
+            (inner, _) = typ.__args__
+            return tuple(_coerce(v, inner, where) for v in value)
+        if typ is bool:
+            if isinstance(value, str):
+                return value.lower() in ("1", "true", "yes")
+            return bool(value)
+        if typ in (int, float, str):
+            if typ is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return typ(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"params.yaml: {where} = {value!r} is not a valid {typ}") from exc
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], section: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"params.yaml: unknown key(s) in '{section}': {sorted(unknown)}")
+    missing = names - set(values)
+    if missing:
+        raise ConfigError(f"params.yaml: missing key(s) in '{section}': {sorted(missing)}")
+    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML) to a raw params dict."""
+    out = {k: dict(v) for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        if section not in out or name not in out[section]:
+            raise ConfigError(f"override {item!r}: there is no '{key}' in params.yaml")
+        out[section][name] = yaml.safe_load(value)
+    return out
+
+
+_SECTIONS = {f.name: f.type for f in fields(Params) if f.name != "raw"}
+
+
+def parse_params(raw: dict[str, Any]) -> Params:
+    """Validate a raw dict (as read from params.yaml) into Params."""
+    hints = get_type_hints(Params)
+    built = {}
+    for section in _SECTIONS:
+        if section not in raw:
+            raise ConfigError(f"params.yaml: missing section '{section}'")
+        built[section] = _build(hints[section], raw[section] or {}, section)
+    params = Params(**built, raw=raw)
+    if params.train.model not in MODELS:
+        raise ConfigError(f"params.yaml: train.model = {params.train.model!r}; choose one of {MODELS}")
+    if not 0 < params.split.test_fraction < 1 or not 0 < params.split.val_fraction < 1:
+        raise ConfigError("params.yaml: split fractions must lie in (0, 1)")
+    return params
+
+
+def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read params.yaml, apply overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run cbh from the workspace root)")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return parse_params(apply_overrides(raw, overrides or []))
+
+
+def replace(params: Params, overrides: list[str]) -> Params:
+    """A copy of params with overrides applied."""
+    return parse_params(apply_overrides(params.raw, overrides))
+
+
+__all__ = ["Params", "ConfigError", "load_params", "replace", "apply_overrides", "MODELS"]
