@@ -101,15 +101,35 @@ def extent_mm(mask: NDArray[np.bool_], direction_rad: float, spacing_mm: float) 
     return float((proj.max() - proj.min() + 1.0) * spacing_mm)
 
 
-def measure_mask(
-    labels: NDArray[np.integer], of_axis_rad: float, spacing_mm: float
-) -> tuple[float, float]:
+def cerebellar_axis(labels: NDArray[np.integer]) -> float | None:
+    """Direction (radians) of the cerebellum's long (transverse) axis by PCA, None if empty.
+
+    The cerebellum is about twice as wide as it is deep, so its principal axis is the
+    transverse one, and the occipito-frontal axis is perpendicular to it.
+    """
+    ys, xs = np.nonzero(labels == 1)
+    if xs.size < 5:
+        return None
+    cov = np.cov(np.stack([xs, ys]).astype(np.float64))
+    vals, vecs = np.linalg.eigh(cov)
+    vx, vy = vecs[:, int(np.argmax(vals))]
+    return math.atan2(vy, vx)
+
+
+def measure_mask(labels: NDArray[np.integer], spacing_mm: float,
+                 of_axis_rad: float | None = None) -> tuple[float, float]:
     """TCD and CM depth (mm) from a label mask (1 cerebellum, 2 cisterna magna).
 
     TCD is the maximal width of the cerebellum perpendicular to the head's occipito-frontal
     axis; CM depth is the extent of the cisterna magna along that axis (from the back of
-    the vermis to the inner occipital table).
+    the vermis to the inner occipital table). The axis defaults to the perpendicular of the
+    cerebellum's own principal axis, so no skull fit is needed.
     """
+    if of_axis_rad is None:
+        transverse = cerebellar_axis(labels)
+        if transverse is None:
+            return float("nan"), float("nan")
+        of_axis_rad = transverse - math.pi / 2
     tcd = extent_mm(labels == 1, of_axis_rad + math.pi / 2, spacing_mm)
     cm = extent_mm(labels == 2, of_axis_rad, spacing_mm)
     return tcd, cm

@@ -231,7 +231,7 @@ def render(an: Anatomy, style: Style, rng: np.random.Generator) -> tuple[NDArray
     amp, skull = echogenicity(an, hx, hy, texture)
     # near field: maternal abdominal wall and uterus, bright band in the first ~12 mm
     wall = (r < 0.16 * n_r) & (amp < 0.1)
-    amp = np.where(wall, 0.3 * texture, amp)
+    amp = np.where(wall, 0.12 * texture, amp)
     # shadowing: every millimetre of skull crossed by the beam costs transmission
     crossed = np.cumsum(skull, axis=0) * pl.spacing / SKULL_MM
     trans = np.exp(-0.8 * np.concatenate([np.zeros((1, n_phi), np.float32), crossed[:-1]]))

@@ -35,11 +35,28 @@ CRITICAL, WARNING = "critical", "warning"
 # institution...) always misses a spelling, while any column outside this list has not
 # been reviewed for PHI. Adding a column means a steward review and an edit here.
 MANIFEST_COLUMNS = (
-    "image_id", "patient_pseudo", "exam_date", "ga_weeks", "label", "tcd_mm", "cm_mm",
-    "site", "frame", "deid_path", "mask_path", "rows", "cols", "spacing_row_mm",
-    "spacing_col_mm", "modality", "photometric", "source_format", "pixel_sha256", "cohort",
+    "image_id",
+    "patient_pseudo",
+    "exam_date",
+    "ga_weeks",
+    "label",
+    "tcd_mm",
+    "cm_mm",
+    "site",
+    "frame",
+    "deid_path",
+    "mask_path",
+    "rows",
+    "cols",
+    "spacing_row_mm",
+    "spacing_col_mm",
+    "modality",
+    "photometric",
+    "source_format",
+    "pixel_sha256",
+    "cohort",
     "source_row",
-)  # fmt: skip
+)
 TCD_Z_COLUMN = "tcd_z"
 
 TcdZ = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -90,10 +107,16 @@ class ValidationReport:
             return "All expectations passed."
         header = ("severity", "suite", "expectation", "column", "unexpected", "examples")
         rows = [header] + [
-            (r.severity, r.suite, r.expectation, r.column or "-", str(r.unexpected_count),
-             ", ".join(r.unexpected_examples) or "-")
+            (
+                r.severity,
+                r.suite,
+                r.expectation,
+                r.column or "-",
+                str(r.unexpected_count),
+                ", ".join(r.unexpected_examples) or "-",
+            )
             for r in failed
-        ]  # fmt: skip
+        ]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -129,35 +152,94 @@ def build_expectations(params: ValidateParams, with_tcd_z: bool) -> list[Any]:
         return exp(gxe.ExpectColumnValuesToNotBeNull, CRITICAL, risk, column=column)
 
     def between(column: str, lo: float, hi: float, risk: str) -> Any:
-        return exp(gxe.ExpectColumnValuesToBeBetween, CRITICAL, risk, column=column,
-                   min_value=lo, max_value=hi)  # fmt: skip
+        return exp(
+            gxe.ExpectColumnValuesToBeBetween,
+            CRITICAL,
+            risk,
+            column=column,
+            min_value=lo,
+            max_value=hi,
+        )
 
     columns = [*MANIFEST_COLUMNS, *([TCD_Z_COLUMN] if with_tcd_z else [])]
     sp_lo, sp_hi = params.spacing_min_mm, params.spacing_max_mm
     suite = [
-        exp(gxe.ExpectTableColumnsToMatchSet, CRITICAL, "PHI: an unreviewed column (patient_name, PatientID, birth_date...) leaks identity; schema drift", column_set=columns, exact_match=True),  # noqa: E501
+        exp(
+            gxe.ExpectTableColumnsToMatchSet,
+            CRITICAL,
+            "PHI: an unreviewed column (patient_name, PatientID, birth_date...) leaks identity; schema drift",
+            column_set=columns,
+            exact_match=True,
+        ),
         not_null("image_id", "rows that cannot be traced, joined or split"),
-        exp(gxe.ExpectColumnValuesToBeUnique, CRITICAL, "one frame counted twice: leakage between splits, inflated metrics", column="image_id"),  # noqa: E501
+        exp(
+            gxe.ExpectColumnValuesToBeUnique,
+            CRITICAL,
+            "one frame counted twice: leakage between splits, inflated metrics",
+            column="image_id",
+        ),
         not_null("patient_pseudo", "patient-level split impossible: same fetus in train and test"),
         not_null("ga_weeks", "biometry z-scores and GA-conditioned model inputs undefined"),
-        between("ga_weeks", params.ga_min, params.ga_max, "GA typo or unit error (days, months) outside the reference range"),  # noqa: E501
+        between(
+            "ga_weeks",
+            params.ga_min,
+            params.ga_max,
+            "GA typo or unit error (days, months) outside the reference range",
+        ),
         not_null("deid_path", "row points at no de-identified image"),
         not_null("modality", "unknown modality"),
-        exp(gxe.ExpectColumnValuesToBeInSet, CRITICAL, "non-ultrasound image in an ultrasound model", column="modality", value_set=["US"]),  # noqa: E501
+        exp(
+            gxe.ExpectColumnValuesToBeInSet,
+            CRITICAL,
+            "non-ultrasound image in an ultrasound model",
+            column="modality",
+            value_set=["US"],
+        ),
         not_null("label", "unlabelled rows in labelled training data"),
-        exp(gxe.ExpectColumnValuesToBeInSet, CRITICAL, "misspelt or unknown class silently treated as a third label", column="label", value_set=list(LABELS)),  # noqa: E501
-        exp(gxe.ExpectColumnDistinctValuesToContainSet, CRITICAL, "a class absent: classifier cannot learn or be evaluated", column="label", value_set=list(LABELS)),  # noqa: E501
+        exp(
+            gxe.ExpectColumnValuesToBeInSet,
+            CRITICAL,
+            "misspelt or unknown class silently treated as a third label",
+            column="label",
+            value_set=list(LABELS),
+        ),
+        exp(
+            gxe.ExpectColumnDistinctValuesToContainSet,
+            CRITICAL,
+            "a class absent: classifier cannot learn or be evaluated",
+            column="label",
+            value_set=list(LABELS),
+        ),
         # Null spacing would pass the range checks below; ingest must quarantine it instead.
         not_null("spacing_row_mm", "mm measurements (TCD, CM) meaningless without spacing"),
         not_null("spacing_col_mm", "mm measurements (TCD, CM) meaningless without spacing"),
-        between("spacing_row_mm", sp_lo, sp_hi, "spacing in cm or a wrong DICOM tag: every mm measure scaled wrong"),  # noqa: E501
-        between("spacing_col_mm", sp_lo, sp_hi, "spacing in cm or a wrong DICOM tag: every mm measure scaled wrong"),  # noqa: E501
-        between("cm_mm", 0.0, params.cm_max_mm, "implausible cisterna magna depth (unit error, typo)"),  # noqa: E501
-        exp(gxe.ExpectColumnValuesToBeUnique, WARNING, "the same pixels twice (re-export, copy): duplicates weigh double or leak across splits", column="pixel_sha256"),  # noqa: E501
-    ]  # fmt: skip
+        between(
+            "spacing_row_mm",
+            sp_lo,
+            sp_hi,
+            "spacing in cm or a wrong DICOM tag: every mm measure scaled wrong",
+        ),
+        between(
+            "spacing_col_mm",
+            sp_lo,
+            sp_hi,
+            "spacing in cm or a wrong DICOM tag: every mm measure scaled wrong",
+        ),
+        between(
+            "cm_mm", 0.0, params.cm_max_mm, "implausible cisterna magna depth (unit error, typo)"
+        ),
+        exp(
+            gxe.ExpectColumnValuesToBeUnique,
+            WARNING,
+            "the same pixels twice (re-export, copy): duplicates weigh double or leak across splits",
+            column="pixel_sha256",
+        ),
+    ]
     if with_tcd_z:
         bound = params.tcd_max_abs_z
-        suite.append(between(TCD_Z_COLUMN, -bound, bound, "implausible TCD for GA: measurement or GA error"))  # noqa: E501
+        suite.append(
+            between(TCD_Z_COLUMN, -bound, bound, "implausible TCD for GA: measurement or GA error")
+        )
     return suite
 
 
@@ -213,7 +295,10 @@ def _run_checkpoint(context: Any, df: pd.DataFrame, expectations: list[Any]) -> 
             validation_definitions=[validation],
             actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
             # Failed rows are identified by their image_id pseudonym, never by position.
-            result_format={"result_format": "SUMMARY", "unexpected_index_column_names": ["image_id"]},
+            result_format={
+                "result_format": "SUMMARY",
+                "unexpected_index_column_names": ["image_id"],
+            },
         )
     )
     result = checkpoint.run(batch_parameters={"dataframe": df})
@@ -223,19 +308,24 @@ def _run_checkpoint(context: Any, df: pd.DataFrame, expectations: list[Any]) -> 
 def _whole_dataframe_batch(context: Any) -> Any:
     """Get-or-create the pandas data source, dataframe asset and whole-frame batch.
 
-    Not `add_or_update_pandas`: on a rerun it drops the asset and mints new ids, which
-    rewrites great_expectations.yml and the validation definition (noise in git).
+    Not `add_or_update_pandas(name)`: on a rerun it drops the asset and mints new ids,
+    which rewrites great_expectations.yml and the validation definition (noise in git).
     """
-    try:  # `get`, not `all().values()`: only `get` binds the source to this context
+    try:
         source = context.data_sources.get(DATASOURCE_NAME)
     except KeyError:
         source = context.data_sources.add_pandas(name=DATASOURCE_NAME)
-    assets = {a.name: a for a in source.assets}
-    asset = assets.get(ASSET_NAME) or source.add_dataframe_asset(name=ASSET_NAME)
-    definitions = {b.name: b for b in asset.batch_definitions}
-    return definitions.get(BATCH_DEFINITION_NAME) or asset.add_batch_definition_whole_dataframe(
-        BATCH_DEFINITION_NAME
-    )
+    try:
+        # `get_asset`, not `source.assets`: an asset loaded from the yml points at a stale
+        # copy of its source with no context (MissingDataContextError at run time, GX
+        # 1.24.1); get_asset re-binds it.
+        asset = source.get_asset(ASSET_NAME)
+    except LookupError:
+        asset = source.add_dataframe_asset(name=ASSET_NAME)
+    try:
+        return asset.get_batch_definition(BATCH_DEFINITION_NAME)
+    except KeyError:
+        return asset.add_batch_definition_whole_dataframe(BATCH_DEFINITION_NAME)
 
 
 def _keep_expectation_ids(context: Any, suite: Any) -> None:
@@ -336,11 +426,11 @@ text-align:left;vertical-align:top}thead th{background:#f2f2f2}
 .fa-times::before,.fa-times-circle::before{content:"\\2718"}.fa-question-circle::before{content:"?"}
 </style>"""
 _REMOTE = [
-    re.compile(r"<script\b[^>]*>.*?</script\s*>", re.I | re.S),
-    re.compile(r"<link\b[^>]*\bhref\s*=\s*[\"']?(?:https?:)?//[^>]*>", re.I),
-    re.compile(r"<img\b[^>]*\bsrc\s*=\s*[\"']?(?:https?:)?//[^>]*>", re.I),
+    re.compile(r"<script\b[^>]*>.*?</script\s*>", re.IGNORECASE | re.DOTALL),
+    re.compile(r"<link\b[^>]*\bhref\s*=\s*[\"']?(?:https?:)?//[^>]*>", re.IGNORECASE),
+    re.compile(r"<img\b[^>]*\bsrc\s*=\s*[\"']?(?:https?:)?//[^>]*>", re.IGNORECASE),
 ]
-_REMOTE_CSS_URL = re.compile(r"url\(\s*[\"']?(?:https?:)?//[^)]*\)", re.I)
+_REMOTE_CSS_URL = re.compile(r"url\(\s*[\"']?(?:https?:)?//[^)]*\)", re.IGNORECASE)
 
 
 def _make_docs_offline(site_dir: Path, validations_store: Path) -> None:
@@ -354,14 +444,21 @@ def _make_docs_offline(site_dir: Path, validations_store: Path) -> None:
         text = _REMOTE_CSS_URL.sub("none", text)
         text = text.replace("</head>", _OFFLINE_STYLE + "\n</head>", 1)
         if page == site_dir / "index.html":
-            text = re.sub(r"(<body\b[^>]*>)", lambda m: m.group(1) + _static_index(site_dir, validations_store), text, count=1)  # noqa: E501
+            text = re.sub(
+                r"(<body\b[^>]*>)",
+                lambda m: m.group(1) + _static_index(site_dir, validations_store),
+                text,
+                count=1,
+            )
         page.write_text(text, encoding="utf-8")
 
 
 def _static_index(site_dir: Path, validations_store: Path) -> str:
     """HTML list of validation runs (newest first) and suites, without JavaScript."""
     rows = []
-    pages = sorted((site_dir / "validations").rglob("*.html"), key=lambda p: p.parts[-2], reverse=True)  # noqa: E501
+    pages = sorted(
+        (site_dir / "validations").rglob("*.html"), key=lambda p: p.parts[-2], reverse=True
+    )
     for page in pages:
         rel = page.relative_to(site_dir / "validations")
         stored = validations_store / rel.with_suffix(".json")
@@ -371,9 +468,11 @@ def _static_index(site_dir: Path, validations_store: Path) -> str:
         run_time = html.escape(rel.parts[-2])
         href = html.escape(page.relative_to(site_dir).as_posix())
         suite = html.escape(rel.parts[0])
-        rows.append(f'<tr><td>{run_time}</td><td>{suite}</td><td>{status}</td><td><a href="{href}">results</a></td></tr>')  # noqa: E501
+        rows.append(
+            f'<tr><td>{run_time}</td><td>{suite}</td><td>{status}</td><td><a href="{href}">results</a></td></tr>'
+        )
     suites = "".join(
-        f'<li><a href="{html.escape(p.relative_to(site_dir).as_posix())}">{html.escape(p.stem)}</a></li>'  # noqa: E501
+        f'<li><a href="{html.escape(p.relative_to(site_dir).as_posix())}">{html.escape(p.stem)}</a></li>'
         for p in sorted((site_dir / "expectations").rglob("*.html"))
     )
     return (

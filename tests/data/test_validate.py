@@ -66,7 +66,7 @@ def _failed(report: ValidationReport) -> dict[tuple[str, str | None], object]:
 
 
 def _remote_loads(html: str) -> list[str]:
-    tags = re.findall(r"<(?:link|script|img)\b[^>]*>", html, flags=re.I | re.S)
+    tags = re.findall(r"<(?:link|script|img)\b[^>]*>", html, flags=re.IGNORECASE | re.DOTALL)
     return [t for t in tags if re.search(r"(?:src|href)\s*=\s*[\"']?(?:https?:)?//", t)]
 
 
@@ -78,8 +78,15 @@ def test_clean_manifest_passes_and_docs_are_offline(tmp_path: Path) -> None:
     assert report.failures_table() == "All expectations passed."
     doc = report.to_json()
     assert set(doc) == {"success", "results"} and doc["success"] is True
-    keys = {"suite", "expectation", "column", "severity", "success", "unexpected_count",
-            "unexpected_examples"}  # fmt: skip
+    keys = {
+        "suite",
+        "expectation",
+        "column",
+        "severity",
+        "success",
+        "unexpected_count",
+        "unexpected_examples",
+    }
     assert all(set(r) == keys for r in doc["results"])
     assert {r["severity"] for r in doc["results"]} == {"critical", "warning"}
     assert {r["suite"] for r in doc["results"]} == {"scan_manifest", "dataset_gates"}
@@ -105,7 +112,9 @@ def test_bad_manifest_fails_with_critical_results_and_pseudonym_examples(tmp_pat
     gx_root = tmp_path / "expectations"
 
     # The clean run first: the second run on the same gx_root must reuse the GX project.
-    assert validate_manifest(_write(_manifest(), tmp_path / "clean.parquet"), gx_root, PARAMS).success
+    assert validate_manifest(
+        _write(_manifest(), tmp_path / "clean.parquet"), gx_root, PARAMS
+    ).success
     report = validate_manifest(manifest, gx_root, PARAMS)
 
     assert not report.success
@@ -142,8 +151,12 @@ def test_rerun_keeps_versioned_suite_stable(tmp_path: Path) -> None:
     manifest = _write(_manifest(), tmp_path / "manifest.parquet")
     gx_dir = tmp_path / "expectations" / "gx"
     validate_manifest(manifest, tmp_path / "expectations", PARAMS)
-    versioned = ["expectations/scan_manifest.json", "great_expectations.yml",
-                 "validation_definitions/scan_manifest.json", "checkpoints/scan_manifest.json"]  # fmt: skip
+    versioned = [
+        "expectations/scan_manifest.json",
+        "great_expectations.yml",
+        "validation_definitions/scan_manifest.json",
+        "checkpoints/scan_manifest.json",
+    ]
     before = {name: (gx_dir / name).read_text() for name in versioned}
     report = validate_manifest(manifest, tmp_path / "expectations", PARAMS)
     assert report.success

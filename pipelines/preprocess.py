@@ -1,0 +1,159 @@
+"""Deterministic preprocessing shared by training, evaluation and inference.
+
+Each frame is turned into a skull-aligned crop: the skull ellipse is fitted, the image is
+rotated so that the occipito-frontal (long) axis is horizontal, and a square around the
+head is resampled to `size` pixels in physical (mm) space, so anisotropic spacing is
+handled and the crop's mm-per-pixel is known. This is the "anatomical frame" in which the
+networks see the cerebellum relative to the head, and in which TCD is a vertical extent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+from numpy.typing import NDArray
+
+from pipelines.deid import frames_rgb_or_grey, regions
+
+
+class PreprocessError(ValueError):
+    """A frame cannot be brought into the anatomical frame (no skull found...)."""
+
+
+@dataclass(frozen=True)
+class Skull:
+    """Fitted skull ellipse in physical (mm) image coordinates."""
+
+    cx: float
+    cy: float
+    a: float          # semi-axis along the occipito-frontal axis, mm
+    b: float          # transverse semi-axis, mm
+    angle: float      # direction of the long axis in image (x right, y down), radians
+
+
+@dataclass(frozen=True)
+class Crop:
+    skull: Skull
+    side_mm: float
+    size: int
+    spacing: tuple[float, float]   # source (row, col) mm
+
+    @property
+    def mm_per_px(self) -> float:
+        return self.side_mm / self.size
+
+    def matrix(self) -> NDArray[np.float64]:
+        """2x3 affine mapping crop pixel (u, v) to source pixel (x, y)."""
+        k = self.mm_per_px
+        c, s = math.cos(self.skull.angle), math.sin(self.skull.angle)
+        half = self.size / 2.0 - 0.5
+        sr, sc = self.spacing
+        rot = np.array([[c * k, -s * k], [s * k, c * k]])
+        centre = np.array([self.skull.cx, self.skull.cy]) - rot @ np.array([half, half])
+        scale = np.diag([1.0 / sc, 1.0 / sr])
+        return np.hstack([scale @ rot, (scale @ centre)[:, None]])
+
+
+def to_grey(pixels: NDArray) -> NDArray[np.float32]:
+    """Luminance in [0, 1] from a grey or RGB frame of any integer depth."""
+    arr = pixels.astype(np.float32)
+    if arr.ndim == 3:
+        arr = arr[..., 0] * 0.299 + arr[..., 1] * 0.587 + arr[..., 2] * 0.114
+    hi = float(np.iinfo(pixels.dtype).max) if np.issubdtype(pixels.dtype, np.integer) else max(float(arr.max()), 1.0)
+    return arr / hi
+
+
+def load_frame(path: Path, frame: int) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
+    """A grey frame and the mask of where ultrasound data lies (the regions, else everywhere)."""
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise PreprocessError(f"{path}: image cannot be decoded")
+        if img.ndim == 3:
+            img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2RGB)
+        grey = to_grey(img)
+        return grey, np.ones(grey.shape, bool)
+    ds = pydicom.dcmread(path)
+    arr, _ = frames_rgb_or_grey(ds)
+    grey = to_grey(arr[frame])
+    boxes = regions(ds)
+    valid = np.zeros(grey.shape, bool) if boxes else np.ones(grey.shape, bool)
+    for x0, y0, x1, y1 in boxes:
+        valid[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = True
+    return grey, valid
+
+
+def fit_skull(grey: NDArray[np.float32], valid: NDArray[np.bool_], spacing: tuple[float, float]) -> Skull:
+    """Fit the head: the large echogenic ellipse (skull and brain) surrounded by dark fluid.
+
+    The frame is smoothed at ~2 mm, thresholded (Otsu within the ultrasound region), and each
+    large component has its holes filled; the component that an ellipse fits best (filled
+    area close to the ellipse's area) is taken, and the ellipse is fitted to its outer
+    contour, so structures inside the head cannot bias it.
+    """
+    sr, sc = spacing
+    f = max(1, int(math.ceil(max(grey.shape) / 320)))
+    small = cv2.resize(np.where(valid, grey, 0).astype(np.float32),
+                       (grey.shape[1] // f, grey.shape[0] // f), interpolation=cv2.INTER_AREA)
+    vs = cv2.resize(valid.astype(np.uint8), (small.shape[1], small.shape[0]),
+                    interpolation=cv2.INTER_NEAREST) > 0
+    px_mm = min(sr, sc) * f
+    blur = cv2.GaussianBlur(small, (0, 0), max(2.0 / px_mm, 1.0))
+    values = blur[vs]
+    if values.size < 100 or float(values.max()) <= 0:
+        raise PreprocessError("no ultrasound content to fit a skull to")
+    scaled = np.clip(blur / float(values.max()) * 255, 0, 255).astype(np.uint8)
+    thr, _ = cv2.threshold(scaled[vs][:, None], 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    binary = ((scaled > thr) & vs).astype(np.uint8)
+    k = max(3, int(round(3.0 / px_mm)) | 1)
+    binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    best: tuple[float, tuple] | None = None
+    for cnt in sorted(contours, key=cv2.contourArea, reverse=True)[:4]:
+        if len(cnt) < 20:
+            continue
+        ell = cv2.fitEllipse(cnt.astype(np.float32))
+        ell_area = math.pi * ell[1][0] * ell[1][1] / 4.0
+        fit = cv2.contourArea(cnt) / max(ell_area, 1e-6)
+        score = cv2.contourArea(cnt) * max(0.0, 1.0 - abs(1.0 - fit)) ** 2
+        if best is None or score > best[0]:
+            best = (score, cnt)
+    if best is None:
+        raise PreprocessError("no skull-like structure found")
+    outer = best[1].reshape(-1, 2).astype(np.float64)
+    pts = np.stack([(outer[:, 0] + 0.5) * f * sc, (outer[:, 1] + 0.5) * f * sr], 1).astype(np.float32)
+    (cx, cy), (w, h), ang = cv2.fitEllipse(pts)
+    long_axis, short_axis = max(w, h) / 2.0, min(w, h) / 2.0
+    angle = math.radians(ang if w >= h else ang + 90.0)
+    if not (0.45 < short_axis / max(long_axis, 1e-6) <= 1.0) or long_axis < 8.0:
+        raise PreprocessError("fitted skull ellipse is implausible")
+    return Skull(float(cx), float(cy), float(long_axis), float(short_axis), angle)
+
+
+def make_crop(skull: Skull, spacing: tuple[float, float], size: int, margin: float) -> Crop:
+    return Crop(skull, 2.0 * skull.a * margin, size, spacing)
+
+
+def warp(image: NDArray, crop: Crop, nearest: bool = False) -> NDArray:
+    """Resample a source image (or label mask) into the crop."""
+    flags = (cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR) | cv2.WARP_INVERSE_MAP
+    return cv2.warpAffine(image, crop.matrix(), (crop.size, crop.size), flags=flags,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def unwarp(labels: NDArray, crop: Crop, shape: tuple[int, int]) -> NDArray:
+    """Map a crop label mask back onto the source frame."""
+    return cv2.warpAffine(labels, crop.matrix(), (shape[1], shape[0]), flags=cv2.INTER_NEAREST,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def prepare_frame(grey: NDArray[np.float32], valid: NDArray[np.bool_], spacing: tuple[float, float],
+                  size: int, margin: float) -> tuple[NDArray[np.float32], Crop]:
+    """The crop the networks see, and its geometry."""
+    crop = make_crop(fit_skull(grey, valid, spacing), spacing, size, margin)
+    return warp(np.where(valid, grey, 0).astype(np.float32), crop), crop
