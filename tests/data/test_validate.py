@@ -13,7 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.validate import ValidateParams, ValidationReport, validate_manifest
+from pipelines.validate import (
+    MANIFEST_COLUMNS,
+    ValidateParams,
+    ValidationReport,
+    validate_manifest,
+)
 
 PARAMS = ValidateParams(min_per_class=3)
 N_ROWS = 8
@@ -32,6 +37,7 @@ def _manifest(n: int = N_ROWS) -> pd.DataFrame:
             "tcd_mm": [20.0 + k if k % 3 else None for k in i],
             "cm_mm": [5.0 if k % 4 else None for k in i],
             "site": ["A" if k % 2 else None for k in i],
+            "annotator": [f"staff{k % 3}" if k % 2 else None for k in i],
             "frame": np.zeros(n, dtype="int32"),
             "deid_path": [f"deid/img{k:04d}.dcm" for k in i],
             "mask_path": [f"masks/img{k:04d}.png" if k % 2 else None for k in i],
@@ -98,7 +104,8 @@ def test_clean_manifest_passes_and_docs_are_offline(tmp_path: Path) -> None:
     assert len(pages) >= 3  # index, suite, one validation run
     for page in pages:
         assert _remote_loads(page.read_text(encoding="utf-8")) == [], page
-    assert "Validation runs" in report.data_docs_index.read_text(encoding="utf-8")
+    index = report.data_docs_index.read_text(encoding="utf-8")
+    assert "Validation runs" in index and "<td>passed</td>" in index  # static, no JS needed
     assert (tmp_path / "expectations" / "gx" / "expectations" / "scan_manifest.json").is_file()
 
 
@@ -145,6 +152,8 @@ def test_bad_manifest_fails_with_critical_results_and_pseudonym_examples(tmp_pat
     assert "ga_weeks" in table and "img0003" in table and "DOE" not in table
     for page in report.data_docs_index.parent.rglob("*.html"):
         assert _remote_loads(page.read_text(encoding="utf-8")) == [], page
+    index = report.data_docs_index.read_text(encoding="utf-8")
+    assert index.count("<td>failed</td>") == 1 and index.count("<td>passed</td>") == 1
 
 
 def test_rerun_keeps_versioned_suite_stable(tmp_path: Path) -> None:
@@ -186,3 +195,10 @@ def test_class_gate_and_tcd_z(tmp_path: Path) -> None:
 def test_missing_manifest_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="absent.parquet"):
         validate_manifest(tmp_path / "absent.parquet", tmp_path / "gx", PARAMS)
+
+
+def test_allow_list_matches_the_ingest_manifest_schema() -> None:
+    """The contract and the producer must agree; a new ingest column needs a PHI review."""
+    from pipelines.ingest import MANIFEST_SCHEMA
+
+    assert set(MANIFEST_COLUMNS) == set(MANIFEST_SCHEMA.names)

@@ -1,0 +1,59 @@
+# cbh: `make` lists the targets. Every target sets up what it needs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+DEMO_COHORT := data/demo-cohort-src
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+
+## help: list the targets
+help:
+	@grep -E '^## ' $(MAKEFILE_LIST) | sed 's/^## /  make /' | column -t -s ':'
+
+## setup: create .venv and install the project with its dev extras (no-op when up to date)
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	@echo "installing the pinned stack into $(VENV) (a few minutes the first time)"
+	@$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]' 2> >(grep -v '^WARNING: Location' >&2)
+	@touch $@
+
+## demo: synthesise a cohort and run the whole retrain flow on it (ingest .. promote)
+demo: setup
+	@test -f $(DEMO_COHORT)/annotations.csv || $(BIN)/cbh synth $(DEMO_COHORT)
+	@CBH_DEMO=1 $(BIN)/cbh retrain --cohort $(DEMO_COHORT)
+
+## test: the fast test suite (under 10 minutes)
+test: setup
+	$(BIN)/pytest -m "not slow" -q
+
+## test-full: every test, the slow ones included
+test-full: setup
+	$(BIN)/pytest -q
+
+## ui: MLflow UI (127.0.0.1:5000) and Prefect UI (127.0.0.1:4200) in the background
+ui: setup
+	@mkdir -p .cbh
+	@nohup $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 > .cbh/mlflow-ui.log 2>&1 & echo $$! > .cbh/mlflow-ui.pid
+	@PREFECT_HOME=$(CURDIR)/.prefect nohup $(BIN)/prefect server start --host 127.0.0.1 --port 4200 > .cbh/prefect-ui.log 2>&1 & echo $$! > .cbh/prefect-ui.pid
+	@echo "MLflow UI:  http://127.0.0.1:5000"
+	@echo "Prefect UI: http://127.0.0.1:4200"
+	@echo "Data Docs:  file://$(CURDIR)/expectations/gx/uncommitted/data_docs/local_site/index.html"
+	@echo "stop them with: make ui-down"
+
+## ui-down: stop the UIs started by make ui
+ui-down:
+	@for f in .cbh/mlflow-ui.pid .cbh/prefect-ui.pid; do test -f $$f && kill $$(cat $$f) 2>/dev/null; rm -f $$f; done; true
+
+## lint: ruff over the code
+lint: setup
+	$(BIN)/ruff check flows pipelines models tests
+
+## clean-workspace: delete the demo's data, runs and registry (keeps the code)
+clean-workspace:
+	rm -rf data mlflow.db mlartifacts .prefect .dvcstore dvc.lock expectations/gx/uncommitted
+
+.PHONY: help setup demo test test-full ui ui-down lint clean-workspace

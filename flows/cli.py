@@ -1,0 +1,316 @@
+"""`cbh`: the platform's command line (CONTRACT.md section 2).
+
+Every command prints a short summary, returns 0 on success, and on failure prints one
+sentence to stderr and returns non-zero. Heavy libraries are imported inside commands,
+after the workspace environment is prepared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from flows.workspace import find_root, prepare_environment
+from pipelines.config import ConfigError, Params, load_params
+
+EXIT_FAIL = 1
+
+
+class CommandError(Exception):
+    """A command cannot do its job: the message is shown as is."""
+
+
+def _progress(label: str) -> Callable[[int, int], None]:
+    start = time.monotonic()
+
+    def show(i: int, n: int) -> None:
+        if sys.stderr.isatty() or i == n or i % max(n // 10, 1) == 0:
+            end = "\n" if i == n else "\r"
+            print(f"  {label}: {i}/{n} ({time.monotonic() - start:.0f}s)", end=end, file=sys.stderr, flush=True)
+    return show
+
+
+def _params(root: Path, overrides: list[str] | None = None) -> Params:
+    return load_params(root / "params.yaml", overrides)
+
+
+# -- commands -------------------------------------------------------------------------------
+
+def cmd_synth(a: argparse.Namespace, root: Path) -> int:
+    from pipelines.synth import synth_cohort
+    from pipelines.synth_render import STYLES
+
+    p = _params(root).synth
+    styles = (a.style,) if a.style else p.styles
+    if a.style and a.style not in STYLES:
+        raise CommandError(f"unknown style {a.style!r}; choose one of {', '.join(sorted(STYLES))}")
+    out = Path(a.out)
+    if (out / "annotations.csv").exists():
+        raise CommandError(f"{out}: a cohort already exists there; choose an empty folder")
+    counts = synth_cohort(out, a.patients or p.patients, p.seed if a.seed is None else a.seed, styles,
+                          p.hypoplasia_fraction, (p.ga_min, p.ga_max), p.max_exams, p.png_fraction,
+                          progress=_progress("rendering"))
+    print(f"synthetic cohort written to {out}: {counts['images']} images of {counts['patients']} patients "
+          f"({counts['hypoplasia_patients']} with hypoplasia, {counts['png']} PNG)")
+    return 0
+
+
+def cmd_deid(a: argparse.Namespace, root: Path) -> int:
+    from flows.stages import pseudonymizer
+    from pipelines.deid_folder import deid_folder
+
+    rep = deid_folder(Path(a.src), Path(a.dst), pseudonymizer(_params(root), root),
+                      Path(a.link) if a.link else None, progress=_progress("de-identifying"))
+    print(f"{rep['deidentified']} of {rep['inputs']} files de-identified into {a.dst}, "
+          f"{rep['quarantined']} quarantined {rep['reasons'] or ''}; report: {Path(a.dst) / 'deid-report.json'}")
+    return 0
+
+
+def cmd_ingest(a: argparse.Namespace, root: Path) -> int:
+    from flows import stages
+    from flows.workspace import ensure_workspace
+
+    params = _params(root)
+    ensure_workspace(root, params)
+    dest = stages.add_cohort(params, root, Path(a.cohort))
+    rep = stages.ingest(params, root, progress=_progress("ingesting"))
+    print(f"cohort stored as {params.paths.incoming}/{dest.name}; {rep['deidentified']} rows de-identified, "
+          f"{rep['quarantined']} quarantined {rep['reasons'] or ''}")
+    print(f"manifest: {params.paths.manifest}  quarantine: {params.paths.quarantine}")
+    return 0
+
+
+def cmd_validate(a: argparse.Namespace, root: Path) -> int:
+    from flows import stages
+
+    rep = stages.validate(_params(root), root)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rep.to_json(), indent=2))
+    print(rep.failures_table())
+    print(f"Data Docs: {rep.data_docs_index}")
+    if not rep.success:
+        print("the data contract has a critical failure", file=sys.stderr)
+        return EXIT_FAIL
+    return 0
+
+
+def cmd_stage(a: argparse.Namespace, root: Path) -> int:
+    """The entry point `dvc repro` uses; the same code as the Prefect tasks."""
+    from flows import stages
+
+    params = _params(root)
+    if a.name == "ingest":
+        print(stages.ingest(params, root))
+    elif a.name == "validate":
+        return cmd_validate(argparse.Namespace(json=None), root)
+    elif a.name == "split":
+        print(stages.split(params, root))
+    elif a.name == "train":
+        out = stages.train(params, root)
+        print(f"registered version {out.version}: test AUC {out.metrics['test_auc']:.3f}")
+    return 0
+
+
+def cmd_train(a: argparse.Namespace, root: Path) -> int:
+    from flows import stages
+
+    overrides = list(a.set or []) + ([f"train.model={a.model}"] if a.model else [])
+    params = _params(root, overrides)
+    out = stages.train(params, root, progress=_progress("preparing"))
+    m = out.metrics
+    print(f"run {out.run_id}: {params.train.model}, test AUC {m['test_auc']:.3f} "
+          f"[{m['test_auc_ci_low']:.3f}, {m['test_auc_ci_high']:.3f}], sensitivity {m['test_sensitivity']:.3f}, "
+          f"specificity {m['test_specificity']:.3f}, Dice cerebellum {m['test_dice_cerebellum']:.3f}")
+    print(f"registered {params.promote.model_name} version {out.version} as 'challenger'; `cbh promote` to gate it")
+    return 0
+
+
+def cmd_promote(a: argparse.Namespace, root: Path) -> int:
+    from pipelines import promote, tracking
+
+    params = _params(root)
+    audit = root / params.paths.data / "audit" / "promotions.jsonl"
+    if a.history:
+        for rec in promote.history(audit):
+            print(f"{rec['time']}  {rec['action']:8s} {rec['decision']:11s} challenger={rec['challenger']} "
+                  f"champion={rec['champion']}  {rec['reason']}  ({rec['user']})")
+        return 0
+    tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
+    d = promote.rollback(params.promote.model_name, audit) if a.rollback else \
+        promote.promote(params.promote.model_name, params.promote, audit)
+    print(f"{d.decision}: {d.reason}; champion is version {d.champion}")
+    return 0 if d.decision != "rejected" else 3
+
+
+def cmd_compare(a: argparse.Namespace, root: Path) -> int:
+    from pipelines import report, tracking
+
+    params = _params(root)
+    tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
+    html, md = report.compare_runs(a.run_ids, Path(a.out))
+    print(f"comparison written to {html} and {md}")
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace, root: Path) -> int:
+    from pipelines import tracking
+    from pipelines.predict import predict_path
+
+    params = _params(root)
+    tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
+    uri = a.model_uri or f"models:/{params.promote.model_name}@champion"
+    n, errors = predict_path(Path(a.input), Path(a.out), uri, a.use_masks, a.ga_weeks)
+    print(f"{n} predictions written to {a.out} with {uri}" + (f"; {errors} could not be read" if errors else ""))
+    return 0
+
+
+def cmd_retrain(a: argparse.Namespace, root: Path) -> int:
+    from flows.retrain import retrain_flow
+
+    t0 = time.monotonic()
+    summary = retrain_flow(workspace=str(root), cohort=a.cohort, overrides=a.set or [])
+    _print_summary(summary, _params(root), time.monotonic() - t0)
+    return 0
+
+
+def _print_summary(s: dict, params: Params, seconds: float) -> None:
+    m = s["metrics"]
+    rows = [
+        ("ingest", f"{s['ingest']['deidentified']} de-identified, {s['ingest']['quarantined']} quarantined",
+         params.paths.manifest),
+        ("validate", "passed" if s["contract"]["success"] else "FAILED", s["contract"]["docs"]),
+        ("split", ", ".join(f"{k} {sum(v.values())}" for k, v in s["split"].items()), params.paths.dataset),
+        ("version", f"dvc commit + push ({s['dvc_pushed']} files)", "dvc status / dvc.lock"),
+        ("train", f"test AUC {m['test_auc']:.3f} [{m['test_auc_ci_low']:.2f}-{m['test_auc_ci_high']:.2f}], "
+                  f"Dice cerebellum {m['test_dice_cerebellum']:.3f}, TCD error {m['test_tcd_mae_mm']:.2f} mm",
+         f"MLflow run {s['run_id'][:12]}"),
+        ("promote", f"{s['promotion']['decision']}: {s['promotion']['reason']}",
+         f"models:/{params.promote.model_name}@champion (v{s['promotion']['champion']})"),
+    ]
+    width = max(len(r[1]) for r in rows)
+    print(f"\ncbh retrain finished in {seconds:.0f} s")
+    for stage, what, where in rows:
+        print(f"  {stage:9s} {what:{width}s}  {where}")
+    print("Look at it: `make ui` (MLflow and Prefect UIs), Data Docs in the browser, `dvc status`.")
+
+
+def cmd_schedule(a: argparse.Namespace, root: Path) -> int:
+    from flows.schedule import list_deployments, register
+
+    if a.list:
+        for line in list_deployments():
+            print(line)
+        return 0
+    if not a.cron:
+        raise CommandError("give --cron EXPR to register a schedule, or --list to show them")
+    name = register(root, a.cron, a.pool)
+    print(f"deployment {name} registered on pool {a.pool!r} with schedule {a.cron!r}; "
+          f"start a worker with `prefect worker start --pool {a.pool}`")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace, root: Path) -> int:
+    import os
+    import subprocess
+
+    params = _params(root)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=os.environ.get("MLFLOW_TRACKING_URI", params.paths.mlflow_uri))
+    uri = f"models:/{params.promote.model_name}@champion"
+    print(f"serving {uri} on http://127.0.0.1:{a.port}/invocations", flush=True)
+    return subprocess.call([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
+                            "local", "--host", "127.0.0.1", "--port", str(a.port)], cwd=root, env=env)
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cbh", description="Cerebellar hypoplasia from fetal ultrasound: "
+                                 "de-identify, validate, train, register, promote, predict.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("synth", help="write a synthetic cohort (DICOM with identifiers, masks, annotations.csv)")
+    s.add_argument("out")
+    s.add_argument("--patients", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--style", help="one vendor style for all scans (default: the mix in params.yaml)")
+    s.set_defaults(fn=cmd_synth)
+    s = sub.add_parser("deid", help="de-identify every DICOM/PNG/JPEG under SRC into DST")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--link", help="CSV file for the source-to-output link (kept apart from DST)")
+    s.set_defaults(fn=cmd_deid)
+    s = sub.add_parser("ingest", help="de-identify a cohort into the workspace data store and build the manifest")
+    s.add_argument("cohort")
+    s.set_defaults(fn=cmd_ingest)
+    s = sub.add_parser("validate", help="run the Great Expectations suites and build Data Docs")
+    s.add_argument("--json", help="write the results as JSON to this file")
+    s.set_defaults(fn=cmd_validate)
+    s = sub.add_parser("train", help="train, evaluate, log to MLflow and register a 'challenger'")
+    s.add_argument("--model", help="asc | asc-ga | image-only (default: params.yaml train.model)")
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a params.yaml value")
+    s.set_defaults(fn=cmd_train)
+    s = sub.add_parser("promote", help="gate the challenger against the champion")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--history", action="store_true", help="print the promotion audit trail")
+    g.add_argument("--rollback", action="store_true", help="restore the previous champion")
+    s.set_defaults(fn=cmd_promote)
+    s = sub.add_parser("compare", help="write a reviewer report comparing MLflow runs")
+    s.add_argument("run_ids", nargs="*", help="runs to compare (default: the latest five)")
+    s.add_argument("--out", default="reports", help="output folder (default: reports)")
+    s.set_defaults(fn=cmd_compare)
+    s = sub.add_parser("predict", help="predict hypoplasia for a file, a folder or a cohort")
+    s.add_argument("input")
+    s.add_argument("--out", required=True, help="CSV file to write")
+    s.add_argument("--model-uri", help="default: models:/cerebellar-hypoplasia@champion")
+    s.add_argument("--use-masks", action="store_true", help="use the cohort's annotated masks (as in the paper)")
+    s.add_argument("--ga-weeks", type=float, help="GA for inputs that are not a cohort")
+    s.set_defaults(fn=cmd_predict)
+    s = sub.add_parser("retrain", help="the whole Prefect flow: ingest, validate, version, train, promote")
+    s.add_argument("--cohort", help="a hospital export to add to the data store first")
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a params.yaml value")
+    s.set_defaults(fn=cmd_retrain)
+    s = sub.add_parser("schedule", help="register the retraining flow on a schedule / list deployments")
+    s.add_argument("--cron")
+    s.add_argument("--pool", default="cpu")
+    s.add_argument("--list", action="store_true")
+    s.set_defaults(fn=cmd_schedule)
+    s = sub.add_parser("serve", help="serve the champion over REST on 127.0.0.1")
+    s.add_argument("--port", type=int, default=5001)
+    s.set_defaults(fn=cmd_serve)
+    s = sub.add_parser("stage", help=argparse.SUPPRESS)
+    s.add_argument("name", choices=["ingest", "validate", "split", "train"])
+    s.set_defaults(fn=cmd_stage)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    root = find_root()
+    prepare_environment(root)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from flows.stages import StageError
+    from pipelines.deid import DeidError, MissingKeyError
+    from pipelines.ingest import CohortError
+    from pipelines.preprocess import PreprocessError
+
+    expected = (CommandError, ConfigError, StageError, MissingKeyError, CohortError, DeidError,
+                PreprocessError, FileNotFoundError)
+    try:
+        return int(args.fn(args, root) or 0)
+    except expected as exc:
+        print(f"cbh {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except Exception as exc:  # boundary: known library failures become one sentence
+        name = type(exc).__name__
+        if name in ("MlflowException", "PromotionError", "InputError", "RestException"):
+            print(f"cbh {args.command}: {exc}", file=sys.stderr)
+            return EXIT_FAIL
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

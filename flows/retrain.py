@@ -1,0 +1,107 @@
+"""The retraining flow: ingest -> validate -> split -> version (DVC) -> train -> promote.
+
+Thin Prefect tasks around flows/stages.py; the flow stops before training when the data
+contract has a critical failure. Import this module only after
+flows.workspace.prepare_environment() has set PREFECT_HOME and friends.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows import stages
+from pipelines.config import Params, load_params
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=[2, 10])
+def ingest_task(params: Params, root: Path, cohort: str | None) -> dict[str, Any]:
+    logger = get_run_logger()
+    if cohort:
+        dest = stages.add_cohort(params, root, Path(cohort))
+        logger.info("cohort added to the data store as %s", dest.name)
+
+    def progress(i: int, n: int) -> None:
+        if i == n or i % 50 == 0:
+            logger.info("de-identified %d/%d rows", i, n)
+
+    rep = stages.ingest(params, root, progress=progress)
+    logger.info("ingest: %d de-identified, %d quarantined %s", rep["deidentified"], rep["quarantined"], rep["reasons"])
+    return rep
+
+
+@task(name="validate")
+def validate_task(params: Params, root: Path) -> dict[str, Any]:
+    rep = stages.validate(params, root)
+    logger = get_run_logger()
+    logger.info("data contract: %s\n%s", "passed" if rep.success else "CRITICAL FAILURE", rep.failures_table())
+    create_markdown_artifact(key="data-contract", description="Great Expectations verdict",
+                             markdown=f"## Data contract: {'passed' if rep.success else 'critical failure'}\n\n"
+                                      f"```\n{rep.failures_table()}\n```\n\nData Docs: `{rep.data_docs_index}`")
+    return {"success": rep.success, "docs": str(rep.data_docs_index or "")}
+
+
+@task(name="split")
+def split_task(params: Params, root: Path) -> dict[str, dict[str, int]]:
+    summary = stages.split(params, root)
+    get_run_logger().info("split (images per label): %s", summary)
+    return summary
+
+
+@task(name="version-data", retries=2, retry_delay_seconds=5)
+def version_task(root: Path, names: tuple[str, ...]) -> None:
+    stages.dvc_commit(root, names)
+
+
+@task(name="train", timeout_seconds=3 * 3600)
+def train_task(params: Params, root: Path) -> stages.TrainOutcome:
+    out = stages.train(params, root)
+    get_run_logger().info("registered version %s (run %s): test AUC %.3f, Dice %.3f",
+                          out.version, out.run_id, out.metrics["test_auc"], out.metrics["test_dice_cerebellum"])
+    return out
+
+
+@task(name="promote")
+def promote_task(params: Params, root: Path) -> dict[str, Any]:
+    from pipelines.promote import promote
+
+    d = promote(params.promote.model_name, params.promote, root / params.paths.data / "audit" / "promotions.jsonl")
+    get_run_logger().info("promotion: %s (%s)", d.decision, d.reason)
+    return {"decision": d.decision, "reason": d.reason, "champion": d.champion}
+
+
+@task(name="push-data", retries=2, retry_delay_seconds=5)
+def push_task(root: Path) -> int:
+    return stages.dvc_push(root)
+
+
+@flow(name="cbh-retrain", log_prints=True)
+def retrain_flow(workspace: str = ".", cohort: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The whole retraining run; returns a summary for the command line."""
+    root = Path(workspace).resolve()
+    params = load_params(root / "params.yaml", overrides or [])
+    from flows.workspace import ensure_workspace
+
+    ensure_workspace(root, params)
+    ingest_rep = ingest_task(params, root, cohort)
+    contract = validate_task(params, root)
+    if not contract["success"]:
+        version_task(root, ("ingest",))
+        raise stages.StageError("the data contract has a critical failure: training stopped "
+                                f"(see {params.paths.validation} and the Data Docs)")
+    split_summary = split_task(params, root)
+    version_task(root, ("ingest", "validate", "split"))
+    outcome = train_task(params, root)
+    version_task(root, ("train",))
+    pushed = push_task(root)
+    decision = promote_task(params, root)
+    summary = {"ingest": ingest_rep, "contract": contract, "split": split_summary,
+               "run_id": outcome.run_id, "version": outcome.version, "metrics": outcome.metrics,
+               "promotion": decision, "dvc_pushed": pushed}
+    create_markdown_artifact(key="retrain-summary", description="cbh retrain",
+                             markdown="```json\n" + json.dumps(summary, indent=2, default=str) + "\n```")
+    return summary

@@ -1,0 +1,40 @@
+"""Random transforms for training only (deterministic preprocessing lives in
+pipelines/preprocess.py and is shared with inference). Applied to whole batches on the
+training device, so they cost nothing extra on a GPU worker."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def random_affine(image: torch.Tensor, masks: torch.Tensor | None, generator: torch.Generator | None = None,
+                  max_rot_deg: float = 15.0, zoom: tuple[float, float] = (0.8, 1.2)) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flips, rotation and zoom, identical for an image batch (B,C,H,W) and its masks (B,K,H,W)."""
+    b, dev = image.shape[0], image.device
+    rnd = torch.rand(b, 4, generator=generator).to(dev)
+    ang = (rnd[:, 0] * 2 - 1) * math.radians(max_rot_deg)
+    scale = 1.0 / (zoom[0] + rnd[:, 1] * (zoom[1] - zoom[0]))
+    fx = torch.where(rnd[:, 2] < 0.5, -1.0, 1.0)
+    fy = torch.where(rnd[:, 3] < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(ang) * scale, torch.sin(ang) * scale
+    theta = torch.stack([torch.stack([cos * fx, -sin * fy, torch.zeros_like(cos)], 1),
+                         torch.stack([sin * fx, cos * fy, torch.zeros_like(cos)], 1)], 1)
+    grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+    out = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if masks is None:
+        return out, None
+    m = F.grid_sample(masks.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out, m.to(masks.dtype)
+
+
+def random_intensity(image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gain (scale 0.8-1.2), gamma and speckle-like multiplicative noise."""
+    b = image.shape[0]
+    rnd = torch.rand(b, 3, generator=generator).to(image.device)
+    gain = (0.8 + 0.4 * rnd[:, 0]).view(b, 1, 1, 1)
+    gamma = (0.8 + 0.4 * rnd[:, 1]).view(b, 1, 1, 1)
+    noise = 1.0 + 0.15 * rnd[:, 2].view(b, 1, 1, 1) * torch.randn(image.shape, generator=generator).to(image.device)
+    return (image.clamp(min=0) ** gamma * gain * noise).clamp(0, 1.5)

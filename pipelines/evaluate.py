@@ -1,0 +1,61 @@
+"""Evaluation: discrimination with a bootstrap interval, the operating point chosen on the
+validation set, calibration, segmentation overlap and biometry error."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+from sklearn.metrics import roc_auc_score
+
+
+def operating_threshold(y: NDArray, p: NDArray, sensitivity_target: float) -> float:
+    """The highest threshold whose sensitivity on (y, p) reaches the target (0.5 if no positives)."""
+    pos = np.sort(p[y == 1])[::-1]
+    if pos.size == 0:
+        return 0.5
+    k = int(np.ceil(sensitivity_target * pos.size)) - 1
+    return float(pos[min(max(k, 0), pos.size - 1)])
+
+
+def auc(y: NDArray, p: NDArray) -> float:
+    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+
+
+def auc_ci(y: NDArray, p: NDArray, n_boot: int, seed: int) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the AUC (resampling images)."""
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        if len(np.unique(y[idx])) == 2:
+            stats.append(roc_auc_score(y[idx], p[idx]))
+    if not stats:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def binary_metrics(y: NDArray, p: NDArray, threshold: float) -> dict[str, float]:
+    pred = p >= threshold
+    tp, tn = int(np.sum(pred & (y == 1))), int(np.sum(~pred & (y == 0)))
+    pos, neg = int(np.sum(y == 1)), int(np.sum(y == 0))
+    sens = tp / pos if pos else float("nan")
+    spec = tn / neg if neg else float("nan")
+    return {"auc": auc(y, p), "sensitivity": sens, "specificity": spec,
+            "accuracy": float(np.mean(pred == (y == 1))) if len(y) else float("nan"),
+            "balanced_accuracy": (sens + spec) / 2, "brier": float(np.mean((p - y) ** 2)),
+            "threshold": float(threshold), "n": float(len(y)), "n_positive": float(pos)}
+
+
+def dice_per_image(pred: NDArray, truth: NDArray, cls: int) -> NDArray[np.float64]:
+    """Dice of one class per image (N,H,W); NaN where the class is absent from both."""
+    p, t = pred == cls, truth == cls
+    inter = (p & t).sum(axis=(1, 2))
+    total = p.sum(axis=(1, 2)) + t.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, 2 * inter / total, np.nan)
+
+
+def mean_abs_error(a: NDArray, b: NDArray) -> float:
+    d = np.abs(np.asarray(a, float) - np.asarray(b, float))
+    return float(np.nanmean(d)) if np.any(np.isfinite(d)) else float("nan")

@@ -1,0 +1,146 @@
+"""Inference shared by evaluation, the registered pyfunc and `cbh predict`.
+
+One frame in (grey pixels, ultrasound-region mask, spacing, GA), one row out: probability,
+prediction at the validated operating point, masks and the biometry they give in mm.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from models.lightning import one_hot_masks
+from models.networks import make_classifier, make_segmenter
+from pipelines import biometry
+from pipelines.preprocess import Crop, PreprocessError, prepare_frame, warp
+
+GA_MEAN, GA_SD = 26.0, 6.0
+SCALE_REF = math.log(0.6)
+
+
+def context_features(ga_weeks: NDArray, mm_per_px: NDArray) -> NDArray[np.float32]:
+    """GA and the crop's physical scale, standardised: the asc-ga model's context input."""
+    ga = (np.asarray(ga_weeks, float) - GA_MEAN) / GA_SD
+    scale = (np.log(np.asarray(mm_per_px, float)) - SCALE_REF) / 0.5
+    return np.stack([ga, scale], 1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str
+    features: int
+    seg_channels: tuple[int, ...]
+    size: int
+    crop_margin: float
+    threshold: float
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelConfig":
+        raw = json.loads(path.read_text())
+        raw["seg_channels"] = tuple(raw["seg_channels"])
+        return cls(**raw)
+
+
+def largest_components(labels: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """Anatomical prior: one cerebellum and one cisterna magna; stray blobs are dropped."""
+    out = np.zeros_like(labels)
+    for cls in (1, 2):
+        n, comp, stats, _ = cv2.connectedComponentsWithStats((labels == cls).astype(np.uint8), connectivity=8)
+        if n > 1:
+            out[comp == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))] = cls
+    return out
+
+
+class Predictor:
+    """Segmenter + classifier + biometry, on CPU unless told otherwise."""
+
+    def __init__(self, seg: torch.nn.Module, cls: torch.nn.Module, cfg: ModelConfig,
+                 device: str = "cpu") -> None:
+        self.seg, self.cls, self.cfg, self.device = seg.to(device).eval(), cls.to(device).eval(), cfg, device
+
+    @classmethod
+    def load(cls, folder: Path, device: str = "cpu") -> "Predictor":
+        cfg = ModelConfig.load(folder / "config.json")
+        seg, clf = make_segmenter(cfg.seg_channels), make_classifier(cfg.model, cfg.features)
+        seg.load_state_dict(torch.load(folder / "segmenter.pt", map_location=device, weights_only=True))
+        clf.load_state_dict(torch.load(folder / "classifier.pt", map_location=device, weights_only=True))
+        return cls(seg, clf, cfg, device)
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(self.seg.state_dict(), folder / "segmenter.pt")
+        torch.save(self.cls.state_dict(), folder / "classifier.pt")
+        self.cfg.save(folder / "config.json")
+
+    @torch.no_grad()
+    def segment(self, images: NDArray[np.float32], batch: int = 32) -> NDArray[np.uint8]:
+        out = []
+        for i in range(0, len(images), batch):
+            x = torch.from_numpy(images[i:i + batch]).to(self.device)
+            out.append(self.seg(x).argmax(1).to(torch.uint8).cpu().numpy())
+        if not out:
+            return np.zeros((0, self.cfg.size, self.cfg.size), np.uint8)
+        return np.stack([largest_components(m) for m in np.concatenate(out)])
+
+    @torch.no_grad()
+    def probability(self, images: NDArray[np.float32], labels: NDArray[np.uint8],
+                    context: NDArray[np.float32], batch: int = 64) -> NDArray[np.float64]:
+        out = []
+        for i in range(0, len(images), batch):
+            x = torch.from_numpy(images[i:i + batch]).to(self.device)
+            m = one_hot_masks(torch.from_numpy(labels[i:i + batch]).to(self.device))
+            c = torch.from_numpy(context[i:i + batch]).to(self.device)
+            out.append(torch.softmax(self.cls(x, m, c), 1)[:, 1].double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def predict_frames(self, frames: list[tuple[NDArray, NDArray, tuple[float, float], float]],
+                       masks: list[NDArray | None] | None = None) -> list[dict[str, Any]]:
+        """frames: (grey, valid, spacing, ga); masks: annotated source masks (--use-masks)."""
+        rows: list[dict[str, Any]] = [{} for _ in frames]
+        ok: list[int] = []
+        crops: list[Crop] = []
+        images = []
+        for i, (grey, valid, spacing, ga) in enumerate(frames):
+            try:
+                img, crop = prepare_frame(grey, valid, spacing, self.cfg.size, self.cfg.crop_margin)
+            except PreprocessError as exc:
+                rows[i] = {"error": str(exc), "ga_weeks": float(ga)}
+                continue
+            ok.append(i)
+            images.append(img[None])
+            crops.append(crop)
+        if not images:
+            return rows
+        x = np.stack(images).astype(np.float32)
+        labels = self.segment(x)
+        if masks is not None:
+            for j, i in enumerate(ok):
+                if masks[i] is not None:
+                    labels[j] = warp(masks[i], crops[j], nearest=True)
+        ga = np.array([frames[i][3] for i in ok], float)
+        prob = self.probability(x, labels, context_features(ga, [c.mm_per_px for c in crops]))
+        for j, (i, crop) in enumerate(zip(ok, crops)):
+            tcd, cm = biometry.measure_mask(labels[j], crop.mm_per_px)
+            rows[i] = {
+                "hypoplasia_probability": float(prob[j]),
+                "prediction": "hypoplasia" if prob[j] >= self.cfg.threshold else "normal",
+                "tcd_mm": tcd, "tcd_z": float(biometry.tcd_zscore(tcd, ga[j])),
+                "tcd_centile": float(biometry.tcd_centile(tcd, ga[j])),
+                "cm_mm": cm, "cm_centile": float(biometry.cm_centile(cm, ga[j])),
+                "ga_weeks": float(ga[j]), "_labels": labels[j], "_crop": crop,
+            }
+        return rows
+
+
+__all__ = ["Predictor", "ModelConfig", "context_features", "PreprocessError"]

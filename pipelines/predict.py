@@ -1,0 +1,111 @@
+"""`cbh predict`: a file, a folder or a cohort in, one CSV row per image out, plus overlays.
+
+The model is loaded through MLflow (default `models:/cerebellar-hypoplasia@champion`).
+Rows carry only the input's relative path and pseudonym-free measurements: nothing from
+the header or the pixels' burned-in text is copied out.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import cv2
+import mlflow.pyfunc
+import numpy as np
+
+from models.pyfunc import OUTPUT_COLUMNS
+from pipelines.preprocess import PreprocessError, load_frame, unwarp
+
+COLUMNS = OUTPUT_COLUMNS + ["overlay"]
+
+
+def _spacing(path: Path) -> tuple[float, float] | None:
+    import json
+
+    import pydicom
+
+    from pipelines.deid import pixel_spacing_mm
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        side = path.with_suffix(".json")
+        if side.is_file():
+            v = json.loads(side.read_text())["pixel_spacing_mm"]
+            return float(v[0]), float(v[1])
+        return None
+    return pixel_spacing_mm(pydicom.dcmread(path, stop_before_pixels=True))
+
+
+def _inputs(inp: Path, ga_default: float | None, use_masks: bool) -> list[tuple[Path, str, int, float, Path | None]]:
+    """(file, display name, frame, GA, mask) for every image to predict."""
+    if (inp / "annotations.csv").is_file():
+        from pipelines.ingest import read_annotations
+        out = []
+        for row in read_annotations(inp):
+            mask = inp / row["mask"] if use_masks and (row.get("mask") or "").strip() else None
+            out.append((inp / row["image"], row["image"], int(row.get("frame") or 0), float(row["ga_weeks"]), mask))
+        return out
+    if ga_default is None:
+        raise ValueError("--ga-weeks is required when INPUT is not a cohort folder with annotations.csv")
+    files = [inp] if inp.is_file() else sorted(p for p in inp.rglob("*") if p.suffix.lower() in (".dcm", ".png", ".jpg", ".jpeg"))
+    if not files:
+        raise FileNotFoundError(f"{inp}: no DICOM/PNG/JPEG input found")
+    base = inp.parent if inp.is_file() else inp
+    return [(f, str(f.relative_to(base)), 0, ga_default, None) for f in files]
+
+
+def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = False,
+                 ga_weeks: float | None = None) -> tuple[int, int]:
+    """Write predictions and overlays; returns (rows written, rows that failed)."""
+    if not inp.exists():
+        raise FileNotFoundError(f"{inp}: input not found")
+    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    model.model_uri = model_uri
+    items = _inputs(inp, ga_weeks, use_masks)
+    overlay_dir = out_csv.parent / (out_csv.stem + "-overlays")
+    overlay_dir.mkdir(parents=True, exist_ok=True)
+    rows, errors = [], 0
+    for k, (path, name, frame, ga, mask_path) in enumerate(items):
+        try:
+            spacing = _spacing(path)
+            if spacing is None:
+                raise PreprocessError("pixel spacing cannot be established")
+            grey, valid = load_frame(path, frame)
+        except (PreprocessError, OSError, ValueError, KeyError) as exc:
+            errors += 1
+            rows.append({c: "" for c in COLUMNS} | {"image": name, "frame": frame, "ga_weeks": ga,
+                                                     "prediction": f"error: {exc}", "model_uri": model_uri})
+            continue
+        masks = [cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)] if mask_path else None
+        res = model.predict_rows([(grey, valid, spacing, ga)], [name], [frame], masks)[0]
+        overlay = ""
+        if res.get("_labels") is not None:
+            overlay_path = overlay_dir / f"{k:05d}.png"
+            crop = res["_crop"]
+            footprint = unwarp(np.ones((crop.size, crop.size), np.uint8), crop, grey.shape) > 0
+            _draw_overlay(np.where(valid & footprint, grey, 0), footprint,
+                          unwarp(res["_labels"], crop, grey.shape), overlay_path)
+            overlay = str(overlay_path)
+        else:
+            errors += 1
+        rows.append({c: res.get(c) for c in OUTPUT_COLUMNS} | {"overlay": overlay})
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with out_csv.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
+    return len(rows), errors
+
+
+def _draw_overlay(grey: np.ndarray, footprint: np.ndarray, labels: np.ndarray, path: Path) -> None:
+    """Only the head (the crop's footprint inside the ultrasound region) is drawn, so no
+    burned-in text outside it can reach the overlay; the two structures are outlined."""
+    img = cv2.cvtColor((np.clip(grey, 0, 1) * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    for cls, colour in ((1, (0, 0, 255)), (2, (255, 160, 0))):
+        contours, _ = cv2.findContours((labels == cls).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(img, contours, -1, colour, 2)
+    ys, xs = np.nonzero(footprint)
+    if xs.size:
+        img = img[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    cv2.imwrite(str(path), img)

@@ -1,0 +1,145 @@
+"""Training: prepare crops, train the segmenter, then the classifier, evaluate on the
+frozen test set. Pure computation over arrays and params; MLflow logging lives in
+pipelines/tracking.py and the orchestration in flows/."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from models.lightning import ClsModule, SegModule
+from models.networks import make_classifier, make_segmenter
+from pipelines import biometry
+from pipelines import evaluate as ev
+from pipelines.config import Params
+from pipelines.inference import ModelConfig, Predictor, context_features
+from pipelines.preprocess import PreprocessError, load_frame, prepare_frame, warp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """Skull-aligned crops of the labelled rows, with everything training needs."""
+
+    frame: pd.DataFrame                  # the dataset rows kept, in array order
+    images: np.ndarray                   # (N, 1, S, S) float32
+    labels: np.ndarray                   # (N, S, S) uint8 annotated masks (0 where none)
+    mm_per_px: np.ndarray                # (N,)
+    failed: dict[str, str] = field(default_factory=dict)   # image_id -> reason
+
+    def subset(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.frame["split"].to_numpy() == split)
+
+
+def prepare(dataset: pd.DataFrame, workspace: Path, size: int, margin: float,
+            progress: Callable[[int, int], None] | None = None) -> Prepared:
+    rows = dataset[dataset["split"].isin(["train", "val", "test"])].reset_index(drop=True)
+    images, labels, scale, keep, failed = [], [], [], [], {}
+    for i, r in enumerate(rows.itertuples(index=False)):
+        try:
+            grey, valid = load_frame(workspace / r.deid_path, int(r.frame))
+            img, crop = prepare_frame(grey, valid, (r.spacing_row_mm, r.spacing_col_mm), size, margin)
+        except PreprocessError as exc:
+            failed[r.image_id] = str(exc)
+            continue
+        mask = np.zeros((size, size), np.uint8)
+        if isinstance(r.mask_path, str) and r.mask_path:
+            src = cv2.imread(str(workspace / r.mask_path), cv2.IMREAD_UNCHANGED)
+            mask = warp(src, crop, nearest=True)
+        images.append(img[None]); labels.append(mask); scale.append(crop.mm_per_px); keep.append(i)
+        if progress:
+            progress(i + 1, len(rows))
+    return Prepared(rows.iloc[keep].reset_index(drop=True), np.stack(images).astype(np.float32),
+                    np.stack(labels), np.asarray(scale), failed)
+
+
+class _Arrays(Dataset):
+    def __init__(self, **arrays: np.ndarray) -> None:
+        self.arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        self.n = len(next(iter(self.arrays.values())))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.arrays.items()}
+
+
+def _trainer(max_epochs: int, accelerator: str, has_val: bool) -> L.Trainer:
+    return L.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=1, logger=False,
+                     enable_checkpointing=False, enable_model_summary=False, deterministic="warn",
+                     num_sanity_val_steps=0, limit_val_batches=1.0 if has_val else 0,
+                     enable_progress_bar=False)
+
+
+def train_models(data: Prepared, params: Params) -> Predictor:
+    """Segmenter on annotated masks, then the classifier on annotated + predicted masks."""
+    tp, sp = params.train, params.segment
+    L.seed_everything(tp.seed, workers=True)
+    tr, va = data.subset("train"), data.subset("val")
+    with_mask = tr[data.labels[tr].reshape(len(tr), -1).max(1) > 0]
+    seg = make_segmenter(sp.channels)
+    seg_loader = DataLoader(_Arrays(image=data.images[with_mask], labels=data.labels[with_mask]),
+                            batch_size=sp.batch_size, shuffle=True, num_workers=tp.num_workers,
+                            generator=torch.Generator().manual_seed(tp.seed))
+    val_loader = DataLoader(_Arrays(image=data.images[va], labels=data.labels[va]), batch_size=64)
+    if sp.max_epochs > 0 and len(with_mask):
+        _trainer(sp.max_epochs, tp.accelerator, len(va) > 0).fit(SegModule(seg, sp.lr, sp.max_epochs), seg_loader, val_loader)
+    cfg = ModelConfig(tp.model, tp.features, sp.channels, params.preprocess.size,
+                      params.preprocess.crop_margin, 0.5)
+    clf = make_classifier(tp.model, tp.features)
+    predictor = Predictor(seg, clf, cfg)
+    pred_labels = predictor.segment(data.images)
+    target = (data.frame["label"] == "hypoplasia").to_numpy().astype(np.int64)
+    context = context_features(data.frame["ga_weeks"].to_numpy(), data.mm_per_px)
+    arrays = dict(image=data.images, labels=data.labels, pred_labels=pred_labels,
+                  context=context, target=target)
+    train_ds = _Arrays(**{k: v[tr] for k, v in arrays.items()})
+    val_ds = _Arrays(**{k: v[va] for k, v in arrays.items()})
+    if tp.max_epochs > 0 and len(tr):
+        module = ClsModule(clf, tp.lr, tp.weight_decay, tp.predicted_mask_fraction)
+        _trainer(tp.max_epochs, tp.accelerator, len(va) > 0).fit(
+            module,
+            DataLoader(train_ds, batch_size=tp.batch_size, shuffle=True, num_workers=tp.num_workers,
+                       generator=torch.Generator().manual_seed(tp.seed)),
+            DataLoader(val_ds, batch_size=64))
+    predictor = Predictor(seg.cpu(), clf.cpu(), cfg)
+    return predictor
+
+
+def evaluate_models(predictor: Predictor, data: Prepared, params: Params) -> tuple[Predictor, dict[str, Any]]:
+    """Threshold on validation (sensitivity target), metrics on the frozen test set."""
+    pred_labels = predictor.segment(data.images)
+    context = context_features(data.frame["ga_weeks"].to_numpy(), data.mm_per_px)
+    prob = predictor.probability(data.images, pred_labels, context)
+    y = (data.frame["label"] == "hypoplasia").to_numpy().astype(int)
+    va, te = data.subset("val"), data.subset("test")
+    thr = ev.operating_threshold(y[va], prob[va], params.evaluate.sensitivity_target)
+    predictor = Predictor(predictor.seg, predictor.cls, ModelConfig(**{**predictor.cfg.__dict__, "threshold": thr}))
+    metrics: dict[str, Any] = {}
+    for name, idx in (("val", va), ("test", te)):
+        for k, v in ev.binary_metrics(y[idx], prob[idx], thr).items():
+            metrics[f"{name}_{k}"] = v
+    lo, hi = ev.auc_ci(y[te], prob[te], params.evaluate.bootstrap, params.train.seed)
+    metrics["test_auc_ci_low"], metrics["test_auc_ci_high"] = lo, hi
+    has_mask = data.labels[te].reshape(len(te), -1).max(1) > 0 if len(te) else np.zeros(0, bool)
+    t_idx = te[has_mask]
+    metrics["test_dice_cerebellum"] = float(np.nanmean(ev.dice_per_image(pred_labels[t_idx], data.labels[t_idx], 1)))
+    metrics["test_dice_cisterna"] = float(np.nanmean(ev.dice_per_image(pred_labels[t_idx], data.labels[t_idx], 2)))
+    meas = np.array([biometry.measure_mask(pred_labels[i], data.mm_per_px[i]) for i in te]).reshape(-1, 2)
+    metrics["test_tcd_mae_mm"] = ev.mean_abs_error(meas[:, 0], data.frame["tcd_mm"].to_numpy()[te])
+    metrics["test_cm_mae_mm"] = ev.mean_abs_error(meas[:, 1], data.frame["cm_mm"].to_numpy()[te])
+    rule = biometry.tcd_zscore(meas[:, 0], data.frame["ga_weeks"].to_numpy()[te])
+    metrics["test_biometry_rule_auc"] = ev.auc(y[te], -np.nan_to_num(rule, nan=0.0))
+    metrics["excluded_unfittable"] = float(len(data.failed))
+    return predictor, {k: float(v) for k, v in metrics.items()}
