@@ -30,7 +30,7 @@ def _progress(label: str) -> Callable[[int, int], None]:
 
     def show(i: int, n: int) -> None:
         if sys.stderr.isatty() or i == n or i % max(n // 10, 1) == 0:
-            end = "\n" if i == n else "\r"
+            end = "\n" if i == n or not sys.stderr.isatty() else "\r"
             print(f"  {label}: {i}/{n} ({time.monotonic() - start:.0f}s)", end=end, file=sys.stderr, flush=True)
     return show
 
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the champion over REST on 127.0.0.1")
     s.add_argument("--port", type=int, default=5001)
     s.set_defaults(fn=cmd_serve)
-    s = sub.add_parser("stage", help=argparse.SUPPRESS)
+    s = sub.add_parser("stage", help="run one dvc.yaml stage (what `dvc repro` calls)")
     s.add_argument("name", choices=["ingest", "validate", "split", "train"])
     s.set_defaults(fn=cmd_stage)
     return ap

@@ -68,7 +68,7 @@ def plan_exams(patients: int, seed: int, styles: tuple[str, ...], hypoplasia_fra
         pid = f"MRN{rng.integers(10**6, 10**7)}"
         hypo = rng.random() < hypoplasia_fraction
         if hypo:
-            tcd_z = rng.uniform(-5.5, -2.2)
+            tcd_z = rng.uniform(-4.5, -2.2)
             cm_z = rng.uniform(2.0, 3.5) if rng.random() < 0.4 else rng.normal(0.3, 0.8)
         else:
             tcd_z = rng.uniform(-1.6, -1.0) if rng.random() < 0.1 else max(rng.normal(0, 0.8), -1.2)

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny synthetic cohorts in tmp_path, the real params, a throwaway key."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import Params, load_params
+from pipelines.deid import Pseudonymizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_KEY = "test-key-not-a-secret-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def params() -> Params:
+    return load_params(ROOT / "params.yaml")
+
+
+@pytest.fixture()
+def pseudo() -> Pseudonymizer:
+    return Pseudonymizer(TEST_KEY.encode(), 365)
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory) -> Path:
+    """12 patients, all three vendor styles, DICOM and PNG (read-only for tests: copy it)."""
+    from pipelines.synth import synth_cohort
+
+    out = tmp_path_factory.mktemp("cohort") / "export"
+    synth_cohort(out, 12, 5, ("aurora", "boreal", "cirrus"), png_fraction=0.2)
+    return out
+
+
+@pytest.fixture()
+def cohort_copy(small_cohort: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "export"
+    shutil.copytree(small_cohort, dest)
+    return dest
