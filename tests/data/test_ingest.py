@@ -1,0 +1,101 @@
+"""Ingest: every row processed or quarantined with its reason; nothing identifying out."""
+
+import datetime as dt
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.ingest import (MANIFEST_SCHEMA, CohortError, cohort_name, ingest_cohort, read_annotations,
+                              upsert)
+
+KEEP = ("image", "frame", "ga_weeks", "label", "tcd_mm", "cm_mm", "mask", "annotator", "site")
+
+
+def _ingest(cohort, ws, pseudo, today=None):
+    return ingest_cohort(cohort, ws, "data/deid", pseudo, KEEP, today or dt.date(2026, 1, 1))
+
+
+def _rewrite_csv(cohort, edit):
+    path = cohort / "annotations.csv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(edit(lines)) + "\n")
+
+
+def test_no_annotations_csv_is_one_clear_error(tmp_path):
+    (tmp_path / "scans").mkdir()
+    with pytest.raises(CohortError, match="annotations.csv not found"):
+        read_annotations(tmp_path)
+
+
+def test_bad_rows_are_quarantined_and_the_rest_processed(cohort_copy, tmp_path, pseudo):
+    rows = read_annotations(cohort_copy)
+    dicoms = [i for i, r in enumerate(rows) if r["image"].endswith(".dcm")]
+    corrupt, missing, future, mismatch = dicoms[:4]
+    (cohort_copy / rows[corrupt]["image"]).write_bytes(b"\x00" * 128 + b"DICM" + b"\x01" * 64)
+
+    def edit(lines):
+        out = list(lines)
+        for idx, old, new in ((missing, rows[missing]["image"], "scans/not-there.dcm"),
+                              (future, rows[future]["exam_date"], "2030-01-01")):
+            out[idx + 1] = out[idx + 1].replace(old, new, 1)
+        fields = out[mismatch + 1].split(",")
+        fields[2] = "SOMEONE-ELSE"                         # patient_id column
+        out[mismatch + 1] = ",".join(fields)
+        return out
+
+    _rewrite_csv(cohort_copy, edit)
+    res = _ingest(cohort_copy, tmp_path / "ws", pseudo)
+    assert len(res.manifest) + len(res.quarantine) == len(rows)           # nothing dropped
+    by_row = {q["source_row"]: q["reason_code"] for q in res.quarantine}
+    assert by_row == {corrupt + 1: "unreadable_dicom", missing + 1: "file_not_found",
+                      future + 1: "exam_date_in_future", mismatch + 1: "patient_id_mismatch"}
+    assert all(q["reason"] and q["cohort"] == cohort_name(cohort_copy) for q in res.quarantine)
+
+
+def test_manifest_holds_no_identifier(small_cohort, tmp_path, pseudo):
+    import pydicom
+    res = _ingest(small_cohort, tmp_path / "ws", pseudo)
+    upsert(tmp_path / "m.parquet", res.manifest, MANIFEST_SCHEMA, ("image_id",))
+    table_bytes = (tmp_path / "m.parquet").read_bytes()
+    text = str(pq.read_table(tmp_path / "m.parquet").to_pylist())
+    rows = read_annotations(small_cohort)
+    for r in rows:
+        if r["image"].endswith(".dcm"):
+            ds = pydicom.dcmread(small_cohort / r["image"], stop_before_pixels=True)
+            for ident in (ds.PatientID, str(ds.PatientName).split("^")[0], ds.InstitutionName, ds.AccessionNumber):
+                assert ident not in text and ident.encode() not in table_bytes
+        assert r["comments"].split()[-1] not in text                      # free text dropped
+    shifted = {m["exam_date"].isoformat() for m in res.manifest}
+    assert not shifted & {r["exam_date"] for r in rows}                   # all dates shifted
+
+
+def test_reingest_changes_nothing(small_cohort, tmp_path, pseudo):
+    ws = tmp_path / "ws"
+    out = tmp_path / "manifest.parquet"
+    upsert(out, _ingest(small_cohort, ws, pseudo).manifest, MANIFEST_SCHEMA, ("image_id",))
+    first = out.read_bytes()
+    files = sorted((p.relative_to(ws), p.read_bytes()) for p in ws.rglob("*") if p.is_file())
+    upsert(out, _ingest(small_cohort, ws, pseudo).manifest, MANIFEST_SCHEMA, ("image_id",))
+    assert out.read_bytes() == first
+    assert sorted((p.relative_to(ws), p.read_bytes()) for p in ws.rglob("*") if p.is_file()) == files
+
+
+def test_same_patient_same_pseudonym_across_exams(small_cohort, tmp_path, pseudo):
+    res = _ingest(small_cohort, tmp_path / "ws", pseudo)
+    rows = read_annotations(small_cohort)
+    by_stem = {}
+    for m in res.manifest:
+        patient_number = rows[m["source_row"] - 1]["image"].split("/")[1][:4]
+        by_stem.setdefault(patient_number, set()).add(m["patient_pseudo"])
+    assert all(len(v) == 1 for v in by_stem.values())
+    assert len({next(iter(v)) for v in by_stem.values()}) == len(by_stem)
+
+
+def test_png_without_sidecar_is_quarantined(cohort_copy, tmp_path, pseudo):
+    rows = read_annotations(cohort_copy)
+    png = next(r for r in rows if r["image"].endswith(".png"))
+    (cohort_copy / png["image"]).with_suffix(".json").unlink()
+    res = _ingest(cohort_copy, tmp_path / "ws", pseudo)
+    assert [q["reason_code"] for q in res.quarantine] == ["no_pixel_spacing"]
+    shutil.rmtree(tmp_path / "ws")

@@ -1,0 +1,146 @@
+"""The real flow on a tiny cohort: a real Prefect flow run, real DVC, real Great
+Expectations, real Lightning training, a real MLflow registry; then train/promote/predict
+through the command line as a user would."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.conftest import ROOT, TEST_KEY
+
+TINY = ["segment.max_epochs=3", "train.max_epochs=3", "preprocess.size=64",
+        "evaluate.bootstrap=50"]
+
+
+def _workspace(tmp: Path) -> Path:
+    """A fresh workspace: the project's code and config, no data, its own git and DVC."""
+    ws = tmp / "ws"
+    ws.mkdir()
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, ws / name)
+    for name in ("pipelines", "models", "flows"):
+        shutil.copytree(ROOT / name, ws / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "expectations", ws / "expectations", ignore=shutil.ignore_patterns("uncommitted"))
+    text = (ws / "params.yaml").read_text()
+    # a tiny cohort: smaller class minimum, and gate floors the 3-epoch model can meet
+    text = text.replace("min_per_class: 10", "min_per_class: 2").replace("min_auc: 0.75", "min_auc: 0.0")
+    text = text.replace("min_sensitivity: 0.8", "min_sensitivity: 0.0")
+    (ws / "params.yaml").write_text(text)
+    return ws
+
+
+def _cbh(ws: Path, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CBH_DEID_KEY=TEST_KEY, CBH_WORKSPACE=str(ws), **(env_extra or {}))
+    env.pop("CBH_DEMO", None)
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ws, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+    from pipelines.synth import synth_cohort
+
+    tmp = tmp_path_factory.mktemp("flow")
+    ws = _workspace(tmp)
+    cohort = tmp / "export"
+    synth_cohort(cohort, 26, 21, ("aurora", "boreal", "cirrus"))
+    res = _cbh(ws, "retrain", "--cohort", str(cohort), *sum((["--set", o] for o in TINY), []))
+    return ws, cohort, res
+
+
+def test_retrain_flow_runs_end_to_end(flow_run):
+    ws, _, res = flow_run
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "cbh retrain finished" in res.stdout and "test AUC" in res.stdout
+    import pyarrow.parquet as pq
+    manifest = pq.read_table(ws / "data/manifest.parquet")
+    assert manifest.num_rows > 20
+    assert set(pq.read_table(ws / "data/dataset.parquet").column("split").to_pylist()) >= {"train", "val", "test"}
+
+
+def test_dvc_is_clean_and_pushed(flow_run):
+    ws, _, res = flow_run
+    assert res.returncode == 0
+    from dvc.repo import Repo
+    with Repo(str(ws)) as repo:
+        assert repo.status() == {}
+        assert repo.status(cloud=True) == {}                 # the remote holds every output
+    assert any((ws / ".dvcstore").rglob("*"))
+
+
+def test_registry_has_champion_and_challenger(flow_run):
+    ws, _, res = flow_run
+    assert res.returncode == 0
+    import mlflow
+    from mlflow import MlflowClient
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    client = MlflowClient()
+    chal = client.get_model_version_by_alias("cerebellar-hypoplasia", "challenger")
+    champ = client.get_model_version_by_alias("cerebellar-hypoplasia", "champion")
+    assert chal.version == champ.version == "1"
+    assert chal.tags["promotion.decision"] == "promoted"
+    run = client.get_run(chal.run_id)
+    assert {"test_auc", "test_sensitivity", "test_dice_cerebellum", "test_tcd_mae_mm"} <= set(run.data.metrics)
+    assert run.data.tags["data.frozen_test_md5"] != "none"
+
+
+def test_untrained_model_is_registered_then_refused(flow_run):
+    ws, _, res = flow_run
+    assert res.returncode == 0
+    text = (ws / "params.yaml").read_text().replace("min_auc: 0.0", "min_auc: 0.75")
+    (ws / "params.yaml").write_text(text)
+    tr = _cbh(ws, "train", "--set", "train.max_epochs=0", "--set", "segment.max_epochs=0",
+              "--set", "preprocess.size=64", "--set", "evaluate.bootstrap=20")
+    assert tr.returncode == 0, tr.stderr[-2000:]
+    assert "version 2" in tr.stdout
+    pr = _cbh(ws, "promote")
+    assert pr.returncode != 0 and "rejected" in pr.stdout
+    hist = _cbh(ws, "promote", "--history")
+    assert "rejected" in hist.stdout and "promoted" in hist.stdout
+
+
+def test_predict_on_a_cohort_leaks_nothing(flow_run, tmp_path):
+    ws, cohort, res = flow_run
+    assert res.returncode == 0
+    out = tmp_path / "pred.csv"
+    pr = _cbh(ws, "predict", str(cohort), "--out", str(out))
+    assert pr.returncode == 0, pr.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == len(list(csv.DictReader((cohort / "annotations.csv").open())))
+    assert set(rows[0]) >= {"image", "frame", "hypoplasia_probability", "prediction", "tcd_mm", "tcd_z",
+                            "tcd_centile", "cm_mm", "cm_centile", "ga_weeks", "model_uri", "overlay"}
+    text = out.read_text()
+    for dcm in sorted(cohort.glob("scans/*.dcm"))[:5]:
+        ds = pydicom.dcmread(dcm, stop_before_pixels=True)
+        assert ds.PatientID not in text and str(ds.PatientName).split("^")[0] not in text
+    assert all(0.0 <= float(r["hypoplasia_probability"]) <= 1.0 for r in rows if r["hypoplasia_probability"])
+    assert Path(rows[0]["overlay"]).is_file()
+
+
+def test_missing_key_outside_the_demo(tmp_path):
+    ws = _workspace(tmp_path)
+    env = dict(os.environ, CBH_WORKSPACE=str(ws))
+    env.pop("CBH_DEID_KEY", None)
+    env.pop("CBH_DEMO", None)
+    from pipelines.synth import synth_cohort
+    synth_cohort(tmp_path / "c", 2, 1, ("aurora",))
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "ingest", str(tmp_path / "c")], cwd=ws, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1
+    assert "CBH_DEID_KEY is not set" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cohort_without_annotations(tmp_path):
+    ws = _workspace(tmp_path)
+    (tmp_path / "empty").mkdir()
+    res = _cbh(ws, "ingest", str(tmp_path / "empty"))
+    assert res.returncode == 1 and "annotations.csv not found" in res.stderr
+    assert res.stderr.count("\n") == 1                                  # one sentence
