@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -75,7 +76,10 @@ def cmd_ingest(a: argparse.Namespace, root: Path) -> int:
     from flows import stages
     from flows.workspace import ensure_workspace
 
+    from pipelines.ingest import read_annotations
+
     params = _params(root)
+    read_annotations(Path(a.cohort))          # a cohort that cannot be read changes nothing
     ensure_workspace(root, params)
     dest = stages.add_cohort(params, root, Path(a.cohort))
     rep = stages.ingest(params, root, progress=_progress("ingesting"))
@@ -292,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     root = find_root()
     prepare_environment(root)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "dvc", "mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*(LeafSpec|eval mode|does not have many workers).*")
     from flows.stages import StageError
     from pipelines.deid import DeidError, MissingKeyError
     from pipelines.ingest import CohortError

@@ -45,13 +45,17 @@ def ensure_workspace(root: Path, params: Params) -> None:
     """git and DVC initialised, the local folder remote configured (idempotent)."""
     if not (root / ".git").exists():
         subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    import logging
+
     from dvc.repo import Repo
 
+    logging.getLogger("dvc").setLevel(logging.WARNING)   # DVC raises itself to INFO on import
     if not (root / ".dvc").is_dir():
         Repo.init(str(root))
     with Repo(str(root)) as repo:
         with repo.config.edit() as conf:
             conf["core"]["analytics"] = False
             conf["core"].setdefault("remote", "local")
-            conf["remote"].setdefault("local", {"url": os.path.relpath(root / params.paths.dvc_remote, root / ".dvc")})
+            # DVC resolves a relative url against the current directory when editing
+            conf["remote"].setdefault("local", {"url": str((root / params.paths.dvc_remote).resolve())})
     (root / params.paths.data).mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,7 @@ def test_registry_has_champion_and_challenger(flow_run):
     client = MlflowClient()
     chal = client.get_model_version_by_alias("cerebellar-hypoplasia", "challenger")
     champ = client.get_model_version_by_alias("cerebellar-hypoplasia", "champion")
-    assert chal.version == champ.version == "1"
+    assert str(chal.version) == str(champ.version) == "1"
     assert chal.tags["promotion.decision"] == "promoted"
     run = client.get_run(chal.run_id)
     assert {"test_auc", "test_sensitivity", "test_dice_cerebellum", "test_tcd_mae_mm"} <= set(run.data.metrics)
