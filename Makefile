@@ -7,6 +7,8 @@ PY := $(BIN)/python
 DEMO_COHORT := data/demo-cohort-src
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
 
 ## help: list the targets
 help:

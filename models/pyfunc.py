@@ -29,7 +29,7 @@ def decode_image(payload: str, spacing_mm: Any) -> list[tuple[np.ndarray, np.nda
     import cv2
     import pydicom
 
-    from pipelines.deid import frames_rgb_or_grey, pixel_spacing_mm, regions
+    from pipelines.deid import frames_rgb_or_grey, pixel_spacing_mm, region_mask, regions
     from pipelines.preprocess import to_grey
 
     try:
@@ -46,14 +46,8 @@ def decode_image(payload: str, spacing_mm: Any) -> list[tuple[np.ndarray, np.nda
         if spacing is None and _spacing(spacing_mm) is None:
             raise InputError("DICOM has no calibrated region or PixelSpacing and no pixel_spacing_mm was given")
         spacing = spacing or _spacing(spacing_mm)
-        boxes = regions(ds)
-        frames = []
-        for f in arr:
-            valid = np.zeros(f.shape[:2], bool) if boxes else np.ones(f.shape[:2], bool)
-            for x0, y0, x1, y1 in boxes:
-                valid[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = True
-            frames.append((to_grey(f), valid, spacing))
-        return frames
+        valid = region_mask(arr.shape[1:3], regions(ds))
+        return [(to_grey(f), valid, spacing) for f in arr]
     img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise InputError("image is neither a DICOM file nor a decodable PNG/JPEG")

@@ -164,11 +164,19 @@ def frames_rgb_or_grey(ds: Dataset) -> tuple[np.ndarray, str]:
     return np.ascontiguousarray(arr), photometric
 
 
-def clean_pixels(arr: np.ndarray, boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
-    """Blank everything outside the ultrasound regions (all frames)."""
-    keep = np.zeros(arr.shape[1:3], bool)
+def region_mask(shape: tuple[int, int], boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """Where ultrasound data lies: the union of the regions, or the whole frame if none."""
+    if not boxes:
+        return np.ones(shape, bool)
+    keep = np.zeros(shape, bool)
     for x0, y0, x1, y1 in boxes:
         keep[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = True
+    return keep
+
+
+def clean_pixels(arr: np.ndarray, boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """Blank everything outside the ultrasound regions (all frames)."""
+    keep = region_mask(arr.shape[1:3], boxes)
     out = arr.copy()
     out[:, ~keep] = 0
     return out

@@ -18,7 +18,7 @@ import numpy as np
 import pydicom
 from numpy.typing import NDArray
 
-from pipelines.deid import frames_rgb_or_grey, regions
+from pipelines.deid import frames_rgb_or_grey, region_mask, regions
 
 
 class PreprocessError(ValueError):
@@ -81,11 +81,7 @@ def load_frame(path: Path, frame: int) -> tuple[NDArray[np.float32], NDArray[np.
     ds = pydicom.dcmread(path)
     arr, _ = frames_rgb_or_grey(ds)
     grey = to_grey(arr[frame])
-    boxes = regions(ds)
-    valid = np.zeros(grey.shape, bool) if boxes else np.ones(grey.shape, bool)
-    for x0, y0, x1, y1 in boxes:
-        valid[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = True
-    return grey, valid
+    return grey, region_mask(grey.shape, regions(ds))
 
 
 def fit_skull(grey: NDArray[np.float32], valid: NDArray[np.bool_], spacing: tuple[float, float]) -> Skull:

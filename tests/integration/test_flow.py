@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,34 +13,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.conftest import ROOT, TEST_KEY
+from tests.integration.workspace import cbh as _cbh
+from tests.integration.workspace import make_workspace as _workspace
+from tests.integration.workspace import set_params
 
 TINY = ["segment.max_epochs=3", "train.max_epochs=3", "preprocess.size=64",
         "evaluate.bootstrap=50"]
-
-
-def _workspace(tmp: Path) -> Path:
-    """A fresh workspace: the project's code and config, no data, its own git and DVC."""
-    ws = tmp / "ws"
-    ws.mkdir()
-    for name in ("params.yaml", "dvc.yaml"):
-        shutil.copy(ROOT / name, ws / name)
-    for name in ("pipelines", "models", "flows"):
-        shutil.copytree(ROOT / name, ws / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "expectations", ws / "expectations", ignore=shutil.ignore_patterns("uncommitted"))
-    text = (ws / "params.yaml").read_text()
-    # a tiny cohort: smaller class minimum, and gate floors the 3-epoch model can meet
-    text = text.replace("min_per_class: 10", "min_per_class: 2").replace("min_auc: 0.75", "min_auc: 0.0")
-    text = text.replace("min_sensitivity: 0.8", "min_sensitivity: 0.0")
-    (ws / "params.yaml").write_text(text)
-    return ws
-
-
-def _cbh(ws: Path, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CBH_DEID_KEY=TEST_KEY, CBH_WORKSPACE=str(ws), **(env_extra or {}))
-    env.pop("CBH_DEMO", None)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ws, env=env,
-                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +72,7 @@ def test_registry_has_champion_and_challenger(flow_run):
 def test_untrained_model_is_registered_then_refused(flow_run):
     ws, _, res = flow_run
     assert res.returncode == 0
-    text = (ws / "params.yaml").read_text().replace("min_auc: 0.0", "min_auc: 0.75")
-    (ws / "params.yaml").write_text(text)
+    set_params(ws, {"promote.min_auc": 0.75})
     tr = _cbh(ws, "train", "--set", "train.max_epochs=0", "--set", "segment.max_epochs=0",
               "--set", "preprocess.size=64", "--set", "evaluate.bootstrap=20")
     assert tr.returncode == 0, tr.stderr[-2000:]
@@ -144,3 +120,39 @@ def test_cohort_without_annotations(tmp_path):
     res = _cbh(ws, "ingest", str(tmp_path / "empty"))
     assert res.returncode == 1 and "annotations.csv not found" in res.stderr
     assert res.stderr.count("\n") == 1                                  # one sentence
+
+
+def test_registered_pyfunc_answers_png_and_dicom(flow_run):
+    ws, cohort, res = flow_run
+    assert res.returncode == 0
+    import base64
+    import json
+
+    import mlflow
+    import pandas as pd
+
+    from models.pyfunc import OUTPUT_COLUMNS
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/cerebellar-hypoplasia@champion")
+    dcm = sorted(cohort.glob("scans/*.dcm"))[0]
+    png = sorted(cohort.glob("scans/*.png"))[0]
+    spacing = json.loads(png.with_suffix(".json").read_text())["pixel_spacing_mm"][0]
+    df = pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in (dcm, png)],
+                       "ga_weeks": [24.0, 30.0], "pixel_spacing_mm": [None, spacing]})
+    out = model.predict(df)
+    assert list(out.columns) == OUTPUT_COLUMNS and len(out) == 2
+    assert out["hypoplasia_probability"].between(0, 1).all()
+    assert set(out["prediction"]) <= {"normal", "hypoplasia"}
+
+
+def test_compare_and_schedule(flow_run, tmp_path):
+    ws, _, res = flow_run
+    assert res.returncode == 0
+    cmp = _cbh(ws, "compare", "--out", str(tmp_path / "report"))
+    assert cmp.returncode == 0, cmp.stderr[-2000:]
+    html = (tmp_path / "report" / "compare.html").read_text()
+    assert "test_auc" in html and "<script" not in html and "http" not in html.split("<body>")[1]
+    sch = _cbh(ws, "schedule", "--cron", "0 3 * * 1", "--pool", "cpu")
+    assert sch.returncode == 0, sch.stderr[-2000:]
+    lst = _cbh(ws, "schedule", "--list")
+    assert "scheduled-retrain-cpu" in lst.stdout and "0 3 * * 1" in lst.stdout

@@ -1,0 +1,47 @@
+"""Throwaway workspaces for integration tests: the project's code and config, no data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import ROOT, TEST_KEY
+
+
+def make_workspace(tmp: Path, tiny: bool = True) -> Path:
+    """A fresh workspace: the project's code and config, no data, its own git and DVC."""
+    ws = tmp / "ws"
+    ws.mkdir()
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, ws / name)
+    for name in ("pipelines", "models", "flows"):
+        shutil.copytree(ROOT / name, ws / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "expectations", ws / "expectations", ignore=shutil.ignore_patterns("uncommitted"))
+    if not tiny:
+        return ws
+    # a tiny cohort: smaller class minimum, and gate floors a 3-epoch model can meet
+    set_params(ws, {"validate.min_per_class": 2, "promote.min_auc": 0.0, "promote.min_sensitivity": 0.0})
+    return ws
+
+
+def set_params(ws: Path, values: dict[str, object]) -> None:
+    """Edit the workspace's params.yaml (what a user would do), key by key."""
+    path = ws / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for key, value in values.items():
+        section, name = key.split(".")
+        assert name in raw[section], key
+        raw[section][name] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def cbh(ws: Path, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CBH_DEID_KEY=TEST_KEY, CBH_WORKSPACE=str(ws), **(env_extra or {}))
+    env.pop("CBH_DEMO", None)
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ws, env=env,
+                          capture_output=True, text=True, timeout=600)
