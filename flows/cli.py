@@ -75,7 +75,6 @@ def cmd_deid(a: argparse.Namespace, root: Path) -> int:
 def cmd_ingest(a: argparse.Namespace, root: Path) -> int:
     from flows import stages
     from flows.workspace import ensure_workspace
-
     from pipelines.ingest import read_annotations
 
     params = _params(root)

@@ -13,15 +13,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import biometry
 from pipelines.config import Params
 from pipelines.deid import Pseudonymizer, load_key
-from pipelines.ingest import (MANIFEST_SCHEMA, QUARANTINE_SCHEMA, CohortError, IngestResult,
-                              cohort_name, ingest_cohort, read_annotations, report, upsert)
+from pipelines.ingest import (
+    MANIFEST_SCHEMA,
+    QUARANTINE_SCHEMA,
+    CohortError,
+    IngestResult,
+    cohort_name,
+    ingest_cohort,
+    read_annotations,
+    report,
+    upsert,
+)
 from pipelines.split import assign_splits, split_summary
 from pipelines.validate import ValidateParams, ValidationReport, validate_manifest
 
@@ -62,7 +70,8 @@ def ingest(params: Params, root: Path, today: dt.date | None = None, progress: P
     cohorts = sorted(p for p in incoming.iterdir() if p.is_dir() and not p.name.endswith(".partial")) \
         if incoming.is_dir() else []
     if not cohorts:
-        raise StageError(f"{incoming}: no cohort to ingest; pass one with `cbh ingest COHORT` or `cbh retrain --cohort COHORT`")
+        raise StageError(f"{incoming}: no cohort to ingest; pass one with `cbh ingest COHORT` "
+                         "or `cbh retrain --cohort COHORT`")
     pseudo = pseudonymizer(params, root)
     deid_dir = root / params.paths.deid
     shutil.rmtree(deid_dir, ignore_errors=True)           # a DVC output: rebuilt whole
@@ -137,7 +146,7 @@ def train(params: Params, root: Path, progress: Progress = None) -> TrainOutcome
     run_id, version = tracking.log_training_run(
         params_flat=params.flat(), metrics=metrics, tags=tags, weights_dir=model_dir,
         model_name=params.promote.model_name, run_name=f"{params.train.model}",
-        extra={"split": split_summary(dataset), "excluded_unfittable": data.failed and len(data.failed)})
+        extra={"split": split_summary(dataset), "excluded_unfittable": len(data.failed)})
     return TrainOutcome(run_id, version, metrics)
 
 
@@ -149,9 +158,6 @@ def data_versions(root: Path, params: Params) -> dict[str, str]:
         path = root / rel
         out[key] = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else "none"
     return out
-
-
-STAGES = ("ingest", "validate", "split", "train")
 
 
 def dvc_commit(root: Path, stages: tuple[str, ...]) -> None:
@@ -178,4 +184,4 @@ def dvc_status(root: Path) -> dict[str, Any]:
 
 
 __all__ = ["add_cohort", "ingest", "validate", "split", "train", "dvc_commit", "dvc_push",
-           "dvc_status", "StageError", "CohortError", "pd"]
+           "dvc_status", "StageError", "CohortError"]

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 
 def random_affine(image: torch.Tensor, masks: torch.Tensor | None, generator: torch.Generator | None = None,
-                  max_rot_deg: float = 15.0, zoom: tuple[float, float] = (0.8, 1.2)) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  max_rot_deg: float = 15.0, zoom: tuple[float, float] = (0.8, 1.2),
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flips, rotation and zoom, identical for an image batch (B,C,H,W) and its masks (B,K,H,W)."""
     b, dev = image.shape[0], image.device
     rnd = torch.rand(b, 4, generator=generator).to(dev)

@@ -82,7 +82,7 @@ class CBHModel(mlflow.pyfunc.PythonModel):
                      masks: list | None = None) -> list[dict[str, Any]]:
         results = self.predictor.predict_frames(frames, masks)
         out = []
-        for name, fi, res in zip(names, frame_idx, results):
+        for name, fi, res in zip(names, frame_idx, results, strict=True):
             row = {c: res.get(c, np.nan) for c in OUTPUT_COLUMNS}
             row.update(image=name, frame=fi, model_uri=self.model_uri)
             if "error" in res:

@@ -243,7 +243,8 @@ def deidentify_dicom(ds: Dataset, raw_patient: str, pseudo: Pseudonymizer,
     if out.NumberOfFrames is None:
         del out.NumberOfFrames
     bits = arr.dtype.itemsize * 8
-    out.BitsAllocated, out.BitsStored, out.HighBit = bits, int(ds.get("BitsStored", bits)), int(ds.get("BitsStored", bits)) - 1
+    stored = min(int(ds.get("BitsStored", bits)), bits)
+    out.BitsAllocated, out.BitsStored, out.HighBit = bits, stored, stored - 1
     out.PixelRepresentation = int(ds.get("PixelRepresentation", 0))
     out.Rows, out.Columns = arr.shape[1], arr.shape[2]
     out.PixelData = (arr[0] if arr.shape[0] == 1 else arr).tobytes()

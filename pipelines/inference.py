@@ -130,7 +130,7 @@ class Predictor:
                     labels[j] = warp(masks[i], crops[j], nearest=True)
         ga = np.array([frames[i][3] for i in ok], float)
         prob = self.probability(x, labels, context_features(ga, [c.mm_per_px for c in crops]))
-        for j, (i, crop) in enumerate(zip(ok, crops)):
+        for j, (i, crop) in enumerate(zip(ok, crops, strict=True)):
             tcd, cm = biometry.measure_mask(labels[j], crop.mm_per_px)
             rows[i] = {
                 "hypoplasia_probability": float(prob[j]),

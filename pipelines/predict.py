@@ -47,7 +47,8 @@ def _inputs(inp: Path, ga_default: float | None, use_masks: bool) -> list[tuple[
         return out
     if ga_default is None:
         raise ValueError("--ga-weeks is required when INPUT is not a cohort folder with annotations.csv")
-    files = [inp] if inp.is_file() else sorted(p for p in inp.rglob("*") if p.suffix.lower() in (".dcm", ".png", ".jpg", ".jpeg"))
+    suffixes = (".dcm", ".png", ".jpg", ".jpeg")
+    files = [inp] if inp.is_file() else sorted(p for p in inp.rglob("*") if p.suffix.lower() in suffixes)
     if not files:
         raise FileNotFoundError(f"{inp}: no DICOM/PNG/JPEG input found")
     base = inp.parent if inp.is_file() else inp

@@ -214,7 +214,8 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sy: float, s
     return cv2.GaussianBlur(n, (0, 0), sigmaX=sx, sigmaY=sy)
 
 
-def render(an: Anatomy, style: Style, rng: np.random.Generator) -> tuple[NDArray[np.uint8], NDArray[np.uint8], Placement, Sector]:
+def render(an: Anatomy, style: Style, rng: np.random.Generator,
+           ) -> tuple[NDArray[np.uint8], NDArray[np.uint8], Placement, Sector]:
     """Grey image (H, W) uint8, label mask (H, W), placement and sector."""
     sec = sector_for(style)
     pl = place_head(an, sec, rng)
@@ -280,6 +281,6 @@ def burn_banner(img: NDArray[np.uint8], lines: list[str], style: Style, sec: Sec
             positions.append((8 if i < 2 else int(w * 0.62) + ((i - 2) // 2) * int(w * 0.2), row))
         else:
             positions.append((int(w * 0.38) + (i // 2) * int(w * 0.3), row))
-    for text, (x, y) in zip(lines, positions):
+    for text, (x, y) in zip(lines, positions, strict=True):
         cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
     return out

@@ -56,7 +56,10 @@ def prepare(dataset: pd.DataFrame, workspace: Path, size: int, margin: float,
         if isinstance(r.mask_path, str) and r.mask_path:
             src = cv2.imread(str(workspace / r.mask_path), cv2.IMREAD_UNCHANGED)
             mask = warp(src, crop, nearest=True)
-        images.append(img[None]); labels.append(mask); scale.append(crop.mm_per_px); keep.append(i)
+        images.append(img[None])
+        labels.append(mask)
+        scale.append(crop.mm_per_px)
+        keep.append(i)
         if progress:
             progress(i + 1, len(rows))
     return Prepared(rows.iloc[keep].reset_index(drop=True), np.stack(images).astype(np.float32),
@@ -94,7 +97,8 @@ def train_models(data: Prepared, params: Params) -> Predictor:
                             generator=torch.Generator().manual_seed(tp.seed))
     val_loader = DataLoader(_Arrays(image=data.images[va], labels=data.labels[va]), batch_size=64)
     if sp.max_epochs > 0 and len(with_mask):
-        _trainer(sp.max_epochs, tp.accelerator, len(va) > 0).fit(SegModule(seg, sp.lr, sp.max_epochs), seg_loader, val_loader)
+        _trainer(sp.max_epochs, tp.accelerator, len(va) > 0).fit(
+            SegModule(seg, sp.lr, sp.max_epochs), seg_loader, val_loader)
     cfg = ModelConfig(tp.model, tp.features, sp.channels, params.preprocess.size,
                       params.preprocess.crop_margin, 0.5)
     clf = make_classifier(tp.model, tp.features)

@@ -6,8 +6,14 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.ingest import (MANIFEST_SCHEMA, CohortError, cohort_name, ingest_cohort, read_annotations,
-                              upsert)
+from pipelines.ingest import (
+    MANIFEST_SCHEMA,
+    CohortError,
+    cohort_name,
+    ingest_cohort,
+    read_annotations,
+    upsert,
+)
 
 KEEP = ("image", "frame", "ga_weeks", "label", "tcd_mm", "cm_mm", "mask", "annotator", "site")
 

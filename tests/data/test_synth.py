@@ -22,7 +22,8 @@ def _rows(cohort):
 def _pixels_and_spacing(cohort, row):
     path = cohort / row["image"]
     if path.suffix == ".png":
-        return cv2.imread(str(path), cv2.IMREAD_UNCHANGED), json.loads(path.with_suffix(".json").read_text())["pixel_spacing_mm"]
+        spacing = json.loads(path.with_suffix(".json").read_text())["pixel_spacing_mm"]
+        return cv2.imread(str(path), cv2.IMREAD_UNCHANGED), spacing
     ds = pydicom.dcmread(path)
     return ds.pixel_array, pixel_spacing_mm(ds)
 
@@ -76,7 +77,10 @@ def test_deterministic_by_seed(tmp_path):
     synth_cohort(a, 3, 11, ("aurora",))
     synth_cohort(b, 3, 11, ("aurora",))
     synth_cohort(c, 3, 12, ("aurora",))
-    digest = lambda d: hashlib.sha256(b"".join(p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file())).hexdigest()
+
+    def digest(folder):
+        return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())).hexdigest()
+
     assert digest(a) == digest(b)
     assert digest(a) != digest(c)
 

@@ -1,7 +1,6 @@
 import pytest
 
 from pipelines.config import ConfigError, load_params, replace
-
 from tests.conftest import ROOT
 
 
