@@ -9,6 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 ## help: list the targets
 help:
@@ -50,6 +51,11 @@ ui: setup
 ui-down:
 	@for f in .cbh/mlflow-ui.pid .cbh/prefect-ui.pid; do test -f $$f && kill $$(cat $$f) 2>/dev/null; rm -f $$f; done; true
 
+## repro: rerun the DVC stages whose inputs changed (dvc repro), then push the data
+repro: setup
+	dvc repro
+	dvc push
+
 ## lint: ruff over the code
 lint: setup
 	$(BIN)/ruff check flows pipelines models tests
@@ -58,4 +64,4 @@ lint: setup
 clean-workspace:
 	rm -rf data mlflow.db mlartifacts .prefect .dvcstore dvc.lock expectations/gx/uncommitted
 
-.PHONY: help setup demo test test-full ui ui-down lint clean-workspace
+.PHONY: help setup demo test test-full ui ui-down repro lint clean-workspace

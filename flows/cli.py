@@ -223,6 +223,8 @@ def cmd_serve(a: argparse.Namespace, root: Path) -> int:
 
     params = _params(root)
     env = dict(os.environ, MLFLOW_TRACKING_URI=os.environ.get("MLFLOW_TRACKING_URI", params.paths.mlflow_uri))
+    # mlflow starts uvicorn by name: the environment's own scripts must come first on PATH
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     uri = f"models:/{params.promote.model_name}@champion"
     print(f"serving {uri} on http://127.0.0.1:{a.port}/invocations", flush=True)
     return subprocess.call([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
