@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rollback", action="store_true", help="restore the previous champion")
     s.set_defaults(fn=cmd_promote)
     s = sub.add_parser("compare", help="write a reviewer report comparing MLflow runs")
-    s.add_argument("run_ids", nargs="*", help="runs to compare (default: the latest five)")
+    s.add_argument("run_ids", nargs="*", help="runs to compare (default: the latest run of each model)")
     s.add_argument("--out", default="reports", help="output folder (default: reports)")
     s.set_defaults(fn=cmd_compare)
     s = sub.add_parser("predict", help="predict hypoplasia for a file, a folder or a cohort")

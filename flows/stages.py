@@ -134,7 +134,8 @@ def train(params: Params, root: Path, progress: Progress = None) -> TrainOutcome
             raise StageError(f"{params.paths.dataset}: the {split_name} split lacks a class "
                              f"(has {sorted(labels)}); add cases before training")
     predictor = train_models(data, params)
-    predictor, metrics = evaluate_models(predictor, data, params)
+    predictor, evaluation = evaluate_models(predictor, data, params)
+    metrics = evaluation.metrics
     model_dir = root / params.paths.model_dir
     shutil.rmtree(model_dir, ignore_errors=True)
     predictor.save(model_dir)
@@ -145,8 +146,9 @@ def train(params: Params, root: Path, progress: Progress = None) -> TrainOutcome
             "modified dates, device identity"}
     run_id, version = tracking.log_training_run(
         params_flat=params.flat(), metrics=metrics, tags=tags, weights_dir=model_dir,
-        model_name=params.promote.model_name, run_name=f"{params.train.model}",
-        extra={"split": split_summary(dataset), "excluded_unfittable": len(data.failed)})
+        model_name=params.promote.model_name, run_name=f"{params.train.model}", figures=evaluation.figures,
+        extra={"split": split_summary(dataset), "excluded_unfittable": len(data.failed),
+               "subgroups": evaluation.subgroups})
     return TrainOutcome(run_id, version, metrics)
 
 

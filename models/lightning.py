@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
+from torchmetrics.functional.classification import binary_auroc
 
 from models.augment import random_affine, random_intensity
 
@@ -73,9 +74,20 @@ class ClsModule(L.LightningModule):
         self.log("cls_train_loss", loss, prog_bar=True, on_epoch=True, on_step=False)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+
     def validation_step(self, batch: dict[str, torch.Tensor], _: int) -> None:
         logits = self(batch["image"], one_hot_masks(batch["pred_labels"]), batch["context"])
         self.log("cls_val_loss", F.cross_entropy(logits, batch["target"]), prog_bar=True)
+        self._val.append((torch.softmax(logits, 1)[:, 1].detach(), batch["target"]))
+
+    def on_validation_epoch_end(self) -> None:
+        """Validation AUC (on predicted masks, as at inference): what checkpoints are chosen by."""
+        p = torch.cat([v[0] for v in self._val])
+        y = torch.cat([v[1] for v in self._val])
+        auc = binary_auroc(p, y) if y.unique().numel() == 2 else torch.tensor(0.5)
+        self.log("cls_val_auc", auc, prog_bar=True)
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.wd)

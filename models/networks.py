@@ -80,12 +80,22 @@ class ASCNet(nn.Module):
         return self.head(torch.cat(feats, dim=1))
 
 
-def make_classifier(model: str, features: int) -> ASCNet:
+class BiometryRule(nn.Module):
+    """The interpretable baseline: no learnt weights; hypoplasia scored from the TCD z-score
+    that the predicted cerebellum mask gives (pipelines.inference computes it)."""
+
+    def forward(self, *_: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("BiometryRule is evaluated from measurements, not called on tensors")
+
+
+def make_classifier(model: str, features: int) -> nn.Module:
     """The comparison models selectable by `cbh train --model`."""
+    if model == "biometry-rule":
+        return BiometryRule()
     if model == "asc":
         return ASCNet(features)
     if model == "asc-ga":
         return ASCNet(features, context_dim=2)
     if model == "image-only":
         return ASCNet(features, use_shape=False)
-    raise ValueError(f"unknown model {model!r}; choose asc, asc-ga or image-only")
+    raise ValueError(f"unknown model {model!r}; choose asc, asc-ga, image-only or biometry-rule")

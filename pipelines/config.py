@@ -100,6 +100,7 @@ class TrainParams:
     weight_decay: float
     features: int
     predicted_mask_fraction: float
+    early_stopping_patience: int
     num_workers: int
     accelerator: str
 
@@ -118,7 +119,7 @@ class PromoteParams:
     model_name: str
 
 
-MODELS = ("asc", "asc-ga", "image-only")
+MODELS = ("asc", "asc-ga", "image-only", "biometry-rule")
 
 
 @dataclass(frozen=True)

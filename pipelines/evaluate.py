@@ -59,3 +59,43 @@ def dice_per_image(pred: NDArray, truth: NDArray, cls: int) -> NDArray[np.float6
 def mean_abs_error(a: NDArray, b: NDArray) -> float:
     d = np.abs(np.asarray(a, float) - np.asarray(b, float))
     return float(np.nanmean(d)) if np.any(np.isfinite(d)) else float("nan")
+
+
+GA_BANDS = ((0.0, 20.0, "<20w"), (20.0, 24.0, "20-24w"), (24.0, 28.0, "24-28w"), (28.0, 32.0, "28-32w"),
+            (32.0, 99.0, ">=32w"))
+
+
+def ga_band(ga_weeks: NDArray) -> NDArray:
+    out = np.empty(len(ga_weeks), dtype=object)
+    for lo, hi, name in GA_BANDS:
+        out[(ga_weeks >= lo) & (ga_weeks < hi)] = name
+    return out
+
+
+def subgroup_metrics(y: NDArray, p: NDArray, threshold: float,
+                     groups: dict[str, NDArray]) -> list[dict[str, object]]:
+    """Metrics per subgroup (GA band, site...): a subgroup's AUC is NaN when it has one class."""
+    rows: list[dict[str, object]] = []
+    for kind, values in groups.items():
+        for value in sorted({str(v) for v in values}):
+            idx = np.array([str(v) == value for v in values])
+            m = binary_metrics(y[idx], p[idx], threshold)
+            rows.append({"group": kind, "value": value, "n": int(idx.sum()), "n_positive": int(m["n_positive"]),
+                         "auc": m["auc"], "sensitivity": m["sensitivity"], "specificity": m["specificity"]})
+    return rows
+
+
+def reliability(y: NDArray, p: NDArray, bins: int = 10) -> tuple[NDArray, NDArray, NDArray]:
+    """Mean predicted probability, observed frequency and count per probability bin."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(p, edges) - 1, 0, bins - 1)
+    mean_p = np.array([p[which == b].mean() if np.any(which == b) else np.nan for b in range(bins)])
+    freq = np.array([y[which == b].mean() if np.any(which == b) else np.nan for b in range(bins)])
+    count = np.bincount(which, minlength=bins)
+    return mean_p, freq, count
+
+
+def expected_calibration_error(y: NDArray, p: NDArray, bins: int = 10) -> float:
+    mean_p, freq, count = reliability(y, p, bins)
+    ok = count > 0
+    return float(np.sum(count[ok] * np.abs(mean_p[ok] - freq[ok])) / max(count.sum(), 1))

@@ -18,7 +18,7 @@ import torch
 from numpy.typing import NDArray
 
 from models.lightning import one_hot_masks
-from models.networks import make_classifier, make_segmenter
+from models.networks import BiometryRule, make_classifier, make_segmenter
 from pipelines import biometry
 from pipelines.preprocess import Crop, PreprocessError, prepare_frame, warp
 
@@ -62,6 +62,18 @@ def largest_components(labels: NDArray[np.uint8]) -> NDArray[np.uint8]:
     return out
 
 
+def rule_probability(labels: NDArray[np.uint8], context: NDArray[np.float32]) -> NDArray[np.float64]:
+    """P(hypoplasia) of the biometry rule: 1 - Phi(z + 1.645) on the measured TCD's z-score,
+    so 0.5 exactly at the 5th centile; a missing measurement scores 0.5 (undecided)."""
+    from scipy.special import ndtr
+
+    ga = context[:, 0].astype(float) * GA_SD + GA_MEAN
+    mm_per_px = np.exp(context[:, 1].astype(float) * 0.5 + SCALE_REF)
+    tcd = np.array([biometry.measure_mask(m, s)[0] for m, s in zip(labels, mm_per_px, strict=True)])
+    z = biometry.tcd_zscore(tcd, ga)
+    return np.where(np.isfinite(z), 1.0 - ndtr(z - biometry.Z_5TH), 0.5)
+
+
 class Predictor:
     """Segmenter + classifier + biometry, on CPU unless told otherwise."""
 
@@ -75,6 +87,7 @@ class Predictor:
         seg, clf = make_segmenter(cfg.seg_channels), make_classifier(cfg.model, cfg.features)
         seg.load_state_dict(torch.load(folder / "segmenter.pt", map_location=device, weights_only=True))
         clf.load_state_dict(torch.load(folder / "classifier.pt", map_location=device, weights_only=True))
+        # (a BiometryRule has an empty state dict: nothing to load, nothing learnt)
         return cls(seg, clf, cfg, device)
 
     def save(self, folder: Path) -> None:
@@ -96,6 +109,8 @@ class Predictor:
     @torch.no_grad()
     def probability(self, images: NDArray[np.float32], labels: NDArray[np.uint8],
                     context: NDArray[np.float32], batch: int = 64) -> NDArray[np.float64]:
+        if isinstance(self.cls, BiometryRule):
+            return rule_probability(labels, context)
         out = []
         for i in range(0, len(images), batch):
             x = torch.from_numpy(images[i:i + batch]).to(self.device)

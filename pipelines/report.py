@@ -23,7 +23,10 @@ def _runs(run_ids: list[str]) -> list:
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     if exp is None:
         raise FileNotFoundError("no MLflow experiment yet: train a model first")
-    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=5)
+    latest: dict[str, object] = {}      # the latest run of each model: the ablation table
+    for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=200):
+        latest.setdefault(run.data.tags.get("model.kind", run.info.run_id), run)
+    return list(latest.values())
 
 
 def compare_runs(run_ids: list[str], out: Path) -> tuple[Path, Path]:

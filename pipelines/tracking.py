@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +59,10 @@ def log_training_run(*, params_flat: dict[str, Any], metrics: dict[str, float], 
         mlflow.log_params({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params_flat.items()})
         mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})   # NaN-free
         mlflow.set_tags(tags)
+        import matplotlib.pyplot as plt
         for name, fig in (figures or {}).items():
             mlflow.log_figure(fig, f"plots/{name}.png")
+            plt.close(fig)
         if extra:
             mlflow.log_dict(extra, "summary.json")
         uri = f"runs:/{run.info.run_id}/model"
@@ -81,23 +82,3 @@ def _requirements() -> list[str]:
     from importlib.metadata import version as v
     return [f"{p}=={v(p)}" for p in ("torch", "monai", "numpy", "pandas", "pydicom",
                                       "opencv-python-headless", "scipy", "mlflow", "scikit-learn")]
-
-
-def figure_roc(y, p, title: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    fig, ax = plt.subplots(figsize=(4, 4))
-    if len(set(y)) == 2:
-        fpr, tpr, _ = roc_curve(y, p)
-        ax.plot(fpr, tpr, lw=2)
-    ax.plot([0, 1], [0, 1], "--", color="grey")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title)
-    fig.tight_layout()
-    return fig
-
-
-def tmpdir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="cbh-"))

@@ -5,6 +5,8 @@ pipelines/tracking.py and the orchestration in flows/."""
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -14,10 +16,11 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
 from models.lightning import ClsModule, SegModule
-from models.networks import make_classifier, make_segmenter
+from models.networks import BiometryRule, make_classifier, make_segmenter
 from pipelines import biometry
 from pipelines import evaluate as ev
 from pipelines.config import Params
@@ -78,11 +81,11 @@ class _Arrays(Dataset):
         return {k: v[i] for k, v in self.arrays.items()}
 
 
-def _trainer(max_epochs: int, accelerator: str, has_val: bool) -> L.Trainer:
+def _trainer(max_epochs: int, accelerator: str, has_val: bool, callbacks: list | None = None) -> L.Trainer:
     return L.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=1, logger=False,
-                     enable_checkpointing=False, enable_model_summary=False, deterministic="warn",
+                     enable_checkpointing=bool(callbacks), enable_model_summary=False, deterministic="warn",
                      num_sanity_val_steps=0, limit_val_batches=1.0 if has_val else 0,
-                     enable_progress_bar=False)
+                     enable_progress_bar=False, callbacks=callbacks or [])
 
 
 def train_models(data: Prepared, params: Params) -> Predictor:
@@ -110,19 +113,39 @@ def train_models(data: Prepared, params: Params) -> Predictor:
                   context=context, target=target)
     train_ds = _Arrays(**{k: v[tr] for k, v in arrays.items()})
     val_ds = _Arrays(**{k: v[va] for k, v in arrays.items()})
-    if tp.max_epochs > 0 and len(tr):
+    if tp.max_epochs > 0 and len(tr) and not isinstance(clf, BiometryRule):
         module = ClsModule(clf, tp.lr, tp.weight_decay, tp.predicted_mask_fraction)
-        _trainer(tp.max_epochs, tp.accelerator, len(va) > 0).fit(
+        callbacks = []
+        if len(va):
+            # keep the epoch with the best validation AUC; stop when it has not improved for a while
+            ckpt_dir = tempfile.mkdtemp(prefix="cbh-ckpt-")
+            best = ModelCheckpoint(dirpath=ckpt_dir, monitor="cls_val_auc", mode="max", save_top_k=1)
+            callbacks = [best, EarlyStopping(monitor="cls_val_auc", mode="max", patience=tp.early_stopping_patience)]
+        _trainer(tp.max_epochs, tp.accelerator, len(va) > 0, callbacks).fit(
             module,
             DataLoader(train_ds, batch_size=tp.batch_size, shuffle=True, num_workers=tp.num_workers,
                        generator=torch.Generator().manual_seed(tp.seed)),
             DataLoader(val_ds, batch_size=64))
+        if callbacks and best.best_model_path:
+            state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+            module.load_state_dict(state)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
     predictor = Predictor(seg.cpu(), clf.cpu(), cfg)
     return predictor
 
 
-def evaluate_models(predictor: Predictor, data: Prepared, params: Params) -> tuple[Predictor, dict[str, Any]]:
-    """Threshold on validation (sensitivity target), metrics on the frozen test set."""
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    subgroups: list[dict[str, Any]]
+    figures: dict[str, Any]
+
+
+def evaluate_models(predictor: Predictor, data: Prepared, params: Params) -> tuple[Predictor, Evaluation]:
+    """Threshold on validation (sensitivity target), metrics on the frozen test set,
+    overall and per subgroup (GA band, site), and the figures reviewers look at."""
+    from pipelines import plots
+
     pred_labels = predictor.segment(data.images)
     context = context_features(data.frame["ga_weeks"].to_numpy(), data.mm_per_px)
     prob = predictor.probability(data.images, pred_labels, context)
@@ -145,5 +168,14 @@ def evaluate_models(predictor: Predictor, data: Prepared, params: Params) -> tup
     metrics["test_cm_mae_mm"] = ev.mean_abs_error(meas[:, 1], data.frame["cm_mm"].to_numpy()[te])
     rule = biometry.tcd_zscore(meas[:, 0], data.frame["ga_weeks"].to_numpy()[te])
     metrics["test_biometry_rule_auc"] = ev.auc(y[te], -np.nan_to_num(rule, nan=0.0))
+    metrics["test_ece"] = ev.expected_calibration_error(y[te], prob[te])
     metrics["excluded_unfittable"] = float(len(data.failed))
-    return predictor, {k: float(v) for k, v in metrics.items()}
+    test = data.frame.iloc[te]
+    groups = {"ga_band": ev.ga_band(test["ga_weeks"].to_numpy()), "site": test["site"].fillna("unknown").to_numpy()}
+    subgroups = ev.subgroup_metrics(y[te], prob[te], thr, groups)
+    title = params.train.model
+    figures = {"roc": plots.roc(y[te], prob[te], f"{title}: test ROC"),
+               "reliability": plots.reliability_diagram(y[te], prob[te], f"{title}: calibration"),
+               "confusion": plots.confusion(y[te], prob[te], thr, f"{title}: test"),
+               "overlays": plots.overlays(data.images[te], pred_labels[te])}
+    return predictor, Evaluation({k: float(v) for k, v in metrics.items()}, subgroups, figures)

@@ -1,0 +1,65 @@
+"""Real-config-shrunk training runs on CPU (seconds): every comparison model, determinism,
+and the evaluation it reports."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.config import replace
+from pipelines.ingest import ingest_cohort
+from pipelines.split import assign_splits
+from pipelines.train import evaluate_models, prepare, train_models
+
+SHRUNK = ["preprocess.size=48", "segment.max_epochs=2", "segment.channels=[8, 16, 32]",
+          "train.max_epochs=2", "train.features=16", "evaluate.bootstrap=20"]
+
+
+@pytest.fixture(scope="module")
+def prepared(small_cohort, tmp_path_factory, params):
+    from pipelines.deid import Pseudonymizer
+    from tests.conftest import TEST_KEY
+
+    ws = tmp_path_factory.mktemp("train-ws")
+    res = ingest_cohort(small_cohort, ws, "data/deid", Pseudonymizer(TEST_KEY.encode()),
+                        params.deid.keep_columns, dt.date(2026, 1, 1))
+    manifest = pd.DataFrame(res.manifest)
+    dataset, _ = assign_splits(manifest, None, 0.3, 0.3, params.split.seed)
+    return prepare(dataset, ws, 48, params.preprocess.crop_margin)
+
+
+@pytest.mark.parametrize("model", ["asc", "asc-ga", "image-only", "biometry-rule"])
+def test_each_model_trains_and_evaluates(prepared, params, model):
+    p = replace(params, SHRUNK + [f"train.model={model}"])
+    predictor, ev = evaluate_models(train_models(prepared, p), prepared, p)
+    m = ev.metrics
+    assert 0.0 <= m["test_auc"] <= 1.0 or np.isnan(m["test_auc"])
+    assert 0.0 <= m["val_threshold"] <= 1.0
+    assert {"test_dice_cerebellum", "test_tcd_mae_mm", "test_ece", "test_auc_ci_low"} <= set(m)
+    assert {r["group"] for r in ev.subgroups} == {"ga_band", "site"}
+    assert set(ev.figures) == {"roc", "reliability", "confusion", "overlays"}
+    assert predictor.cfg.model == model
+
+
+def test_same_seed_same_metrics(prepared, params):
+    p = replace(params, SHRUNK)
+    _, first = evaluate_models(train_models(prepared, p), prepared, p)
+    _, second = evaluate_models(train_models(prepared, p), prepared, p)
+    assert first.metrics == pytest.approx(second.metrics, nan_ok=True)
+
+
+def test_zero_epochs_gives_an_untrained_model(prepared, params):
+    p = replace(params, SHRUNK + ["train.max_epochs=0", "segment.max_epochs=0"])
+    predictor, ev = evaluate_models(train_models(prepared, p), prepared, p)
+    assert ev.metrics["test_dice_cerebellum"] < 0.5         # an untrained segmenter finds nothing useful
+    assert predictor.cfg.threshold == ev.metrics["val_threshold"]
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    import matplotlib.pyplot as plt
+    plt.close("all")
