@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAIL
     except Exception as exc:  # boundary: known library failures become one sentence
         name = type(exc).__name__
-        if name in ("MlflowException", "PromotionError", "InputError", "RestException"):
+        if name in ("MlflowException", "PromotionError", "InputError", "RestException", "PredictInputError"):
             print(f"cbh {args.command}: {exc}", file=sys.stderr)
             return EXIT_FAIL
         raise

@@ -21,6 +21,10 @@ from pipelines.preprocess import PreprocessError, load_frame, unwarp
 COLUMNS = OUTPUT_COLUMNS + ["overlay"]
 
 
+class PredictInputError(ValueError):
+    """The input cannot be predicted on as given (no GA, nothing to read)."""
+
+
 def _spacing(path: Path) -> tuple[float, float] | None:
     import json
 
@@ -46,7 +50,7 @@ def _inputs(inp: Path, ga_default: float | None, use_masks: bool) -> list[tuple[
             out.append((inp / row["image"], row["image"], int(row.get("frame") or 0), float(row["ga_weeks"]), mask))
         return out
     if ga_default is None:
-        raise ValueError("--ga-weeks is required when INPUT is not a cohort folder with annotations.csv")
+        raise PredictInputError("--ga-weeks is required when INPUT is not a cohort folder with annotations.csv")
     suffixes = (".dcm", ".png", ".jpg", ".jpeg")
     files = [inp] if inp.is_file() else sorted(p for p in inp.rglob("*") if p.suffix.lower() in suffixes)
     if not files:

@@ -156,3 +156,20 @@ def test_compare_and_schedule(flow_run, tmp_path):
     assert sch.returncode == 0, sch.stderr[-2000:]
     lst = _cbh(ws, "schedule", "--list")
     assert "scheduled-retrain-cpu" in lst.stdout and "0 3 * * 1" in lst.stdout
+
+
+def test_predict_on_a_dicom_file_a_png_and_a_folder(flow_run, tmp_path):
+    ws, cohort, res = flow_run
+    assert res.returncode == 0
+    dcm = sorted(cohort.glob("scans/*.dcm"))[0]
+    png = sorted(cohort.glob("scans/*.png"))[0]
+    for inp in (dcm, png, cohort / "scans"):
+        out = tmp_path / f"{inp.stem}.csv"
+        pr = _cbh(ws, "predict", str(inp), "--out", str(out), "--ga-weeks", "24")
+        assert pr.returncode == 0, pr.stderr[-2000:]
+        rows = list(csv.DictReader(out.open()))
+        expected = 1 if inp.is_file() else len(list(inp.glob("*.dcm"))) + len(list(inp.glob("*.png")))
+        assert len(rows) == expected
+        assert all(r["prediction"] in ("normal", "hypoplasia") for r in rows), rows[0]["prediction"]
+    no_ga = _cbh(ws, "predict", str(dcm), "--out", str(tmp_path / "x.csv"))
+    assert no_ga.returncode == 1 and "--ga-weeks" in no_ga.stderr
