@@ -126,6 +126,9 @@ def train(params: Params, root: Path, progress: Progress = None) -> TrainOutcome
     from pipelines import tracking
     from pipelines.train import evaluate_models, prepare, train_models
 
+    for name in ("lightning.pytorch", "lightning.fabric"):   # lightning sets INFO on import
+        logging.getLogger(name).setLevel(logging.WARNING)
+
     dataset = pq.read_table(root / params.paths.dataset).to_pandas()
     data = prepare(dataset, root, params.preprocess.size, params.preprocess.crop_margin, progress)
     for split_name in ("train", "test"):
@@ -178,12 +181,5 @@ def dvc_push(root: Path) -> int:
         return int(repo.push() or 0)
 
 
-def dvc_status(root: Path) -> dict[str, Any]:
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        return dict(repo.status())
-
-
 __all__ = ["add_cohort", "ingest", "validate", "split", "train", "dvc_commit", "dvc_push",
-           "dvc_status", "StageError", "CohortError"]
+           "StageError", "CohortError"]
