@@ -38,7 +38,8 @@ def compare_runs(run_ids: list[str], out: Path) -> tuple[Path, Path]:
     for m in KEY_METRICS:
         rows.append((m, [f"{r.data.metrics[m]:.3f}" if m in r.data.metrics else "-" for r in runs]))
     for t in KEY_TAGS:
-        rows.append((t, [str(r.data.tags.get(t, "-"))[:12] for r in runs]))
+        short = t.startswith(("git.commit", "data."))        # hashes: the first 12 characters identify
+        rows.append((t, [str(r.data.tags.get(t, "-"))[: 12 if short else None] for r in runs]))
     keys = sorted({k for r in runs for k in r.data.params})
     differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
     for k in differing:

@@ -173,3 +173,25 @@ def test_predict_on_a_dicom_file_a_png_and_a_folder(flow_run, tmp_path):
         assert all(r["prediction"] in ("normal", "hypoplasia") for r in rows), rows[0]["prediction"]
     no_ga = _cbh(ws, "predict", str(dcm), "--out", str(tmp_path / "x.csv"))
     assert no_ga.returncode == 1 and "--ga-weeks" in no_ga.stderr
+
+
+def test_critical_contract_failure_stops_before_training(tmp_path):
+    from pipelines.synth import synth_cohort
+
+    ws = _workspace(tmp_path)
+    cohort = tmp_path / "export"
+    synth_cohort(cohort, 8, 3, ("aurora",))
+    lines = (cohort / "annotations.csv").read_text().splitlines()
+    fields = lines[1].split(",")
+    fields[4] = "43.0"                      # ga_weeks: readable, but outside the contract (14-42)
+    lines[1] = ",".join(fields)
+    (cohort / "annotations.csv").write_text("\n".join(lines) + "\n")
+    res = _cbh(ws, "retrain", "--cohort", str(cohort), *sum((["--set", o] for o in TINY), []))
+    assert res.returncode == 1
+    assert "critical failure" in res.stderr and "training stopped" in res.stderr
+    assert not (ws / "data" / "dataset.parquet").exists()
+    assert not (ws / "data" / "model").exists()
+    import json
+    report = json.loads((ws / "data" / "validation.json").read_text())
+    failed = [r for r in report["results"] if not r["success"]]
+    assert any(r["column"] == "ga_weeks" and r["severity"] == "critical" for r in failed)
