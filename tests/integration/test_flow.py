@@ -195,3 +195,29 @@ def test_critical_contract_failure_stops_before_training(tmp_path):
     report = json.loads((ws / "data" / "validation.json").read_text())
     failed = [r for r in report["results"] if not r["success"]]
     assert any(r["column"] == "ga_weeks" and r["severity"] == "critical" for r in failed)
+
+
+def test_concurrent_promotions_and_rollback(flow_run):
+    ws, _, res = flow_run
+    assert res.returncode == 0
+    import mlflow
+    from mlflow import MlflowClient
+
+    set_params(ws, {"promote.min_auc": 0.0, "promote.auc_margin": 1.0})
+    tr = _cbh(ws, "train", *sum((["--set", o] for o in TINY), []))
+    assert tr.returncode == 0, tr.stderr[-2000:]
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    client = MlflowClient()
+    before = client.get_model_version_by_alias("cerebellar-hypoplasia", "champion").version
+    challenger = client.get_model_version_by_alias("cerebellar-hypoplasia", "challenger").version
+    env = dict(os.environ, CBH_WORKSPACE=str(ws))
+    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "promote"], cwd=ws, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert sorted("promoted:" in o for o in outs) == [False, True], outs      # exactly one promotes
+    assert str(client.get_model_version_by_alias("cerebellar-hypoplasia", "champion").version) == str(challenger)
+    rb = _cbh(ws, "promote", "--rollback")
+    assert rb.returncode == 0, rb.stderr[-2000:]
+    assert str(client.get_model_version_by_alias("cerebellar-hypoplasia", "champion").version) == str(before)
+    hist = _cbh(ws, "promote", "--history").stdout
+    assert "rolled-back" in hist
