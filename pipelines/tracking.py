@@ -65,6 +65,14 @@ def log_training_run(*, params_flat: dict[str, Any], metrics: dict[str, float], 
             plt.close(fig)
         if extra:
             mlflow.log_dict(extra, "summary.json")
+        card = None
+        if extra and "split" in extra:
+            from pipelines import modelcard
+            meta = modelcard.metadata(tags.get("model.kind", ""), metrics, extra["split"],
+                                      extra.get("subgroups", []), tags)
+            card = modelcard.markdown(meta)
+            mlflow.log_dict(meta, "model_card/metadata.json")
+            mlflow.log_text(card, "model_card/model_card.md")
         uri = f"runs:/{run.info.run_id}/model"
         info = mlflow.pyfunc.log_model(
             name="model", python_model=CBHModel(), artifacts={"weights": str(weights_dir)},
@@ -72,6 +80,8 @@ def log_training_run(*, params_flat: dict[str, Any], metrics: dict[str, float], 
             registered_model_name=model_name, pip_requirements=_requirements())
         version = str(info.registered_model_version)
     client = MlflowClient()
+    if card:
+        client.update_model_version(model_name, version, description=card)
     client.set_registered_model_alias(model_name, "challenger", version)
     for k, v in {**tags, **{f"metric.{k}": f"{v:.4f}" for k, v in metrics.items()}}.items():
         client.set_model_version_tag(model_name, version, k, v)

@@ -67,6 +67,9 @@ def test_registry_has_champion_and_challenger(flow_run):
     run = client.get_run(chal.run_id)
     assert {"test_auc", "test_sensitivity", "test_dice_cerebellum", "test_tcd_mae_mm"} <= set(run.data.metrics)
     assert run.data.tags["data.frozen_test_md5"] != "none"
+    assert "Not for clinical use" in chal.description and "| ga_band |" in chal.description
+    card = mlflow.artifacts.load_dict(f"runs:/{chal.run_id}/model_card/metadata.json")
+    assert card["metrics"]["test_auc"] == pytest.approx(run.data.metrics["test_auc"])
 
 
 def test_untrained_model_is_registered_then_refused(flow_run):
