@@ -92,4 +92,5 @@ class ClsModule(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.wd)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=4)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "cls_val_loss"}}
+        # strict=False: without a validation split the plateau schedule simply does not step
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "cls_val_loss", "strict": False}}
