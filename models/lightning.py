@@ -83,7 +83,7 @@ class ClsModule(L.LightningModule):
         self._val.append((torch.softmax(logits, 1)[:, 1].detach(), batch["target"]))
 
     def on_validation_epoch_end(self) -> None:
-        """Validation AUC (on predicted masks, as at inference): what checkpoints are chosen by."""
+        """Validation AUC on predicted masks, as at inference (logged beside the loss)."""
         p = torch.cat([v[0] for v in self._val])
         y = torch.cat([v[1] for v in self._val])
         auc = binary_auroc(p, y) if y.unique().numel() == 2 else torch.tensor(0.5)

@@ -5,16 +5,30 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy.special import ndtri
 from sklearn.metrics import roc_auc_score
 
 
 def operating_threshold(y: NDArray, p: NDArray, sensitivity_target: float) -> float:
-    """The highest threshold whose sensitivity on (y, p) reaches the target (0.5 if no positives)."""
+    """Threshold meant to reach the sensitivity target, chosen on validation data.
+
+    With a handful of validation positives the empirical quantile of their scores is a noisy
+    order statistic, so the more conservative (lower) of it and a normal approximation of
+    the positives' logits at the same quantile is taken: sensitivity is the priority.
+    0.5 if there are no positives.
+    """
     pos = np.sort(p[y == 1])[::-1]
     if pos.size == 0:
         return 0.5
     k = int(np.ceil(sensitivity_target * pos.size)) - 1
-    return float(pos[min(max(k, 0), pos.size - 1)])
+    empirical = float(pos[min(max(k, 0), pos.size - 1)])
+    if pos.size < 3:
+        return empirical
+    eps = 1e-6
+    logit = np.log(np.clip(pos, eps, 1 - eps) / np.clip(1 - pos, eps, 1 - eps))
+    z = float(ndtri(sensitivity_target))
+    parametric = float(1.0 / (1.0 + np.exp(-(logit.mean() - z * logit.std(ddof=1)))))
+    return min(empirical, parametric)
 
 
 def auc(y: NDArray, p: NDArray) -> float:

@@ -57,10 +57,12 @@ def gate(challenger: dict[str, float], champion: dict[str, float] | None, p: Pro
     auc, sens = challenger.get("test_auc", float("nan")), challenger.get("test_sensitivity", float("nan"))
     if not auc >= p.min_auc:
         return False, f"test AUC {auc:.3f} is below the floor {p.min_auc:.3f}"
+    if champion is None:
+        # the first champion: discrimination must pass its floor (an untrained model does not);
+        # the operating point's sensitivity is reported, and gated from the next promotion on
+        return True, f"no champion yet; AUC {auc:.3f} passes the floor (sensitivity {sens:.3f})"
     if not sens >= p.min_sensitivity:
         return False, f"test sensitivity {sens:.3f} is below the floor {p.min_sensitivity:.3f}"
-    if champion is None:
-        return True, f"no champion yet; AUC {auc:.3f} and sensitivity {sens:.3f} pass the floors"
     if not same_test_set:
         return False, "champion was evaluated on another frozen test set; re-evaluate before comparing"
     ref = champion.get("test_auc", float("nan"))

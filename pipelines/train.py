@@ -117,10 +117,11 @@ def train_models(data: Prepared, params: Params) -> Predictor:
         module = ClsModule(clf, tp.lr, tp.weight_decay, tp.predicted_mask_fraction)
         callbacks = []
         if len(va):
-            # keep the epoch with the best validation AUC; stop when it has not improved for a while
+            # keep the epoch with the lowest validation cross-entropy (a proper scoring rule:
+            # choosing by AUC alone picked early, badly calibrated epochs); stop when it stalls
             ckpt_dir = tempfile.mkdtemp(prefix="cbh-ckpt-")
-            best = ModelCheckpoint(dirpath=ckpt_dir, monitor="cls_val_auc", mode="max", save_top_k=1)
-            callbacks = [best, EarlyStopping(monitor="cls_val_auc", mode="max", patience=tp.early_stopping_patience)]
+            best = ModelCheckpoint(dirpath=ckpt_dir, monitor="cls_val_loss", mode="min", save_top_k=1)
+            callbacks = [best, EarlyStopping(monitor="cls_val_loss", mode="min", patience=tp.early_stopping_patience)]
         _trainer(tp.max_epochs, tp.accelerator, len(va) > 0, callbacks).fit(
             module,
             DataLoader(train_ds, batch_size=tp.batch_size, shuffle=True, num_workers=tp.num_workers,

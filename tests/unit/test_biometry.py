@@ -53,3 +53,4 @@ def test_empty_mask_gives_nan():
 
 def test_ramanujan_perimeter_of_a_circle():
     assert B.ellipse_perimeter(10, 10) == pytest.approx(2 * math.pi * 10)
+

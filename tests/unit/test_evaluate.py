@@ -1,0 +1,45 @@
+"""Evaluation helpers: operating point, overlap, calibration."""
+
+import numpy as np
+import pytest
+
+from pipelines.evaluate import (
+    binary_metrics,
+    dice_per_image,
+    expected_calibration_error,
+    operating_threshold,
+    subgroup_metrics,
+)
+
+
+def test_operating_threshold_reaches_the_target_on_its_own_data():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(40), np.zeros(60)].astype(int)
+    p = np.r_[rng.beta(5, 2, 40), rng.beta(2, 5, 60)]
+    thr = operating_threshold(y, p, 0.95)
+    assert binary_metrics(y, p, thr)["sensitivity"] >= 0.95
+    assert operating_threshold(np.zeros(5, int), np.linspace(0, 1, 5), 0.95) == 0.5
+
+
+def test_dice_per_image():
+    a = np.zeros((2, 4, 4), np.uint8)
+    b = np.zeros((2, 4, 4), np.uint8)
+    a[0, :2] = 1
+    b[0, :1] = 1
+    d = dice_per_image(a, b, 1)
+    assert d[0] == pytest.approx(2 * 4 / (8 + 4)) and np.isnan(d[1])
+
+
+def test_calibration_error_of_a_calibrated_and_a_bad_model():
+    rng = np.random.default_rng(1)
+    p = rng.random(20000)
+    y = (rng.random(20000) < p).astype(int)
+    assert expected_calibration_error(y, p) < 0.02
+    assert expected_calibration_error(y, np.full_like(p, 0.99)) > 0.4
+
+
+def test_subgroups_report_each_value():
+    y = np.array([0, 1, 0, 1])
+    p = np.array([0.1, 0.9, 0.2, 0.8])
+    rows = subgroup_metrics(y, p, 0.5, {"site": np.array(["a", "a", "b", "b"])})
+    assert [(r["value"], r["n"], r["auc"]) for r in rows] == [("a", 2, 1.0), ("b", 2, 1.0)]
