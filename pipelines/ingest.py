@@ -225,7 +225,7 @@ class Ingestor:
             raise RowError("bad_ga_weeks", "ga_weeks is empty")
         label = (row.get("label") or "").strip().lower()
         if label and label not in LABELS:
-            raise RowError("bad_label", f"label {label!r} is not one of {LABELS}")
+            raise RowError("bad_label", f"label is not one of {LABELS}")  # the value itself may be free text
         frame_raw = (row.get("frame") or "").strip() or "0"
         frame = int(frame_raw) if frame_raw.isdigit() else -1
         if not 0 <= frame < scan.frames.shape[0]:
