@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from flows.workspace import find_root, prepare_environment
-from pipelines.config import ConfigError, Params, load_params
+from pipelines.config import MODELS, ConfigError, Params, load_params
 
 EXIT_FAIL = 1
 
@@ -233,6 +233,11 @@ def cmd_serve(a: argparse.Namespace, root: Path) -> int:
 
 # -- parser -----------------------------------------------------------------------------------
 
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                        help="override a params.yaml value for this run (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cbh", description="Cerebellar hypoplasia from fetal ultrasound: "
                                  "de-identify, validate, train, register, promote, predict.")
@@ -255,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="write the results as JSON to this file")
     s.set_defaults(fn=cmd_validate)
     s = sub.add_parser("train", help="train, evaluate, log to MLflow and register a 'challenger'")
-    s.add_argument("--model", help="asc | asc-ga | image-only (default: params.yaml train.model)")
-    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a params.yaml value")
+    s.add_argument("--model", choices=MODELS, help="default: params.yaml train.model")
+    _add_overrides(s)
     s.set_defaults(fn=cmd_train)
     s = sub.add_parser("promote", help="gate the challenger against the champion")
     g = s.add_mutually_exclusive_group()
@@ -276,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_predict)
     s = sub.add_parser("retrain", help="the whole Prefect flow: ingest, validate, version, train, promote")
     s.add_argument("--cohort", help="a hospital export to add to the data store first")
-    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a params.yaml value")
+    _add_overrides(s)
     s.set_defaults(fn=cmd_retrain)
     s = sub.add_parser("schedule", help="register the retraining flow on a schedule / list deployments")
     s.add_argument("--cron")
