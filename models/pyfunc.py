@@ -26,10 +26,9 @@ class InputError(ValueError):
 
 def decode_image(payload: str, spacing_mm: Any) -> list[tuple[np.ndarray, np.ndarray, tuple[float, float]]]:
     """Frames (grey, valid region, spacing) of a base64 PNG/JPEG or DICOM file."""
-    import cv2
     import pydicom
 
-    from pipelines.deid import frames_rgb_or_grey, pixel_spacing_mm, region_mask, regions
+    from pipelines.deid import decode_raster, frames_rgb_or_grey, pixel_spacing_mm, region_mask, regions
     from pipelines.preprocess import to_grey
 
     try:
@@ -48,11 +47,9 @@ def decode_image(payload: str, spacing_mm: Any) -> list[tuple[np.ndarray, np.nda
         spacing = spacing or _spacing(spacing_mm)
         valid = region_mask(arr.shape[1:3], regions(ds))
         return [(to_grey(f), valid, spacing) for f in arr]
-    img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
+    img = decode_raster(raw)
     if img is None:
         raise InputError("image is neither a DICOM file nor a decodable PNG/JPEG")
-    if img.ndim == 3:
-        img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2RGB)
     spacing = _spacing(spacing_mm)
     if spacing is None:
         raise InputError("pixel_spacing_mm is required for PNG/JPEG input")

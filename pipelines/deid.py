@@ -14,10 +14,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -47,6 +49,31 @@ REGION_KEEP = (
 )
 UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
 DATES = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
+
+
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def profile_record() -> dict[str, object]:
+    """The profile and options applied, as every de-identification report states them."""
+    return {"profile": PROFILE, "options": [m for _, m in OPTIONS[1:]], "codes": [c for c, _ in OPTIONS]}
+
+
+def decode_raster(data: bytes) -> np.ndarray | None:
+    """PNG/JPEG bytes as pixels (grey, or RGB in that order), None if they do not decode."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is not None and img.ndim == 3:
+        img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2RGB)
+    return img
+
+
+def sidecar_spacing_mm(path: Path) -> tuple[float, float] | None:
+    """(row, col) spacing in mm from the SCAN.json beside a PNG/JPEG; None if missing or invalid."""
+    try:
+        row, col = (float(v) for v in json.loads(path.with_suffix(".json").read_text())["pixel_spacing_mm"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (row, col) if row > 0 and col > 0 else None
 
 
 class DeidError(Exception):

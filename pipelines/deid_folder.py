@@ -17,8 +17,6 @@ import cv2
 
 from pipelines import deid as D
 
-RASTER = (".png", ".jpg", ".jpeg")
-
 
 def _is_dicom(path: Path) -> bool:
     if path.suffix.lower() == ".dcm":
@@ -36,7 +34,7 @@ def deid_folder(src: Path, dst: Path, pseudo: D.Pseudonymizer, link: Path | None
         raise FileNotFoundError(f"{src}: source folder not found")
     if link is not None and dst.resolve() in link.resolve().parents:
         raise ValueError(f"{link}: the link file must not be written inside {dst}")
-    files = sorted(p for p in src.rglob("*") if p.is_file() and (p.suffix.lower() in RASTER or _is_dicom(p)))
+    files = sorted(p for p in src.rglob("*") if p.is_file() and (p.suffix.lower() in D.RASTER_SUFFIXES or _is_dicom(p)))
     dst.mkdir(parents=True, exist_ok=True)
     reasons: Counter[str] = Counter()
     links: list[tuple[str, str]] = []
@@ -49,8 +47,7 @@ def deid_folder(src: Path, dst: Path, pseudo: D.Pseudonymizer, link: Path | None
         if progress:
             progress(i, len(files))
     report = {"inputs": len(files), "deidentified": len(links), "quarantined": sum(reasons.values()),
-              "reasons": dict(reasons), "profile": D.PROFILE, "options": [m for _, m in D.OPTIONS[1:]],
-              "codes": [c for c, _ in D.OPTIONS],
+              "reasons": dict(reasons), **D.profile_record(),
               "raster_note": "PNG/JPEG re-encoded from pixels only (no metadata); no region to clean"}
     (dst / "deid-report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     if link is not None:
@@ -63,7 +60,7 @@ def deid_folder(src: Path, dst: Path, pseudo: D.Pseudonymizer, link: Path | None
 
 
 def _one(path: Path, dst: Path, pseudo: D.Pseudonymizer) -> Path:
-    if path.suffix.lower() in RASTER:
+    if path.suffix.lower() in D.RASTER_SUFFIXES:
         img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if img is None:
             raise D.DeidError("unreadable_image", "image cannot be decoded")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import hashlib
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,15 +140,15 @@ class Ingestor:
         self.name = cohort_name(cohort)
         self._scans: dict[Path, _Scan | D.DeidError] = {}
 
-    def _load(self, path: Path, csv_patient: str) -> _Scan:
+    def _load(self, path: Path) -> _Scan:
         if path in self._scans:
             cached = self._scans[path]
             if isinstance(cached, D.DeidError):
                 raise cached
             return cached
         try:
-            scan = self._load_dicom(path) if path.suffix.lower() not in (".png", ".jpg", ".jpeg") \
-                else self._load_raster(path, csv_patient)
+            scan = self._load_raster(path) if path.suffix.lower() in D.RASTER_SUFFIXES \
+                else self._load_dicom(path)
         except D.DeidError as exc:
             self._scans[path] = exc
             raise
@@ -167,20 +166,16 @@ class Ingestor:
         return _Scan(self.pseudo.image("dicom:" + str(ds.SOPInstanceUID)), header_pid, frames,
                      spacing, photometric, "dicom", dataset=ds)
 
-    def _load_raster(self, path: Path, csv_patient: str) -> _Scan:
-        side = path.with_suffix(".json")
-        try:
-            spacing = tuple(float(v) for v in json.loads(side.read_text())["pixel_spacing_mm"])
-            assert len(spacing) == 2 and min(spacing) > 0
-        except (OSError, ValueError, KeyError, TypeError, AssertionError):
-            raise D.DeidError("no_pixel_spacing", f"sidecar {side.name} with pixel_spacing_mm "
-                              "[row, col] is missing or invalid") from None
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    def _load_raster(self, path: Path) -> _Scan:
+        spacing = D.sidecar_spacing_mm(path)
+        if spacing is None:
+            raise D.DeidError("no_pixel_spacing", f"sidecar {path.with_suffix('.json').name} with "
+                              "pixel_spacing_mm [row, col] is missing or invalid")
+        data = path.read_bytes()
+        img = D.decode_raster(data)
         if img is None:
             raise D.DeidError("unreadable_image", "image cannot be decoded")
-        if img.ndim == 3:
-            img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2RGB)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = hashlib.sha256(data).hexdigest()
         return _Scan(self.pseudo.image("raster:" + digest), "", img[None], spacing,
                      "RGB" if img.ndim == 3 else "MONOCHROME2", "png")
 
@@ -213,7 +208,7 @@ class Ingestor:
         if not path.is_file():
             raise RowError("file_not_found", "image file not found")
         csv_pid = (row.get("patient_id") or "").strip()
-        scan = self._load(path, csv_pid)
+        scan = self._load(path)
         if scan.raw_patient and csv_pid and scan.raw_patient != csv_pid:
             raise RowError("patient_id_mismatch", "patient_id in annotations.csv differs from the DICOM PatientID")
         raw_patient = csv_pid or scan.raw_patient
@@ -309,9 +304,7 @@ def report(result: IngestResult, max_shift_days: int) -> dict[str, Any]:
         "deidentified": len(result.manifest),
         "quarantined": len(result.quarantine),
         "reasons": result.reasons,
-        "profile": D.PROFILE,
-        "options": [m for _, m in D.OPTIONS[1:]],
-        "codes": [c for c, _ in D.OPTIONS],
+        **D.profile_record(),
         "date_shift": f"per patient, keyed, within +/-{max_shift_days} days",
         "pseudonyms": "HMAC-SHA256 with the secret key",
     }

@@ -16,6 +16,7 @@ import mlflow.pyfunc
 import numpy as np
 
 from models.pyfunc import OUTPUT_COLUMNS
+from pipelines.deid import RASTER_SUFFIXES, pixel_spacing_mm, sidecar_spacing_mm
 from pipelines.preprocess import PreprocessError, load_frame, unwarp
 
 COLUMNS = OUTPUT_COLUMNS + ["overlay"]
@@ -26,17 +27,10 @@ class PredictInputError(ValueError):
 
 
 def _spacing(path: Path) -> tuple[float, float] | None:
-    import json
-
     import pydicom
 
-    from pipelines.deid import pixel_spacing_mm
-    if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
-        side = path.with_suffix(".json")
-        if side.is_file():
-            v = json.loads(side.read_text())["pixel_spacing_mm"]
-            return float(v[0]), float(v[1])
-        return None
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        return sidecar_spacing_mm(path)
     return pixel_spacing_mm(pydicom.dcmread(path, stop_before_pixels=True))
 
 
@@ -51,7 +45,7 @@ def _inputs(inp: Path, ga_default: float | None, use_masks: bool) -> list[tuple[
         return out
     if ga_default is None:
         raise PredictInputError("--ga-weeks is required when INPUT is not a cohort folder with annotations.csv")
-    suffixes = (".dcm", ".png", ".jpg", ".jpeg")
+    suffixes = (".dcm", *RASTER_SUFFIXES)
     files = [inp] if inp.is_file() else sorted(p for p in inp.rglob("*") if p.suffix.lower() in suffixes)
     if not files:
         raise FileNotFoundError(f"{inp}: no DICOM/PNG/JPEG input found")

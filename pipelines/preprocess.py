@@ -18,7 +18,7 @@ import numpy as np
 import pydicom
 from numpy.typing import NDArray
 
-from pipelines.deid import frames_rgb_or_grey, region_mask, regions
+from pipelines.deid import RASTER_SUFFIXES, decode_raster, frames_rgb_or_grey, region_mask, regions
 
 
 class PreprocessError(ValueError):
@@ -70,12 +70,10 @@ def to_grey(pixels: NDArray) -> NDArray[np.float32]:
 
 def load_frame(path: Path, frame: int) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
     """A grey frame and the mask of where ultrasound data lies (the regions, else everywhere)."""
-    if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        img = decode_raster(path.read_bytes())
         if img is None:
             raise PreprocessError(f"{path}: image cannot be decoded")
-        if img.ndim == 3:
-            img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2RGB)
         grey = to_grey(img)
         return grey, np.ones(grey.shape, bool)
     ds = pydicom.dcmread(path)
