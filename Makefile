@@ -24,17 +24,26 @@ $(VENV)/.installed: pyproject.toml
 	@$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]' 2> >(grep -v '^WARNING: Location' >&2)
 	@touch $@
 
+## browser: Debian's chromium for the tests that open reports headless (apt; needs root or sudo)
+browser:
+	@command -v chromium > /dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing Debian's chromium (reports are checked in a headless browser)"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium > /dev/null 2>&1 || { \
+	    $$SUDO apt-get update -q > /dev/null && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium > /dev/null; }; }
+
 ## demo: synthesise a cohort and run the whole retrain flow on it (ingest .. promote)
 demo: setup
 	@test -f $(DEMO_COHORT)/annotations.csv || $(BIN)/cbh synth $(DEMO_COHORT)
 	@CBH_DEMO=1 $(BIN)/cbh retrain --cohort $(DEMO_COHORT)
 
 ## test: the fast test suite (under 10 minutes)
-test: setup
+test: setup browser
 	$(BIN)/pytest -m "not slow" -q
 
 ## test-full: every test, the slow ones included
-test-full: setup
+test-full: setup browser
 	$(BIN)/pytest -q
 
 ## ui: MLflow UI (127.0.0.1:5000) and Prefect UI (127.0.0.1:4200) in the background
@@ -64,4 +73,4 @@ lint: setup
 clean-workspace:
 	rm -rf data mlflow.db mlartifacts .prefect .dvcstore dvc.lock expectations/gx/uncommitted
 
-.PHONY: help setup demo test test-full ui ui-down repro lint clean-workspace
+.PHONY: help setup browser demo test test-full ui ui-down repro lint clean-workspace

@@ -114,7 +114,10 @@ def cmd_stage(a: argparse.Namespace, root: Path) -> int:
     elif a.name == "split":
         print(stages.split(params, root))
     elif a.name == "train":
-        out = stages.train(params, root)
+        info = stages.train(params, root)
+        print(f"trained {info['model']}: operating threshold {info['threshold']:.3f}, images {info['images']}")
+    elif a.name == "evaluate":
+        out = stages.evaluate(params, root)
         print(f"registered version {out.version}: test AUC {out.metrics['test_auc']:.3f}")
     return 0
 
@@ -124,7 +127,8 @@ def cmd_train(a: argparse.Namespace, root: Path) -> int:
 
     overrides = list(a.set or []) + ([f"train.model={a.model}"] if a.model else [])
     params = _params(root, overrides)
-    out = stages.train(params, root, progress=_progress("preparing"))
+    stages.train(params, root, progress=_progress("preparing"))
+    out = stages.evaluate(params, root)
     m = out.metrics
     print(f"run {out.run_id}: {params.train.model}, test AUC {m['test_auc']:.3f} "
           f"[{m['test_auc_ci_low']:.3f}, {m['test_auc_ci_high']:.3f}], sensitivity {m['test_sensitivity']:.3f}, "
@@ -134,20 +138,44 @@ def cmd_train(a: argparse.Namespace, root: Path) -> int:
 
 
 def cmd_promote(a: argparse.Namespace, root: Path) -> int:
+    from flows import stages
     from pipelines import promote, tracking
 
     params = _params(root)
-    audit = root / params.paths.data / "audit" / "promotions.jsonl"
+    audit = root / params.paths.audit
     if a.history:
         for rec in promote.history(audit):
             print(f"{rec['time']}  {rec['action']:8s} {rec['decision']:11s} challenger={rec['challenger']} "
                   f"champion={rec['champion']}  {rec['reason']}  ({rec['user']})")
+        broken = promote.verify_trail(audit)
+        if broken:
+            print(f"cbh promote: {audit}: the hash chain breaks at line(s) {broken}: the trail was edited",
+                  file=sys.stderr)
+            return EXIT_FAIL
+        print(f"{len(promote.history(audit))} records; hash chain intact ({audit})")
         return 0
     tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
-    d = promote.rollback(params.promote.model_name, audit) if a.rollback else \
-        promote.promote(params.promote.model_name, params.promote, audit)
+    d = promote.rollback(params.promote.model_name, audit) if a.rollback else stages.promote(params, root)
     print(f"{d.decision}: {d.reason}; champion is version {d.champion}")
     return 0 if d.decision != "rejected" else 3
+
+
+def cmd_lineage(a: argparse.Namespace, root: Path) -> int:
+    from pipelines import lineage, tracking
+
+    params = _params(root)
+    tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
+    version, tags = lineage.describe(params.promote.model_name, a.version or a.alias)
+    print(f"{params.promote.model_name} version {version.version} (run {version.run_id})")
+    for key in sorted(tags):
+        if key.startswith(("git.", "data.", "deid.", "params.", "pkg.", "model.")):
+            print(f"  {key:26s} {tags[key]}")
+    if a.restore:
+        written = lineage.restore(version.run_id, root)
+        print(f"restored {', '.join(written)} from the run; `dvc pull --with-deps train` now brings back the data "
+              f"and weights it evaluated, and `dvc repro` rebuilds what differs; its code is git commit "
+              f"{tags.get('git.commit', '?')[:12]}")
+    return 0
 
 
 def cmd_compare(a: argparse.Namespace, root: Path) -> int:
@@ -155,7 +183,7 @@ def cmd_compare(a: argparse.Namespace, root: Path) -> int:
 
     params = _params(root)
     tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
-    html, md = report.compare_runs(a.run_ids, Path(a.out))
+    html, md = report.compare_runs(a.run_ids, Path(a.out), audit=root / params.paths.audit)
     print(f"comparison written to {html} and {md}")
     return 0
 
@@ -176,7 +204,7 @@ def cmd_retrain(a: argparse.Namespace, root: Path) -> int:
     from flows.retrain import retrain_flow
 
     t0 = time.monotonic()
-    summary = retrain_flow(workspace=str(root), cohort=a.cohort, overrides=a.set or [])
+    summary = retrain_flow(workspace=str(root), cohort=a.cohort)
     _print_summary(summary, _params(root), time.monotonic() - t0)
     return 0
 
@@ -268,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--history", action="store_true", help="print the promotion audit trail")
     g.add_argument("--rollback", action="store_true", help="restore the previous champion")
     s.set_defaults(fn=cmd_promote)
+    s = sub.add_parser("lineage", help="the code, data, parameters and environment behind a model version")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--alias", default="champion", help="registry alias (default: champion)")
+    g.add_argument("--version", help="a model version number")
+    s.add_argument("--restore", action="store_true",
+                   help="write the version's dvc.lock and params.yaml into the workspace (then dvc pull / repro)")
+    s.set_defaults(fn=cmd_lineage)
     s = sub.add_parser("compare", help="write a reviewer report comparing MLflow runs")
     s.add_argument("run_ids", nargs="*", help="runs to compare (default: the latest run of each model)")
     s.add_argument("--out", default="reports", help="output folder (default: reports)")
@@ -279,9 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--use-masks", action="store_true", help="use the cohort's annotated masks (as in the paper)")
     s.add_argument("--ga-weeks", type=float, help="GA for inputs that are not a cohort")
     s.set_defaults(fn=cmd_predict)
-    s = sub.add_parser("retrain", help="the whole Prefect flow: ingest, validate, version, train, promote")
+    s = sub.add_parser("retrain", help="the whole Prefect flow: ingest, validate, split, train, evaluate, "
+                       "version (DVC), promote, review report; reads params.yaml as it is")
     s.add_argument("--cohort", help="a hospital export to add to the data store first")
-    _add_overrides(s)
     s.set_defaults(fn=cmd_retrain)
     s = sub.add_parser("schedule", help="register the retraining flow on a schedule / list deployments")
     s.add_argument("--cron")
@@ -292,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=5001)
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("stage", help="run one dvc.yaml stage (what `dvc repro` calls)")
-    s.add_argument("name", choices=["ingest", "validate", "split", "train"])
+    s.add_argument("name", choices=["ingest", "validate", "split", "train", "evaluate"])
     s.set_defaults(fn=cmd_stage)
     return ap
 

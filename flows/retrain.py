@@ -1,4 +1,5 @@
-"""The retraining flow: ingest -> validate -> split -> version (DVC) -> train -> promote.
+"""The retraining flow: ingest -> validate -> split -> train -> evaluate (each versioned
+with DVC) -> push -> promote -> reviewer report.
 
 Thin Prefect tasks around flows/stages.py; the flow stops before training when the data
 contract has a critical failure. Import this module only after
@@ -58,8 +59,16 @@ def version_task(root: Path, names: tuple[str, ...]) -> None:
 
 
 @task(name="train", timeout_seconds=3 * 3600)
-def train_task(params: Params, root: Path) -> stages.TrainOutcome:
-    out = stages.train(params, root)
+def train_task(params: Params, root: Path) -> dict[str, Any]:
+    info = stages.train(params, root)
+    get_run_logger().info("trained %s on %s images; operating threshold %.3f",
+                          info["model"], info["images"], info["threshold"])
+    return info
+
+
+@task(name="evaluate", timeout_seconds=3600)
+def evaluate_task(params: Params, root: Path) -> stages.TrainOutcome:
+    out = stages.evaluate(params, root)
     get_run_logger().info("registered version %s (run %s): test AUC %.3f, Dice %.3f",
                           out.version, out.run_id, out.metrics["test_auc"], out.metrics["test_dice_cerebellum"])
     return out
@@ -67,11 +76,22 @@ def train_task(params: Params, root: Path) -> stages.TrainOutcome:
 
 @task(name="promote")
 def promote_task(params: Params, root: Path) -> dict[str, Any]:
-    from pipelines.promote import promote
-
-    d = promote(params.promote.model_name, params.promote, root / params.paths.data / "audit" / "promotions.jsonl")
+    d = stages.promote(params, root)
     get_run_logger().info("promotion: %s (%s)", d.decision, d.reason)
     return {"decision": d.decision, "reason": d.reason, "champion": d.champion}
+
+
+@task(name="review-report", retries=1, retry_delay_seconds=5)
+def report_task(params: Params, root: Path, run_id: str) -> str:
+    """The reviewer report (latest run of each model, promotion history), attached to the
+    Prefect flow run as an artifact and to the MLflow run."""
+    from pipelines import report
+
+    html, md = report.compare_runs([], root / "reports" / run_id[:12], audit=root / params.paths.audit)
+    report.attach_to_run(run_id, html, md)
+    create_markdown_artifact(key="review-report", description="cbh compare: the latest run of each model",
+                             markdown=md.read_text(encoding="utf-8") + f"\n\nHTML report: `{html}`")
+    return str(html)
 
 
 @task(name="push-data", retries=2, retry_delay_seconds=5)
@@ -80,10 +100,14 @@ def push_task(root: Path) -> int:
 
 
 @flow(name="cbh-retrain", log_prints=True)
-def retrain_flow(workspace: str = ".", cohort: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """The whole retraining run; returns a summary for the command line."""
+def retrain_flow(workspace: str = ".", cohort: str | None = None) -> dict[str, Any]:
+    """The whole retraining run; returns a summary for the command line.
+
+    It reads params.yaml as it is (no overrides): dvc.lock records the parameters of every
+    stage from that file, so a run with values the file does not hold would break lineage.
+    """
     root = Path(workspace).resolve()
-    params = load_params(root / "params.yaml", overrides or [])
+    params = load_params(root / "params.yaml")
     from flows.workspace import ensure_workspace
 
     ensure_workspace(root, params)
@@ -95,13 +119,16 @@ def retrain_flow(workspace: str = ".", cohort: str | None = None, overrides: lis
                                 f"(see {params.paths.validation} and the Data Docs)")
     split_summary = split_task(params, root)
     version_task(root, ("ingest", "validate", "split"))
-    outcome = train_task(params, root)
+    train_task(params, root)
     version_task(root, ("train",))
+    outcome = evaluate_task(params, root)
+    version_task(root, ("evaluate",))
     pushed = push_task(root)
     decision = promote_task(params, root)
+    report = report_task(params, root, outcome.run_id)
     summary = {"ingest": ingest_rep, "contract": contract, "split": split_summary,
                "run_id": outcome.run_id, "version": outcome.version, "metrics": outcome.metrics,
-               "promotion": decision, "dvc_pushed": pushed}
+               "promotion": decision, "dvc_pushed": pushed, "report": report}
     create_markdown_artifact(key="retrain-summary", description="cbh retrain",
                              markdown="```json\n" + json.dumps(summary, indent=2, default=str) + "\n```")
     return summary

@@ -4,11 +4,13 @@ does the I/O of its declared dependencies and outputs in dvc.yaml."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -121,48 +123,116 @@ class TrainOutcome:
     metrics: dict[str, float]
 
 
-def train(params: Params, root: Path, progress: Progress = None) -> TrainOutcome:
-    """Train, evaluate on the frozen test set, log to MLflow, register a `challenger`."""
-    from pipelines import tracking
-    from pipelines.train import evaluate_models, prepare, train_models
-
+def _quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):   # lightning sets INFO on import
         logging.getLogger(name).setLevel(logging.WARNING)
 
-    dataset = pq.read_table(root / params.paths.dataset).to_pandas()
-    data = prepare(dataset, root, params.preprocess.size, params.preprocess.crop_margin, progress)
+
+def _prepared(params: Params, root: Path, progress: Progress = None):
+    from pipelines.train import prepare_cached
+
+    return prepare_cached(root / params.paths.dataset, root, params.preprocess.size,
+                          params.preprocess.crop_margin, root / params.paths.cache, progress)
+
+
+def train(params: Params, root: Path, progress: Progress = None) -> dict[str, Any]:
+    """Fit the segmenter and the classifier, choose the operating point on validation, save
+    the weights (the `train` stage's output)."""
+    from pipelines.train import train_models
+
+    _quiet_lightning()
+    data = _prepared(params, root, progress)
     for split_name in ("train", "test"):
         labels = set(data.frame.loc[data.frame["split"] == split_name, "label"])
         if labels != {"normal", "hypoplasia"}:
             raise StageError(f"{params.paths.dataset}: the {split_name} split lacks a class "
                              f"(has {sorted(labels)}); add cases before training")
     predictor = train_models(data, params)
-    predictor, evaluation = evaluate_models(predictor, data, params)
-    metrics = evaluation.metrics
     model_dir = root / params.paths.model_dir
     shutil.rmtree(model_dir, ignore_errors=True)
     predictor.save(model_dir)
-    (root / params.paths.metrics).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    info = {"model": params.train.model, "threshold": predictor.cfg.threshold,
+            "images": {s: int((data.frame["split"] == s).sum()) for s in ("train", "val", "test")},
+            "excluded_unfittable": sorted(data.failed)}
+    (model_dir / "training.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+    return info
+
+
+def evaluate(params: Params, root: Path, progress: Progress = None) -> TrainOutcome:
+    """Evaluate the trained weights on the frozen test set, write metrics and plots (the
+    `evaluate` stage's outputs), log the run with its lineage to MLflow and register the
+    model as `challenger`."""
+    import pandas as pd
+
+    from pipelines import lineage, tracking
+    from pipelines.inference import Predictor
+    from pipelines.synth import example_png
+    from pipelines.train import evaluate_models
+
+    _quiet_lightning()
+    model_dir = root / params.paths.model_dir
+    if not (model_dir / "config.json").is_file():
+        raise StageError(f"{params.paths.model_dir}: no trained model; run the train stage first")
+    data = _prepared(params, root, progress)
+    evaluation = evaluate_models(Predictor.load(model_dir), data, params)
+    metrics = evaluation.metrics
+    dataset = pq.read_table(root / params.paths.dataset).to_pandas()
+    summary = {"split": split_summary(dataset), "excluded_unfittable": len(data.failed),
+               "subgroups": evaluation.subgroups}
+    (root / params.paths.metrics).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    (root / params.paths.evaluation).write_text(json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")
+    plots = root / params.paths.plots
+    shutil.rmtree(plots, ignore_errors=True)
+    plots.mkdir(parents=True)
+    for name, table in evaluation.tables.items():
+        table.to_csv(plots / f"{name}.csv", index=False)
+
     tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
-    tags = {**tracking.git_lineage(root), **data_versions(root, params),
-            "model.kind": params.train.model, "deid.profile": "PS3.15 basic + clean pixels, "
-            "modified dates, device identity"}
-    run_id, version = tracking.log_training_run(
-        params_flat=params.flat(), metrics=metrics, tags=tags, weights_dir=model_dir,
-        model_name=params.promote.model_name, run_name=f"{params.train.model}", figures=evaluation.figures,
-        extra={"split": split_summary(dataset), "excluded_unfittable": len(data.failed),
-               "subgroups": evaluation.subgroups})
+    tags = {**lineage.collect(root, params), "model.kind": params.train.model}
+    frozen = pq.read_table(root / params.paths.frozen_test).to_pandas()
+    remote = str((root / params.paths.dvc_remote).resolve())
+    inputs = [
+        tracking.DatasetRecord(dataset, "dataset", tags["data.dataset_md5"],
+                               f"{remote}#{params.paths.dataset}", "training"),
+        tracking.DatasetRecord(frozen, "frozen_test", tags["data.frozen_test_md5"],
+                               f"{remote}#{params.paths.frozen_test}", "test"),
+    ]
+    png, spacing = example_png()
+    example = pd.DataFrame({"image": [base64.b64encode(png).decode()], "ga_weeks": [24.0],
+                            "pixel_spacing_mm": [spacing]})
+    with tempfile.TemporaryDirectory(prefix="cbh-lineage-") as tmp:
+        run_id, version = tracking.log_training_run(
+            params_flat=params.flat(), metrics=metrics, tags=tags, weights_dir=model_dir,
+            model_name=params.promote.model_name, run_name=f"{params.train.model}", figures=evaluation.figures,
+            extra=summary, tables=evaluation.tables, inputs=inputs,
+            lineage_dir=lineage.artifacts(root, params, Path(tmp)), input_example=example)
     return TrainOutcome(run_id, version, metrics)
 
 
-def data_versions(root: Path, params: Params) -> dict[str, str]:
-    """md5 of the dataset and frozen test set, as DVC records them (lineage tags)."""
-    import hashlib
-    out = {}
-    for key, rel in (("data.dataset_md5", params.paths.dataset), ("data.frozen_test_md5", params.paths.frozen_test)):
-        path = root / rel
-        out[key] = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else "none"
-    return out
+def promote(params: Params, root: Path):
+    """`cbh promote`: the gate, with the champion re-scored on the current frozen test set
+    when it was evaluated on another version of it."""
+    from pipelines import lineage
+    from pipelines import promote as gatekeeper
+
+    frozen = root / params.paths.frozen_test
+    current = lineage.md5_file(frozen) if frozen.is_file() else None
+
+    def reevaluate(version: str) -> dict[str, float]:
+        import matplotlib.pyplot as plt
+        import mlflow
+
+        from pipelines.inference import Predictor
+        from pipelines.train import evaluate_models
+
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{params.promote.model_name}/{version}"))
+        metrics = evaluate_models(Predictor.load(local / "artifacts" / "weights"), _prepared(params, root),
+                                  params).metrics
+        plt.close("all")
+        return metrics
+
+    return gatekeeper.promote(params.promote.model_name, params.promote, root / params.paths.audit,
+                              current, reevaluate)
 
 
 def dvc_commit(root: Path, stages: tuple[str, ...]) -> None:
@@ -181,5 +251,5 @@ def dvc_push(root: Path) -> int:
         return int(repo.push() or 0)
 
 
-__all__ = ["add_cohort", "ingest", "validate", "split", "train", "dvc_commit", "dvc_push",
+__all__ = ["add_cohort", "ingest", "validate", "split", "train", "evaluate", "promote", "dvc_commit", "dvc_push",
            "StageError", "CohortError"]

@@ -30,6 +30,10 @@ class Paths:
     frozen_test: str
     model_dir: str
     metrics: str
+    evaluation: str
+    plots: str
+    audit: str
+    cache: str
     gx_root: str
     key_file: str
     dvc_remote: str
@@ -116,6 +120,8 @@ class PromoteParams:
     min_auc: float
     min_sensitivity: float
     auc_margin: float
+    max_ece: float
+    require_valid_data: bool
     model_name: str
 
 

@@ -1,8 +1,10 @@
 """Champion/challenger promotion through a gate, with an audit trail.
 
 The decision is recorded on the challenger's model version (tags `promotion.decision`,
-`promotion.reason`) and appended to a JSON-lines audit trail. Aliases are moved under a
-file lock so two promotions at once cannot interleave.
+`promotion.reason`), on its MLflow run (`promotion/decision-*.json`) and appended to a
+JSON-lines audit trail whose records are hash-chained (each names the SHA-256 of the line
+before it), so an edited or deleted record shows. Aliases are moved under a file lock so
+two promotions at once cannot interleave.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import getpass
+import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -38,6 +41,9 @@ class Decision:
     champion: str | None
     metrics: dict[str, float]
     thresholds: dict[str, float]
+    model: str = ""
+    champion_metrics: dict[str, float] | None = None
+    prev: str = ""              # SHA-256 of the previous line of the trail ("" for the first)
 
 
 def _version(client: MlflowClient, name: str, alias: str):
@@ -52,9 +58,11 @@ def _metrics(client: MlflowClient, mv) -> dict[str, float]:
 
 
 def gate(challenger: dict[str, float], champion: dict[str, float] | None, p: PromoteParams,
-         same_test_set: bool) -> tuple[bool, str]:
+         same_test_set: bool, data_validation: str = "passed") -> tuple[bool, str]:
     """The promotion rule; returns (passed, reason)."""
     auc, sens = challenger.get("test_auc", float("nan")), challenger.get("test_sensitivity", float("nan"))
+    if p.require_valid_data and data_validation != "passed":
+        return False, f"the training data did not pass the data contract (validation: {data_validation})"
     if not auc >= p.min_auc:
         return False, f"test AUC {auc:.3f} is below the floor {p.min_auc:.3f}"
     if champion is None:
@@ -63,6 +71,9 @@ def gate(challenger: dict[str, float], champion: dict[str, float] | None, p: Pro
         return True, f"no champion yet; AUC {auc:.3f} passes the floor (sensitivity {sens:.3f})"
     if not sens >= p.min_sensitivity:
         return False, f"test sensitivity {sens:.3f} is below the floor {p.min_sensitivity:.3f}"
+    ece = challenger.get("test_ece", float("nan"))
+    if not ece <= p.max_ece:
+        return False, f"test calibration error {ece:.3f} is above the bound {p.max_ece:.3f}"
     if not same_test_set:
         return False, "champion was evaluated on another frozen test set; re-evaluate before comparing"
     ref = champion.get("test_auc", float("nan"))
@@ -82,14 +93,49 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _record(audit: Path, d: Decision) -> None:
+def _last_line_hash(audit: Path) -> str:
+    if not audit.is_file():
+        return ""
+    lines = [ln for ln in audit.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return hashlib.sha256(lines[-1].encode()).hexdigest() if lines else ""
+
+
+def _record(audit: Path, d: Decision) -> Decision:
     audit.parent.mkdir(parents=True, exist_ok=True)
+    d = Decision(**{**asdict(d), "prev": _last_line_hash(audit)})
     with audit.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(asdict(d), sort_keys=True) + "\n")
+    return d
 
 
-def promote(name: str, p: PromoteParams, audit: Path) -> Decision:
-    """Compare challenger with champion; move `champion` only if the gate passes."""
+def verify_trail(audit: Path) -> list[int]:
+    """Line numbers (1-based) whose hash link to the line before is broken."""
+    if not audit.is_file():
+        return []
+    lines = [ln for ln in audit.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    broken, prev = [], ""
+    for i, line in enumerate(lines, 1):
+        try:
+            ok = json.loads(line).get("prev", "") == prev
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:
+            broken.append(i)
+        prev = hashlib.sha256(line.encode()).hexdigest()
+    return broken
+
+
+Reevaluate = Callable[[str], dict[str, float]]
+
+
+def promote(name: str, p: PromoteParams, audit: Path, current_test_md5: str | None = None,
+            reevaluate: Reevaluate | None = None) -> Decision:
+    """Compare challenger with champion; move `champion` only if the gate passes.
+
+    Both must have been evaluated on the same frozen test set version. If the champion was
+    evaluated on another one and the challenger on the workspace's current one
+    (`current_test_md5`), `reevaluate(version)` scores the champion on it first.
+    """
     client = MlflowClient()
     with _locked(audit.with_suffix(".lock")):
         chal = _version(client, name, "challenger")
@@ -97,22 +143,35 @@ def promote(name: str, p: PromoteParams, audit: Path) -> Decision:
             raise PromotionError(f"registered model {name!r} has no 'challenger' version: run cbh train first")
         champ = _version(client, name, "champion")
         m_chal = _metrics(client, chal)
+        m_champ = _metrics(client, champ) if champ else None
+        note = ""
         if champ is not None and champ.version == chal.version:
             passed, reason = False, "challenger is already the champion"
         else:
-            same = champ is None or (chal.tags.get("data.frozen_test_md5") == champ.tags.get("data.frozen_test_md5"))
-            passed, reason = gate(m_chal, _metrics(client, champ) if champ else None, p, same)
+            chal_test = chal.tags.get("data.frozen_test_md5")
+            same = champ is None or chal_test == champ.tags.get("data.frozen_test_md5")
+            if not same and reevaluate is not None and chal_test and chal_test == current_test_md5:
+                m_champ = reevaluate(champ.version)
+                same, note = True, f"; champion re-evaluated on frozen test set {chal_test[:8]}"
+            passed, reason = gate(m_chal, m_champ, p, same, chal.tags.get("data.validation", "missing"))
+            reason += note
         decision = "promoted" if passed else "rejected"
-        client.set_model_version_tag(name, chal.version, "promotion.decision", decision)
-        client.set_model_version_tag(name, chal.version, "promotion.reason", reason)
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        user = getpass.getuser()
+        for key, value in (("promotion.decision", decision), ("promotion.reason", reason),
+                           ("promotion.time", now), ("promotion.user", user)):
+            client.set_model_version_tag(name, chal.version, key, value)
         if passed:
             client.set_registered_model_alias(name, "champion", chal.version)
-        d = Decision(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), getpass.getuser(),
-                     "promote", decision, reason, chal.version, champ.version if champ else None,
+        d = Decision(now, user, "promote", decision, reason, chal.version, champ.version if champ else None,
                      chal.version if passed else (champ.version if champ else None),
                      {k: v for k, v in m_chal.items() if k.startswith("test_")},
-                     {"min_auc": p.min_auc, "min_sensitivity": p.min_sensitivity, "auc_margin": p.auc_margin})
-        _record(audit, d)
+                     {"min_auc": p.min_auc, "min_sensitivity": p.min_sensitivity, "auc_margin": p.auc_margin,
+                      "max_ece": p.max_ece, "require_valid_data": float(p.require_valid_data)},
+                     name, {k: v for k, v in (m_champ or {}).items() if k.startswith("test_")} or None)
+        d = _record(audit, d)
+        client.log_text(chal.run_id, json.dumps(asdict(d), indent=2, sort_keys=True),
+                        f"promotion/decision-{now.replace(':', '')}.json")
         return d
 
 
@@ -139,6 +198,8 @@ def rollback(name: str, audit: Path) -> Decision:
         client.set_registered_model_alias(name, "champion", previous)
         d = Decision(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), getpass.getuser(),
                      "rollback", "rolled-back", f"champion {champ.version} rolled back to {previous}",
-                     None, champ.version, previous, {}, {})
-        _record(audit, d)
+                     None, champ.version, previous, {}, {}, name)
+        d = _record(audit, d)
+        client.set_model_version_tag(name, champ.version, "promotion.decision", "rolled-back")
+        client.set_model_version_tag(name, champ.version, "promotion.reason", d.reason)
         return d

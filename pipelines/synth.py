@@ -238,3 +238,19 @@ def synth_cohort(out: Path, patients: int, seed: int, styles: tuple[str, ...],
     return {"patients": len({e.patient for e in exams}), "images": len(rows),
             "hypoplasia_patients": n_hypo, "png": sum(e.as_png for e in exams)}
 
+
+
+def example_png(seed: int = 0, ga_weeks: float = 24.0) -> tuple[bytes, float]:
+    """One synthetic transcerebellar PNG (no banner, no patient) and its pixel spacing in mm.
+
+    The registered model's input example: never a training image, which would put a
+    patient's scan inside every copy of the model.
+    """
+    rng = np.random.default_rng(seed)
+    an = make_anatomy(ga_weeks, float(biometry.tcd_from_z(0.0, ga_weeks)),
+                      float(biometry.cm_from_z(0.0, ga_weeks)), 0.78)
+    img, labels, pl, sec = render(an, STYLES["aurora"], rng)
+    img, _ = _png_crop(img, labels, sec)
+    ok, buf = cv2.imencode(".png", img)
+    assert ok, "PNG encoding failed"
+    return buf.tobytes(), float(pl.spacing)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.data
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
@@ -36,22 +38,22 @@ def signature() -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def git_lineage(root: Path) -> dict[str, str]:
-    """Commit and dirty flag of the workspace (empty strings outside git)."""
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                                  check=True, timeout=20).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"git.commit": commit or "none", "git.dirty": str(bool(dirty)).lower()}
+@dataclass(frozen=True)
+class DatasetRecord:
+    """A dataset the run used, for `mlflow.log_input` (schema, profile, digest; never the rows)."""
+
+    frame: pd.DataFrame
+    name: str
+    digest: str
+    source: str
+    context: str              # training | test
 
 
 def log_training_run(*, params_flat: dict[str, Any], metrics: dict[str, float], tags: dict[str, str],
                      weights_dir: Path, model_name: str, run_name: str,
-                     figures: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> tuple[str, str]:
+                     figures: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                     tables: dict[str, pd.DataFrame] | None = None, inputs: list[DatasetRecord] | None = None,
+                     lineage_dir: Path | None = None, input_example: pd.DataFrame | None = None) -> tuple[str, str]:
     """Log one run and register its pyfunc; returns (run_id, model version)."""
     from models.pyfunc import CBHModel
 
@@ -59,10 +61,17 @@ def log_training_run(*, params_flat: dict[str, Any], metrics: dict[str, float], 
         mlflow.log_params({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params_flat.items()})
         mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})   # NaN-free
         mlflow.set_tags(tags)
+        for rec in inputs or []:
+            ds = mlflow.data.from_pandas(rec.frame, source=rec.source, name=rec.name, digest=rec.digest)
+            mlflow.log_input(ds, context=rec.context)
         import matplotlib.pyplot as plt
         for name, fig in (figures or {}).items():
             mlflow.log_figure(fig, f"plots/{name}.png")
             plt.close(fig)
+        for name, table in (tables or {}).items():
+            mlflow.log_text(table.to_csv(index=False), f"evaluation/{name}.csv")
+        if lineage_dir is not None:
+            mlflow.log_artifacts(str(lineage_dir), "lineage")
         if extra:
             mlflow.log_dict(extra, "summary.json")
         card = None
@@ -76,7 +85,7 @@ def log_training_run(*, params_flat: dict[str, Any], metrics: dict[str, float], 
         uri = f"runs:/{run.info.run_id}/model"
         info = mlflow.pyfunc.log_model(
             name="model", python_model=CBHModel(), artifacts={"weights": str(weights_dir)},
-            signature=signature(), model_config={"model_uri": uri},
+            signature=signature(), model_config={"model_uri": uri}, input_example=input_example,
             registered_model_name=model_name, pip_requirements=_requirements())
         version = str(info.registered_model_version)
     client = MlflowClient()

@@ -69,6 +69,41 @@ def prepare(dataset: pd.DataFrame, workspace: Path, size: int, margin: float,
                     np.stack(labels), np.asarray(scale), failed)
 
 
+def prepare_cached(dataset_path: Path, workspace: Path, size: int, margin: float, cache_dir: Path,
+                   progress: Callable[[int, int], None] | None = None) -> Prepared:
+    """`prepare`, cached by the dataset's bytes, the crop settings and the preprocessing code.
+
+    Training and evaluation are two DVC stages (and two Prefect tasks); the skull fitting
+    they share runs once. The cache lives outside the data store (a disposable speed-up:
+    deleting it changes no result).
+    """
+    import hashlib
+    import json
+
+    from pipelines import preprocess
+
+    h = hashlib.sha256(dataset_path.read_bytes())
+    h.update(Path(preprocess.__file__).read_bytes())
+    h.update(f"{size}|{margin}".encode())
+    entry = cache_dir / f"prepared-{h.hexdigest()[:24]}"
+    if (entry / "arrays.npz").is_file():
+        arrays = np.load(entry / "arrays.npz")
+        return Prepared(pd.read_parquet(entry / "frame.parquet"), arrays["images"], arrays["labels"],
+                        arrays["mm_per_px"], json.loads((entry / "failed.json").read_text()))
+    data = prepare(pd.read_parquet(dataset_path), workspace, size, margin, progress)
+    tmp = entry.with_name(entry.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.savez(tmp / "arrays.npz", images=data.images, labels=data.labels, mm_per_px=data.mm_per_px)
+    data.frame.to_parquet(tmp / "frame.parquet", index=False)
+    (tmp / "failed.json").write_text(json.dumps(data.failed))
+    for old in cache_dir.glob("prepared-*"):           # one entry: the cache never grows
+        if old != tmp:
+            shutil.rmtree(old, ignore_errors=True)
+    tmp.rename(entry)
+    return data
+
+
 class _Arrays(Dataset):
     def __init__(self, **arrays: np.ndarray) -> None:
         self.arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
@@ -132,7 +167,18 @@ def train_models(data: Prepared, params: Params) -> Predictor:
             module.load_state_dict(state)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     predictor = Predictor(seg.cpu(), clf.cpu(), cfg)
-    return predictor
+    return choose_operating_point(predictor, data, params.evaluate.sensitivity_target)
+
+
+def choose_operating_point(predictor: Predictor, data: Prepared, sensitivity_target: float) -> Predictor:
+    """The threshold that meets the sensitivity target on the validation split (part of the
+    fitted model: the test split is never looked at)."""
+    va = data.subset("val")
+    y = (data.frame["label"].to_numpy()[va] == "hypoplasia").astype(int)
+    prob = predictor.probability(data.images[va], predictor.segment(data.images[va]),
+                                 context_features(data.frame["ga_weeks"].to_numpy()[va], data.mm_per_px[va]))
+    thr = ev.operating_threshold(y, prob, sensitivity_target)
+    return Predictor(predictor.seg, predictor.cls, ModelConfig(**{**predictor.cfg.__dict__, "threshold": thr}))
 
 
 @dataclass
@@ -140,11 +186,15 @@ class Evaluation:
     metrics: dict[str, float]
     subgroups: list[dict[str, Any]]
     figures: dict[str, Any]
+    tables: dict[str, pd.DataFrame]     # roc, reliability, test_predictions: DVC plots and the report
 
 
-def evaluate_models(predictor: Predictor, data: Prepared, params: Params) -> tuple[Predictor, Evaluation]:
-    """Threshold on validation (sensitivity target), metrics on the frozen test set,
-    overall and per subgroup (GA band, site), and the figures reviewers look at."""
+def evaluate_models(predictor: Predictor, data: Prepared, params: Params) -> Evaluation:
+    """Metrics at the model's own operating point (chosen on validation during training) on the
+    frozen test set, overall and per subgroup (GA band, site), and the figures and curve
+    tables reviewers look at."""
+    from sklearn.metrics import roc_curve
+
     from pipelines import plots
 
     pred_labels = predictor.segment(data.images)
@@ -152,8 +202,7 @@ def evaluate_models(predictor: Predictor, data: Prepared, params: Params) -> tup
     prob = predictor.probability(data.images, pred_labels, context)
     y = (data.frame["label"] == "hypoplasia").to_numpy().astype(int)
     va, te = data.subset("val"), data.subset("test")
-    thr = ev.operating_threshold(y[va], prob[va], params.evaluate.sensitivity_target)
-    predictor = Predictor(predictor.seg, predictor.cls, ModelConfig(**{**predictor.cfg.__dict__, "threshold": thr}))
+    thr = predictor.cfg.threshold
     metrics: dict[str, Any] = {}
     for name, idx in (("val", va), ("test", te)):
         for k, v in ev.binary_metrics(y[idx], prob[idx], thr).items():
@@ -179,4 +228,18 @@ def evaluate_models(predictor: Predictor, data: Prepared, params: Params) -> tup
                "reliability": plots.reliability_diagram(y[te], prob[te], f"{title}: calibration"),
                "confusion": plots.confusion(y[te], prob[te], thr, f"{title}: test"),
                "overlays": plots.overlays(data.images[te], pred_labels[te])}
-    return predictor, Evaluation({k: float(v) for k, v in metrics.items()}, subgroups, figures)
+    tables: dict[str, pd.DataFrame] = {}
+    if len(set(y[te].tolist())) == 2:
+        fpr, tpr, cut = roc_curve(y[te], prob[te])
+        tables["roc"] = pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(cut, 1.0)})
+    else:
+        tables["roc"] = pd.DataFrame({"fpr": [0.0, 1.0], "tpr": [0.0, 1.0], "threshold": [1.0, 0.0]})
+    mean_p, freq, count = ev.reliability(y[te], prob[te])
+    ok = count > 0
+    tables["reliability"] = pd.DataFrame({"bin": np.flatnonzero(ok), "predicted": mean_p[ok], "observed": freq[ok],
+                                          "count": count[ok]})
+    label = np.array(["normal", "hypoplasia"])
+    tables["test_predictions"] = pd.DataFrame({
+        "image_id": test["image_id"].to_numpy(), "actual": label[y[te]],
+        "predicted": label[(prob[te] >= thr).astype(int)], "probability": np.round(prob[te], 6)})
+    return Evaluation({k: float(v) for k, v in metrics.items()}, subgroups, figures, tables)

@@ -13,12 +13,13 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from tests.conftest import TEST_KEY
 from tests.integration.workspace import cbh as _cbh
+from tests.integration.workspace import commit_workspace, set_params
 from tests.integration.workspace import make_workspace as _workspace
-from tests.integration.workspace import set_params
 
-TINY = ["segment.max_epochs=3", "train.max_epochs=3", "preprocess.size=64",
-        "evaluate.bootstrap=50"]
+TINY_PARAMS = {"segment.max_epochs": 3, "train.max_epochs": 3, "preprocess.size": 64, "evaluate.bootstrap": 50}
+TINY = [f"{k}={v}" for k, v in TINY_PARAMS.items()]          # the same, as `cbh train --set` overrides
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +28,16 @@ def flow_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("flow")
     ws = _workspace(tmp)
+    set_params(ws, TINY_PARAMS)
+    commit = commit_workspace(ws)
     cohort = tmp / "export"
     synth_cohort(cohort, 26, 21, ("aurora", "boreal", "cirrus"))
-    res = _cbh(ws, "retrain", "--cohort", str(cohort), *sum((["--set", o] for o in TINY), []))
-    return ws, cohort, res
+    res = _cbh(ws, "retrain", "--cohort", str(cohort))
+    return ws, cohort, res, commit
 
 
 def test_retrain_flow_runs_end_to_end(flow_run):
-    ws, _, res = flow_run
+    ws, _, res, _ = flow_run
     assert res.returncode == 0, res.stderr[-3000:]
     assert "cbh retrain finished" in res.stdout and "test AUC" in res.stdout
     import pyarrow.parquet as pq
@@ -44,7 +47,7 @@ def test_retrain_flow_runs_end_to_end(flow_run):
 
 
 def test_dvc_is_clean_and_pushed(flow_run):
-    ws, _, res = flow_run
+    ws, _, res, _ = flow_run
     assert res.returncode == 0
     from dvc.repo import Repo
     with Repo(str(ws)) as repo:
@@ -53,8 +56,120 @@ def test_dvc_is_clean_and_pushed(flow_run):
     assert any((ws / ".dvcstore").rglob("*"))
 
 
+def test_dvc_metrics_and_plots_are_declared(flow_run):
+    ws, _, res, _ = flow_run
+    assert res.returncode == 0
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    shown = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=ws, env=env, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    import json
+    metrics = json.loads(shown.stdout)
+    (workspace_metrics,) = metrics.values()
+    assert workspace_metrics["data"]["data/metrics.json"]["data"]["test_auc"] == pytest.approx(
+        json.loads((ws / "data/metrics.json").read_text())["test_auc"])
+    plots = subprocess.run(["dvc", "plots", "show", "--json"], cwd=ws, env=env, capture_output=True, text=True)
+    assert plots.returncode == 0, plots.stderr
+    shown_plots = json.loads(plots.stdout)["data"]
+    assert set(shown_plots) == {"ROC (frozen test set)", "Calibration (frozen test set)",
+                                "Confusion at the operating point"}
+    roc = shown_plots["ROC (frozen test set)"][0]["content"]["data"]["values"]
+    assert {"fpr", "tpr"} <= set(roc[0]) and float(roc[-1]["tpr"]) == 1.0
+
+
+def test_run_and_version_carry_lineage(flow_run):
+    ws, _, res, commit = flow_run
+    assert res.returncode == 0
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.lineage import md5_file
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    client = MlflowClient()
+    champ = client.get_model_version_by_alias("cerebellar-hypoplasia", "champion")
+    run = client.get_run(champ.run_id)
+    for tags in (champ.tags, run.data.tags):
+        assert tags["git.commit"] == commit and tags["git.dirty"] == "false"
+        assert tags["data.dataset_md5"] == md5_file(ws / "data/dataset.parquet")
+        assert tags["data.frozen_test_md5"] == md5_file(ws / "data/frozen_test.parquet")
+        assert tags["data.dataset_in_dvc"] == "true" and tags["data.deid_md5"].endswith(".dir")
+        assert tags["data.validation"] == "passed" and tags["pkg.torch"].startswith("2.13")
+        assert "PS3.15" in tags["deid.profile"]
+    inputs = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
+    assert inputs == {("dataset", run.data.tags["data.dataset_md5"]),
+                      ("frozen_test", run.data.tags["data.frozen_test_md5"])}
+    lock = mlflow.artifacts.load_text(f"runs:/{champ.run_id}/lineage/dvc.lock")
+    assert run.data.tags["data.dataset_md5"] in lock
+    assert run.data.params["train.max_epochs"] == "3"
+
+
+def test_dvc_repro_at_the_recorded_commit_reproduces_the_data(flow_run, tmp_path):
+    """A clean checkout at the champion's commit, its dvc.lock restored from MLflow and
+    `dvc pull`: the exact dataset; `dvc repro --force` from the raw export: the same bytes
+    again, and the same metrics (tolerance 1e-6: one seed, deterministic algorithms, one
+    machine)."""
+    ws, _, res, commit = flow_run
+    assert res.returncode == 0
+    import json
+
+    from pipelines.lineage import md5_file
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ws), str(clone)], check=True)
+    subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)
+    tracking = {"MLFLOW_TRACKING_URI": f"sqlite:///{ws / 'mlflow.db'}"}
+    lin = _cbh(clone, "lineage", "--restore", env_extra=tracking)
+    assert lin.returncode == 0, lin.stderr[-2000:]
+    assert "restored dvc.lock, params.yaml" in lin.stdout and commit[:12] in lin.stdout
+    tags = dict(line.split(None, 1) for line in lin.stdout.splitlines()[1:] if line.startswith("  "))
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    # the lock was logged by the evaluation: it holds the data and the weights it evaluated
+    pull = subprocess.run(["dvc", "pull", "-q", "--with-deps", "train"], cwd=clone, env=env,
+                          capture_output=True, text=True)
+    assert pull.returncode == 0, pull.stderr[-2000:]
+    assert md5_file(clone / "data/dataset.parquet") == tags["data.dataset_md5"]
+    assert md5_file(clone / "data/frozen_test.parquet") == tags["data.frozen_test_md5"]
+    # the raw export stays on the identified side (never pushed): the hospital still holds it
+    import shutil
+    shutil.copytree(ws / "data/incoming", clone / "data/incoming")
+    renv = dict(os.environ, DVC_NO_ANALYTICS="1", CBH_WORKSPACE=str(clone), CBH_DEID_KEY=TEST_KEY,
+                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    renv.pop("MLFLOW_TRACKING_URI", None)                 # the clone logs to its own registry
+    run = subprocess.run(["dvc", "repro", "--force"], cwd=clone, env=renv, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert md5_file(clone / "data/dataset.parquet") == tags["data.dataset_md5"]
+    assert md5_file(clone / "data/manifest.parquet") == md5_file(ws / "data/manifest.parquet")
+    original = json.loads((ws / "data/metrics.json").read_text())
+    again = json.loads((clone / "data/metrics.json").read_text())
+    assert again == pytest.approx(original, abs=1e-6, nan_ok=True)
+    status = subprocess.run(["dvc", "status", "--json"], cwd=clone, env=renv, capture_output=True, text=True)
+    assert json.loads(status.stdout) == {}
+
+
+def test_review_report_renders_offline_and_is_attached(flow_run):
+    ws, _, res, _ = flow_run
+    assert res.returncode == 0
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tests.browser import open_page
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    champ = MlflowClient().get_model_version_by_alias("cerebellar-hypoplasia", "champion")
+    attached = {a.path for a in MlflowClient().list_artifacts(champ.run_id, "report")}
+    assert attached == {"report/compare.html", "report/compare.md"}
+    report = next((ws / "reports").glob("*/compare.html"))
+    assert report.stat().st_size < 3_000_000
+    with open_page(report) as (page, outside):
+        table = page.locator("table.metrics")
+        assert table.is_visible()
+        assert "AUC" in table.inner_text() and "Dice cerebellum" in table.inner_text()
+        assert page.get_by_text("Promotion history").is_visible()
+        assert page.locator("img").count() >= 3                      # ROC, reliability, a confusion matrix
+        assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+    assert outside == []
+
+
 def test_registry_has_champion_and_challenger(flow_run):
-    ws, _, res = flow_run
+    ws, _, res, _ = flow_run
     assert res.returncode == 0
     import mlflow
     from mlflow import MlflowClient
@@ -70,10 +185,12 @@ def test_registry_has_champion_and_challenger(flow_run):
     assert "Not for clinical use" in chal.description and "| ga_band |" in chal.description
     card = mlflow.artifacts.load_dict(f"runs:/{chal.run_id}/model_card/metadata.json")
     assert card["metrics"]["test_auc"] == pytest.approx(run.data.metrics["test_auc"])
+    example = mlflow.artifacts.load_dict(f"runs:/{chal.run_id}/model/serving_input_example.json")
+    assert example["dataframe_split"]["columns"] == ["image", "ga_weeks", "pixel_spacing_mm"]
 
 
 def test_untrained_model_is_registered_then_refused(flow_run):
-    ws, _, res = flow_run
+    ws, _, res, _ = flow_run
     assert res.returncode == 0
     set_params(ws, {"promote.min_auc": 0.75})
     tr = _cbh(ws, "train", "--set", "train.max_epochs=0", "--set", "segment.max_epochs=0",
@@ -82,12 +199,21 @@ def test_untrained_model_is_registered_then_refused(flow_run):
     assert "version 2" in tr.stdout
     pr = _cbh(ws, "promote")
     assert pr.returncode != 0 and "rejected" in pr.stdout
+    import mlflow
+    from mlflow import MlflowClient
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("cerebellar-hypoplasia", "champion").version) == "1"
+    v2 = client.get_model_version("cerebellar-hypoplasia", "2")
+    assert v2.tags["promotion.decision"] == "rejected" and "below the floor" in v2.tags["promotion.reason"]
+    decisions = [a.path for a in client.list_artifacts(v2.run_id, "promotion")]
+    assert len(decisions) == 1 and decisions[0].endswith(".json")
     hist = _cbh(ws, "promote", "--history")
-    assert "rejected" in hist.stdout and "promoted" in hist.stdout
+    assert "rejected" in hist.stdout and "promoted" in hist.stdout and "hash chain intact" in hist.stdout
 
 
 def test_predict_on_a_cohort_leaks_nothing(flow_run, tmp_path):
-    ws, cohort, res = flow_run
+    ws, cohort, res, _ = flow_run
     assert res.returncode == 0
     out = tmp_path / "pred.csv"
     pr = _cbh(ws, "predict", str(cohort), "--out", str(out))
@@ -126,7 +252,7 @@ def test_cohort_without_annotations(tmp_path):
 
 
 def test_registered_pyfunc_answers_png_and_dicom(flow_run):
-    ws, cohort, res = flow_run
+    ws, cohort, res, _ = flow_run
     assert res.returncode == 0
     import base64
     import json
@@ -149,12 +275,15 @@ def test_registered_pyfunc_answers_png_and_dicom(flow_run):
 
 
 def test_compare_and_schedule(flow_run, tmp_path):
-    ws, _, res = flow_run
+    ws, _, res, _ = flow_run
     assert res.returncode == 0
     cmp = _cbh(ws, "compare", "--out", str(tmp_path / "report"))
     assert cmp.returncode == 0, cmp.stderr[-2000:]
-    html = (tmp_path / "report" / "compare.html").read_text()
-    assert "test_auc" in html and "<script" not in html and "http" not in html.split("<body>")[1]
+    report = tmp_path / "report" / "compare.html"
+    html = report.read_text()
+    assert "<script" not in html and "http" not in html.split("<body>")[1]
+    assert report.stat().st_size < 3_000_000
+    assert "| AUC |" in (tmp_path / "report" / "compare.md").read_text()
     sch = _cbh(ws, "schedule", "--cron", "0 3 * * 1", "--pool", "cpu")
     assert sch.returncode == 0, sch.stderr[-2000:]
     lst = _cbh(ws, "schedule", "--list")
@@ -162,7 +291,7 @@ def test_compare_and_schedule(flow_run, tmp_path):
 
 
 def test_predict_on_a_dicom_file_a_png_and_a_folder(flow_run, tmp_path):
-    ws, cohort, res = flow_run
+    ws, cohort, res, _ = flow_run
     assert res.returncode == 0
     dcm = sorted(cohort.glob("scans/*.dcm"))[0]
     png = sorted(cohort.glob("scans/*.png"))[0]
@@ -189,7 +318,8 @@ def test_critical_contract_failure_stops_before_training(tmp_path):
     fields[4] = "43.0"                      # ga_weeks: readable, but outside the contract (14-42)
     lines[1] = ",".join(fields)
     (cohort / "annotations.csv").write_text("\n".join(lines) + "\n")
-    res = _cbh(ws, "retrain", "--cohort", str(cohort), *sum((["--set", o] for o in TINY), []))
+    set_params(ws, TINY_PARAMS)
+    res = _cbh(ws, "retrain", "--cohort", str(cohort))
     assert res.returncode == 1
     assert "critical failure" in res.stderr and "training stopped" in res.stderr
     assert not (ws / "data" / "dataset.parquet").exists()
@@ -201,7 +331,7 @@ def test_critical_contract_failure_stops_before_training(tmp_path):
 
 
 def test_concurrent_promotions_and_rollback(flow_run):
-    ws, _, res = flow_run
+    ws, _, res, _ = flow_run
     assert res.returncode == 0
     import mlflow
     from mlflow import MlflowClient

@@ -34,26 +34,32 @@ def prepared(small_cohort, tmp_path_factory, params):
 @pytest.mark.parametrize("model", ["asc", "asc-ga", "image-only", "biometry-rule"])
 def test_each_model_trains_and_evaluates(prepared, params, model):
     p = replace(params, SHRUNK + [f"train.model={model}"])
-    predictor, ev = evaluate_models(train_models(prepared, p), prepared, p)
+    predictor = train_models(prepared, p)
+    ev = evaluate_models(predictor, prepared, p)
     m = ev.metrics
     assert 0.0 <= m["test_auc"] <= 1.0 or np.isnan(m["test_auc"])
     assert 0.0 <= m["val_threshold"] <= 1.0
     assert {"test_dice_cerebellum", "test_tcd_mae_mm", "test_ece", "test_auc_ci_low"} <= set(m)
     assert {r["group"] for r in ev.subgroups} == {"ga_band", "site"}
     assert set(ev.figures) == {"roc", "reliability", "confusion", "overlays"}
+    assert set(ev.tables) == {"roc", "reliability", "test_predictions"}
+    preds = ev.tables["test_predictions"]
+    assert len(preds) == len(prepared.subset("test")) and set(preds["actual"]) <= {"normal", "hypoplasia"}
+    assert ev.tables["roc"]["tpr"].is_monotonic_increasing
     assert predictor.cfg.model == model
 
 
 def test_same_seed_same_metrics(prepared, params):
     p = replace(params, SHRUNK)
-    _, first = evaluate_models(train_models(prepared, p), prepared, p)
-    _, second = evaluate_models(train_models(prepared, p), prepared, p)
+    first = evaluate_models(train_models(prepared, p), prepared, p)
+    second = evaluate_models(train_models(prepared, p), prepared, p)
     assert first.metrics == pytest.approx(second.metrics, nan_ok=True)
 
 
 def test_zero_epochs_gives_an_untrained_model(prepared, params):
     p = replace(params, SHRUNK + ["train.max_epochs=0", "segment.max_epochs=0"])
-    predictor, ev = evaluate_models(train_models(prepared, p), prepared, p)
+    predictor = train_models(prepared, p)
+    ev = evaluate_models(predictor, prepared, p)
     assert ev.metrics["test_dice_cerebellum"] < 0.5         # an untrained segmenter finds nothing useful
     assert predictor.cfg.threshold == ev.metrics["val_threshold"]
 

@@ -25,8 +25,23 @@ def make_workspace(tmp: Path, tiny: bool = True) -> Path:
     if not tiny:
         return ws
     # a tiny cohort: smaller class minimum, and gate floors a 3-epoch model can meet
-    set_params(ws, {"validate.min_per_class": 2, "promote.min_auc": 0.0, "promote.min_sensitivity": 0.0})
+    set_params(ws, {"validate.min_per_class": 2, "promote.min_auc": 0.0, "promote.min_sensitivity": 0.0,
+                    "promote.max_ece": 1.0})
     return ws
+
+
+def commit_workspace(ws: Path) -> str:
+    """git + DVC initialised and the code committed, as in a real checkout; returns the commit."""
+    from flows.workspace import ensure_workspace
+    from pipelines.config import load_params
+
+    ensure_workspace(ws, load_params(ws / "params.yaml"))
+    shutil.copy(ROOT / ".gitignore", ws / ".gitignore")
+    git = ["git", "-c", "user.name=cbh-test", "-c", "user.email=cbh-test@localhost"]
+    subprocess.run([*git, "add", "-A"], cwd=ws, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "workspace"], cwd=ws, check=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws, check=True, capture_output=True,
+                          text=True).stdout.strip()
 
 
 def set_params(ws: Path, values: dict[str, object]) -> None:
@@ -41,7 +56,10 @@ def set_params(ws: Path, values: dict[str, object]) -> None:
 
 
 def cbh(ws: Path, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CBH_DEID_KEY=TEST_KEY, CBH_WORKSPACE=str(ws), **(env_extra or {}))
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)           # mlflow.set_tracking_uri in a test sets it: the workspace's own
+    env.update(CBH_DEID_KEY=TEST_KEY, CBH_WORKSPACE=str(ws), **(env_extra or {}))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])   # cbh for dvc repro
     env.pop("CBH_DEMO", None)
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ws, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -1,9 +1,14 @@
-"""The promotion rule itself (the registry side is in tests/integration/test_flow.py)."""
+"""The promotion rule and the audit trail's hash chain (the registry side is in
+tests/integration/test_flow.py)."""
+
+import json
 
 from pipelines.config import PromoteParams
-from pipelines.promote import gate
+from pipelines.promote import Decision, _record, gate, verify_trail
 
-P = PromoteParams(min_auc=0.75, min_sensitivity=0.8, auc_margin=0.02, model_name="m")
+P = PromoteParams(min_auc=0.75, min_sensitivity=0.8, auc_margin=0.02, max_ece=0.15, require_valid_data=True,
+                  model_name="m")
+GOOD = {"test_auc": 0.96, "test_sensitivity": 0.9, "test_ece": 0.05}
 
 
 def test_untrained_model_is_refused_even_as_first_champion():
@@ -11,13 +16,33 @@ def test_untrained_model_is_refused_even_as_first_champion():
     assert not ok and "below the floor" in reason
 
 
-def test_first_champion_needs_the_auc_floor_only():
+def test_first_champion_needs_the_auc_floor_and_valid_data():
     assert gate({"test_auc": 0.9, "test_sensitivity": 0.7}, None, P, True)[0]
+    ok, reason = gate({"test_auc": 0.9, "test_sensitivity": 0.9}, None, P, True, data_validation="failed")
+    assert not ok and "data contract" in reason
 
 
 def test_challenger_against_champion():
     champ = {"test_auc": 0.95}
-    assert gate({"test_auc": 0.94, "test_sensitivity": 0.9}, champ, P, True)[0]
-    assert not gate({"test_auc": 0.92, "test_sensitivity": 0.9}, champ, P, True)[0]      # beyond margin
-    assert not gate({"test_auc": 0.96, "test_sensitivity": 0.7}, champ, P, True)[0]      # sensitivity floor
-    assert not gate({"test_auc": 0.96, "test_sensitivity": 0.9}, champ, P, False)[0]     # other test set
+    assert gate({**GOOD, "test_auc": 0.94}, champ, P, True)[0]
+    assert not gate({**GOOD, "test_auc": 0.92}, champ, P, True)[0]              # beyond the margin
+    assert not gate({**GOOD, "test_sensitivity": 0.7}, champ, P, True)[0]       # sensitivity floor
+    ok, reason = gate({**GOOD, "test_ece": 0.3}, champ, P, True)                 # calibration bound
+    assert not ok and "calibration" in reason
+    assert not gate(GOOD, champ, P, False)[0]                                     # another test set
+    assert not gate(GOOD, champ, P, True, data_validation="missing")[0]
+
+
+def test_audit_trail_is_hash_chained(tmp_path):
+    trail = tmp_path / "promotions.jsonl"
+    for i in range(3):
+        _record(trail, Decision("t", "u", "promote", "promoted", "r", str(i + 1), None, str(i + 1), {}, {}, "m"))
+    assert verify_trail(trail) == []
+    lines = trail.read_text().splitlines()
+    edited = json.loads(lines[1])
+    edited["decision"] = "rejected"                       # someone rewrites history
+    lines[1] = json.dumps(edited, sort_keys=True)
+    trail.write_text("\n".join(lines) + "\n")
+    assert verify_trail(trail) == [3]                     # the next record no longer links
+    trail.write_text("\n".join([lines[0], lines[2]]) + "\n")    # a record deleted
+    assert verify_trail(trail) == [2]
