@@ -91,13 +91,16 @@ def cmd_ingest(a: argparse.Namespace, root: Path) -> int:
 def cmd_validate(a: argparse.Namespace, root: Path) -> int:
     from flows import stages
 
-    rep = stages.validate(_params(root), root)
+    params = _params(root)
+    rep = stages.validate(params, root)
     if a.json:
-        Path(a.json).write_text(json.dumps(rep.to_json(), indent=2))
+        Path(a.json).write_text(json.dumps(rep.to_json(), indent=2) + "\n")
+    print(rep.verdict())
     print(rep.failures_table())
+    print(f"Steward summary: {root / params.paths.contract / 'summary.html'}")
     print(f"Data Docs: {rep.data_docs_index}")
     if not rep.success:
-        print("the data contract has a critical failure", file=sys.stderr)
+        print("cbh validate: the data contract has a critical failure (see the steward summary)", file=sys.stderr)
         return EXIT_FAIL
     return 0
 
@@ -214,7 +217,7 @@ def _print_summary(s: dict, params: Params, seconds: float) -> None:
     rows = [
         ("ingest", f"{s['ingest']['deidentified']} de-identified, {s['ingest']['quarantined']} quarantined",
          params.paths.manifest),
-        ("validate", "passed" if s["contract"]["success"] else "FAILED", s["contract"]["docs"]),
+        ("validate", s["contract"]["verdict"], f"{params.paths.contract}/summary.html"),
         ("split", ", ".join(f"{k} {sum(v.values())}" for k, v in s["split"].items()), params.paths.dataset),
         ("version", f"dvc commit + push ({s['dvc_pushed']} files)", "dvc status / dvc.lock"),
         ("train", f"test AUC {m['test_auc']:.3f} [{m['test_auc_ci_low']:.2f}-{m['test_auc_ci_high']:.2f}], "

@@ -39,18 +39,25 @@ def ingest_task(params: Params, root: Path, cohort: str | None) -> dict[str, Any
 def validate_task(params: Params, root: Path) -> dict[str, Any]:
     rep = stages.validate(params, root)
     logger = get_run_logger()
-    logger.info("data contract: %s\n%s", "passed" if rep.success else "CRITICAL FAILURE", rep.failures_table())
-    create_markdown_artifact(key="data-contract", description="Great Expectations verdict",
-                             markdown=f"## Data contract: {'passed' if rep.success else 'critical failure'}\n\n"
-                                      f"```\n{rep.failures_table()}\n```\n\nData Docs: `{rep.data_docs_index}`")
-    return {"success": rep.success, "docs": str(rep.data_docs_index or "")}
+    logger.info("data contract: %s\n%s", rep.verdict(), rep.failures_table())
+    summary = root / params.paths.contract / "summary.md"
+    create_markdown_artifact(key="data-contract", description="the steward summary of the data contract",
+                             markdown=summary.read_text(encoding="utf-8"))
+    return {"success": rep.success, "docs": str(rep.data_docs_index or ""), "verdict": rep.verdict(),
+            "quarantined": len(rep.quarantined), "failures": rep.failures_table()}
 
 
 @task(name="split")
-def split_task(params: Params, root: Path) -> dict[str, dict[str, int]]:
-    summary = stages.split(params, root)
-    get_run_logger().info("split (images per label): %s", summary)
-    return summary
+def split_task(params: Params, root: Path) -> dict[str, Any]:
+    try:
+        out = stages.split(params, root)
+    finally:
+        summary = root / params.paths.split_contract / "summary.md"
+        if summary.is_file():
+            create_markdown_artifact(key="split-contract", description="the split suite's steward summary",
+                                     markdown=summary.read_text(encoding="utf-8"))
+    get_run_logger().info("split (images per label): %s; %s", out["images"], out["contract"])
+    return out
 
 
 @task(name="version-data", retries=2, retry_delay_seconds=5)
@@ -116,8 +123,9 @@ def retrain_flow(workspace: str = ".", cohort: str | None = None) -> dict[str, A
     if not contract["success"]:
         version_task(root, ("ingest",))
         raise stages.StageError("the data contract has a critical failure: training stopped "
-                                f"(see {params.paths.validation} and the Data Docs)")
-    split_summary = split_task(params, root)
+                                f"(see {params.paths.contract}/summary.html and the Data Docs)\n"
+                                f"{contract['failures']}")
+    split_summary = split_task(params, root)["images"]
     version_task(root, ("ingest", "validate", "split"))
     train_task(params, root)
     version_task(root, ("train",))

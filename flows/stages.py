@@ -18,7 +18,6 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import biometry
 from pipelines.config import Params
 from pipelines.deid import Pseudonymizer, load_key
 from pipelines.ingest import (
@@ -91,21 +90,42 @@ def ingest(params: Params, root: Path, today: dt.date | None = None, progress: P
     return rep
 
 
+def validate_params(params: Params) -> ValidateParams:
+    return ValidateParams(**{f: getattr(params.validate, f) for f in ValidateParams.__dataclass_fields__})
+
+
 def validate(params: Params, root: Path) -> ValidationReport:
-    """Run the Great Expectations suites; writes the JSON report and Data Docs."""
-    v = params.validate
-    vp = ValidateParams(v.min_per_class, v.ga_min, v.ga_max, v.spacing_min_mm, v.spacing_max_mm,
-                        v.cm_max_mm, v.tcd_max_abs_z)
-    rep = validate_manifest(root / params.paths.manifest, root / params.paths.gx_root, vp, biometry.tcd_zscore)
+    """Run the data contract on the manifest: the JSON report, Data Docs, the steward summary
+    and the contract's quarantine table (same columns as ingest's)."""
+    from pipelines.steward import quarantine_frame, write_summary
+
+    rep = validate_manifest(root / params.paths.manifest, root / params.paths.gx_root, validate_params(params),
+                            workspace=root, cache_path=root / params.paths.cache / "mask-stats.parquet")
     out = root / params.paths.validation
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rep.to_json(), indent=2))
+    out.write_text(json.dumps(rep.to_json(), indent=2) + "\n")
+    folder = root / params.paths.contract
+    shutil.rmtree(folder, ignore_errors=True)
+    write_summary(rep, folder, "Data contract: de-identified scans, annotations and masks")
+    table = pa.Table.from_pandas(quarantine_frame(rep), schema=QUARANTINE_SCHEMA, preserve_index=False)
+    pq.write_table(table, folder / "quarantine.parquet")
     return rep
 
 
-def split(params: Params, root: Path) -> dict[str, dict[str, int]]:
-    """Patient-level split with the frozen temporal test set."""
+def contract_quarantined(params: Params, root: Path) -> set[str]:
+    """image_ids the data contract quarantined (never reach the dataset)."""
+    path = root / params.paths.contract / "quarantine.parquet"
+    return set(pq.read_table(path).column("image").to_pylist()) if path.is_file() else set()
+
+
+def split(params: Params, root: Path) -> dict[str, Any]:
+    """Patient-level split with the frozen temporal test set, over the rows the contract kept;
+    then the `split` suite. A critical failure raises: nothing trains on a leaking split."""
+    from pipelines.steward import write_summary
+    from pipelines.validate import validate_split
+
     manifest = pq.read_table(root / params.paths.manifest).to_pandas()
+    manifest = manifest[~manifest["image_id"].isin(contract_quarantined(params, root))]
     frozen_path = root / params.paths.frozen_test
     frozen = pq.read_table(frozen_path).to_pandas() if frozen_path.is_file() else None
     df, frozen = assign_splits(manifest, frozen, params.split.test_fraction, params.split.val_fraction,
@@ -113,7 +133,15 @@ def split(params: Params, root: Path) -> dict[str, dict[str, int]]:
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), root / params.paths.dataset)
     if not frozen_path.is_file():
         pq.write_table(pa.Table.from_pandas(frozen, preserve_index=False), frozen_path)
-    return split_summary(df)
+    rep = validate_split(df, frozen, root / params.paths.gx_root, validate_params(params))
+    folder = root / params.paths.split_contract
+    shutil.rmtree(folder, ignore_errors=True)
+    write_summary(rep, folder, "Data contract: the split")
+    (folder / "validation.json").write_text(json.dumps(rep.to_json(), indent=2) + "\n")
+    if not rep.success:
+        raise StageError(f"the split breaks the data contract: training stopped (see {params.paths.split_contract}"
+                         f"/summary.html)\n{rep.failures_table()}")
+    return {"images": split_summary(df), "contract": rep.verdict()}
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ class Paths:
     model_dir: str
     metrics: str
     evaluation: str
+    contract: str
+    split_contract: str
     plots: str
     audit: str
     cache: str
@@ -71,6 +73,11 @@ class ValidateSection:
     spacing_max_mm: float
     cm_max_mm: float
     tcd_max_abs_z: float
+    frame_min_px: int
+    frame_max_px: int
+    tcd_mask_tolerance_mm: float
+    max_ga_ks: float
+    max_site_shift: float
 
 
 @dataclass(frozen=True)

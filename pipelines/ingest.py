@@ -34,6 +34,10 @@ MANIFEST_SCHEMA = pa.schema([
     ("spacing_col_mm", pa.float64()), ("modality", pa.string()), ("photometric", pa.string()),
     ("source_format", pa.string()), ("pixel_sha256", pa.string()), ("cohort", pa.string()),
     ("source_row", pa.int64()),
+    # checks made at ingest, on the identified side, for the data contract to judge:
+    ("exam_date_check", pa.string()),   # ok | future (before the shift: a shifted date cannot tell)
+    ("patient_check", pa.string()),     # ok | mismatch (CSV patient_id vs DICOM PatientID)
+    ("mask_status", pa.string()),       # ok | none | missing | undecodable | not_single_channel
 ])
 QUARANTINE_SCHEMA = pa.schema([
     ("cohort", pa.string()), ("source_row", pa.int64()), ("image", pa.string()),
@@ -93,27 +97,26 @@ def _float(row: dict[str, str], name: str, lo: float, hi: float) -> float | None
     return value
 
 
-def _exam_date(row: dict[str, str], today: dt.date) -> dt.date:
+def _exam_date(row: dict[str, str], today: dt.date) -> tuple[dt.date, str]:
+    """The exam date and its check (`ok` or `future`); an unreadable date cannot be shifted,
+    so that row is quarantined here."""
     try:
         date = dt.date.fromisoformat((row.get("exam_date") or "").strip())
     except ValueError:
         raise RowError("bad_exam_date", "exam_date is not a YYYY-MM-DD date") from None
-    if date > today:
-        raise RowError("exam_date_in_future", "exam_date lies in the future")
-    return date
+    return date, ("future" if date > today else "ok")
 
 
-def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
+def _read_mask(path: Path) -> tuple[np.ndarray | None, str]:
+    """The mask and its status; size, classes and anatomy are the data contract's to judge."""
     if not path.is_file():
-        raise RowError("mask_not_found", "mask file not found")
+        return None, "missing"
     mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if mask is None or mask.ndim != 2:
-        raise RowError("bad_mask", "mask is not a single-channel PNG")
-    if mask.shape != shape:
-        raise RowError("bad_mask", f"mask size {mask.shape} differs from the frame {shape}")
-    if not set(np.unique(mask).tolist()) <= {0, 1, 2}:
-        raise RowError("bad_mask", "mask has values other than 0, 1, 2")
-    return mask.astype(np.uint8)
+    if mask is None:
+        return None, "undecodable"
+    if mask.ndim != 2:
+        return None, "not_single_channel"
+    return mask, "ok"
 
 
 @dataclass
@@ -209,26 +212,26 @@ class Ingestor:
             raise RowError("file_not_found", "image file not found")
         csv_pid = (row.get("patient_id") or "").strip()
         scan = self._load(path)
-        if scan.raw_patient and csv_pid and scan.raw_patient != csv_pid:
-            raise RowError("patient_id_mismatch", "patient_id in annotations.csv differs from the DICOM PatientID")
-        raw_patient = csv_pid or scan.raw_patient
+        consistent = not (scan.raw_patient and csv_pid and scan.raw_patient != csv_pid)
+        raw_patient = scan.raw_patient or csv_pid          # the header wins; the contract flags a mismatch
         if not raw_patient:
             raise RowError("missing_patient_id", "no patient_id in annotations.csv or in the header")
-        exam = _exam_date(row, self.today)
-        ga = _float(row, "ga_weeks", 8.0, 45.0)
+        exam, exam_check = _exam_date(row, self.today)
+        # numbers are kept as given (plausibility is the data contract's); only unreadable ones stop here
+        ga = _float(row, "ga_weeks", 0.0, 100.0)
         if ga is None:
             raise RowError("bad_ga_weeks", "ga_weeks is empty")
         label = (row.get("label") or "").strip().lower()
         if label and label not in LABELS:
-            raise RowError("bad_label", f"label is not one of {LABELS}")  # the value itself may be free text
+            label = "invalid"              # the contract rejects it; the value itself may be free text
         frame_raw = (row.get("frame") or "").strip() or "0"
         frame = int(frame_raw) if frame_raw.isdigit() else -1
         if not 0 <= frame < scan.frames.shape[0]:
             raise RowError("bad_frame", f"frame is not an index below {scan.frames.shape[0]}")
         pixels = scan.frames[frame]
         mask_rel = (row.get("mask") or "").strip()
-        mask = _read_mask(self.cohort / mask_rel, pixels.shape[:2]) if mask_rel else None
-        tcd, cm = _float(row, "tcd_mm", 0.0, 100.0), _float(row, "cm_mm", 0.0, 60.0)
+        mask, mask_status = _read_mask(self.cohort / mask_rel) if mask_rel else (None, "none")
+        tcd, cm = _float(row, "tcd_mm", 0.0, 1000.0), _float(row, "cm_mm", 0.0, 1000.0)
         patient = self.pseudo.patient(raw_patient)
         out_dir = self.workspace / self.deid_dir / patient
         image_path = self._write_scan(scan, raw_patient, out_dir)
@@ -251,6 +254,8 @@ class Ingestor:
             "modality": "US", "photometric": scan.photometric, "source_format": scan.fmt,
             "pixel_sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest(),
             "cohort": self.name, "source_row": None,
+            "exam_date_check": exam_check, "patient_check": "ok" if consistent else "mismatch",
+            "mask_status": mask_status,
         }
 
     def _staff(self, raw: str | None) -> str | None:

@@ -170,8 +170,9 @@ def promote(name: str, p: PromoteParams, audit: Path, current_test_md5: str | No
                       "max_ece": p.max_ece, "require_valid_data": float(p.require_valid_data)},
                      name, {k: v for k, v in (m_champ or {}).items() if k.startswith("test_")} or None)
         d = _record(audit, d)
+        seq = len(history(audit))                 # the record's line in the trail: unique per decision
         client.log_text(chal.run_id, json.dumps(asdict(d), indent=2, sort_keys=True),
-                        f"promotion/decision-{now.replace(':', '')}.json")
+                        f"promotion/decision-{seq:05d}.json")
         return d
 
 

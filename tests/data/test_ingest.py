@@ -35,10 +35,16 @@ def test_no_annotations_csv_is_one_clear_error(tmp_path):
 
 
 def test_bad_rows_are_quarantined_and_the_rest_processed(cohort_copy, tmp_path, pseudo):
+    """Unreadable rows stop at ingest; readable rows with a defect the contract judges carry
+    their ingest-time check (made before the date shift) and are quarantined by the contract."""
+    from pipelines.validate import ValidateParams, validate_manifest
+    from tests.conftest import ROOT
+
     rows = read_annotations(cohort_copy)
     dicoms = [i for i, r in enumerate(rows) if r["image"].endswith(".dcm")]
-    corrupt, missing, future, mismatch = dicoms[:4]
+    corrupt, missing, future, mismatch, no_mask = dicoms[:5]
     (cohort_copy / rows[corrupt]["image"]).write_bytes(b"\x00" * 128 + b"DICM" + b"\x01" * 64)
+    (cohort_copy / rows[no_mask]["mask"]).unlink()
 
     def edit(lines):
         out = list(lines)
@@ -51,12 +57,26 @@ def test_bad_rows_are_quarantined_and_the_rest_processed(cohort_copy, tmp_path, 
         return out
 
     _rewrite_csv(cohort_copy, edit)
-    res = _ingest(cohort_copy, tmp_path / "ws", pseudo)
+    ws = tmp_path / "ws"
+    res = _ingest(cohort_copy, ws, pseudo)
     assert len(res.manifest) + len(res.quarantine) == len(rows)           # nothing dropped
     by_row = {q["source_row"]: q["reason_code"] for q in res.quarantine}
-    assert by_row == {corrupt + 1: "unreadable_dicom", missing + 1: "file_not_found",
-                      future + 1: "exam_date_in_future", mismatch + 1: "patient_id_mismatch"}
+    assert by_row == {corrupt + 1: "unreadable_dicom", missing + 1: "file_not_found"}
     assert all(q["reason"] and q["cohort"] == cohort_name(cohort_copy) for q in res.quarantine)
+    checks = {m["source_row"]: (m["exam_date_check"], m["patient_check"], m["mask_status"]) for m in res.manifest}
+    assert checks[future + 1] == ("future", "ok", "ok") and checks[mismatch + 1] == ("ok", "mismatch", "ok")
+    assert checks[no_mask + 1] == ("ok", "ok", "missing")
+    assert sum(c == ("ok", "ok", "ok") for c in checks.values()) == len(res.manifest) - 3
+
+    upsert(ws / "manifest.parquet", res.manifest, MANIFEST_SCHEMA, ("image_id",))
+    shutil.copytree(ROOT / "expectations", tmp_path / "gx", ignore=shutil.ignore_patterns("uncommitted"))
+    report = validate_manifest(ws / "manifest.parquet", tmp_path / "gx", ValidateParams(min_per_class=2),
+                               workspace=ws)
+    contract = {q["source_row"]: q["reason_code"] for q in report.quarantined}
+    assert contract == {future + 1: "annotations.expect_column_values_to_be_in_set.exam_date_check",
+                        mismatch + 1: "annotations.expect_column_values_to_be_in_set.patient_check",
+                        no_mask + 1: "masks.expect_column_values_to_be_in_set.mask_status"}
+    assert report.success
 
 
 def test_manifest_holds_no_identifier(small_cohort, tmp_path, pseudo):

@@ -20,6 +20,7 @@ from tests.integration.workspace import make_workspace as _workspace
 
 TINY_PARAMS = {"segment.max_epochs": 3, "train.max_epochs": 3, "preprocess.size": 64, "evaluate.bootstrap": 50}
 TINY = [f"{k}={v}" for k, v in TINY_PARAMS.items()]          # the same, as `cbh train --set` overrides
+DEFECT_ROW = 3                                                 # a data row of the flow's cohort the contract rejects
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,11 @@ def flow_run(tmp_path_factory):
     commit = commit_workspace(ws)
     cohort = tmp / "export"
     synth_cohort(cohort, 26, 21, ("aurora", "boreal", "cirrus"))
+    lines = (cohort / "annotations.csv").read_text().splitlines()
+    fields = lines[DEFECT_ROW].split(",")
+    fields[lines[0].split(",").index("ga_weeks")] = "43.0"     # readable, outside the contract: quarantined
+    lines[DEFECT_ROW] = ",".join(fields)
+    (cohort / "annotations.csv").write_text("\n".join(lines) + "\n")
     res = _cbh(ws, "retrain", "--cohort", str(cohort))
     return ws, cohort, res, commit
 
@@ -166,6 +172,16 @@ def test_review_report_renders_offline_and_is_attached(flow_run):
         assert page.locator("img").count() >= 3                      # ROC, reliability, a confusion matrix
         assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
     assert outside == []
+    # and the flow run carries it as a Prefect artifact (read back through Prefect's API)
+    script = ("import asyncio\nfrom prefect.client.orchestration import get_client\n"
+              "async def main():\n    async with get_client() as c:\n"
+              "        for a in await c.read_artifacts():\n"
+              "            print(a.key, a.flow_run_id is not None, '| AUC |' in str(a.data))\n"
+              "asyncio.run(main())\n")
+    env = dict(os.environ, PREFECT_HOME=str(ws / ".prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    arts = subprocess.run([sys.executable, "-c", script], cwd=ws, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert "review-report True True" in arts.stdout, arts.stderr[-2000:]
 
 
 def test_registry_has_champion_and_challenger(flow_run):
@@ -314,20 +330,37 @@ def test_critical_contract_failure_stops_before_training(tmp_path):
     cohort = tmp_path / "export"
     synth_cohort(cohort, 8, 3, ("aurora",))
     lines = (cohort / "annotations.csv").read_text().splitlines()
-    fields = lines[1].split(",")
-    fields[4] = "43.0"                      # ga_weeks: readable, but outside the contract (14-42)
-    lines[1] = ",".join(fields)
-    (cohort / "annotations.csv").write_text("\n".join(lines) + "\n")
+    header = lines[0].split(",")
+    rows = [line.split(",") for line in lines[1:]]
+    for fields in rows:
+        fields[header.index("label")] = "normal"          # a class absent: a dataset-level critical failure
+    (cohort / "annotations.csv").write_text("\n".join([lines[0], *(",".join(f) for f in rows)]) + "\n")
     set_params(ws, TINY_PARAMS)
     res = _cbh(ws, "retrain", "--cohort", str(cohort))
     assert res.returncode == 1
     assert "critical failure" in res.stderr and "training stopped" in res.stderr
+    assert "expect_column_distinct_values_to_contain_set" in res.stderr     # the reason, on stderr
     assert not (ws / "data" / "dataset.parquet").exists()
     assert not (ws / "data" / "model").exists()
     import json
     report = json.loads((ws / "data" / "validation.json").read_text())
     failed = [r for r in report["results"] if not r["success"]]
-    assert any(r["column"] == "ga_weeks" and r["severity"] == "critical" for r in failed)
+    assert any(r["column"] == "label" and r["severity"] == "critical" for r in failed)
+    assert "NOT FIT FOR TRAINING" in (ws / "data" / "contract" / "summary.md").read_text()
+
+
+def test_quarantined_rows_never_reach_the_dataset(flow_run):
+    ws, cohort, res, _ = flow_run
+    assert res.returncode == 0
+    import pyarrow.parquet as pq
+    quarantined = pq.read_table(ws / "data/contract/quarantine.parquet").to_pylist()
+    assert [q["reason_code"] for q in quarantined] == ["annotations.expect_column_values_to_be_between.ga_weeks"]
+    assert quarantined[0]["source_row"] == DEFECT_ROW
+    dataset = pq.read_table(ws / "data/dataset.parquet").to_pandas()
+    assert quarantined[0]["image"] not in set(dataset["image_id"])
+    manifest = pq.read_table(ws / "data/manifest.parquet").to_pandas()
+    assert len(dataset) == len(manifest) - 1
+    assert "FIT FOR TRAINING after quarantine: 1 of" in (ws / "data/contract/summary.md").read_text()
 
 
 def test_concurrent_promotions_and_rollback(flow_run):
