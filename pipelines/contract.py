@@ -23,7 +23,8 @@ from pipelines import biometry
 # pixel-domain statistics of one mask (cached); the mm values are derived with the row's spacing
 MASK_STATS = ("mask_rows", "mask_cols", "mask_max_value", "mask_cerebellum_px", "mask_cisterna_px",
               "mask_cerebellum_components", "mask_cm_posterior", "mask_tcd_px")
-DERIVED = ("tcd_z", *[c for c in MASK_STATS if c != "mask_tcd_px"], "mask_tcd_mm", "mask_tcd_diff_mm")
+DERIVED = ("tcd_z", "mask_decodes", *[c for c in MASK_STATS if c != "mask_tcd_px"], "mask_tcd_mm",
+           "mask_tcd_diff_mm")
 _CACHE_SCHEMA = pa.schema([("sha256", pa.string()), ("mask_rows", pa.int32()), ("mask_cols", pa.int32()),
                            ("mask_max_value", pa.int32()), ("mask_cerebellum_px", pa.int64()),
                            ("mask_cisterna_px", pa.int64()), ("mask_cerebellum_components", pa.int32()),
@@ -40,7 +41,12 @@ def mask_stats(mask: np.ndarray) -> dict[str, object]:
     the cerebellum's half-depth. Masks alone cannot tell front from back: a cisterna drawn in
     front of the cerebellum passes this rule.
     """
-    m = np.asarray(mask)
+    full = np.asarray(mask)
+    rows, cols = int(full.shape[0]), int(full.shape[1] if full.ndim > 1 else 0)
+    max_value = int(full.max()) if full.size else 0
+    # every statistic below is translation-invariant: work on the labels' bounding box only
+    x, y, w, h = cv2.boundingRect((full > 0).astype(np.uint8)) if full.ndim == 2 else (0, 0, 0, 0)
+    m = full[y:y + h, x:x + w]
     cb, cmask = m == 1, m == 2
     n_cb, n_cm = int(cb.sum()), int(cmask.sum())
     components = int(cv2.connectedComponents(cb.astype(np.uint8), connectivity=8)[0] - 1) if n_cb else 0
@@ -57,8 +63,7 @@ def mask_stats(mask: np.ndarray) -> dict[str, object]:
             along = abs(d @ np.array([math.cos(of), math.sin(of)]))
             half_depth = biometry.extent_mm(cb, of, 1.0) / 2
             posterior = bool(along > across and along > half_depth)
-    return {"mask_rows": int(m.shape[0]), "mask_cols": int(m.shape[1] if m.ndim > 1 else 0),
-            "mask_max_value": int(m.max()) if m.size else 0, "mask_cerebellum_px": n_cb,
+    return {"mask_rows": rows, "mask_cols": cols, "mask_max_value": max_value, "mask_cerebellum_px": n_cb,
             "mask_cisterna_px": n_cm, "mask_cerebellum_components": components,
             "mask_cm_posterior": posterior, "mask_tcd_px": tcd_px}
 
@@ -112,11 +117,16 @@ def row_metrics(manifest: pd.DataFrame, workspace: Path | None, cache: MaskStats
     df["tcd_z"] = np.asarray(biometry.tcd_zscore(tcd, ga), dtype=float)
     cache = cache or MaskStatsCache(None)
     stats: list[dict[str, object]] = []
+    decodes: list[bool | None] = []
     paths = df["mask_path"].tolist() if "mask_path" in df else [None] * len(df)
     for rel in paths:
-        s = cache.get(workspace / rel) if (workspace is not None and isinstance(rel, str) and rel) else None
+        given = isinstance(rel, str) and bool(rel)
+        s = cache.get(workspace / rel) if (workspace is not None and given) else None
         stats.append(s or {})
+        # a mask the manifest names but nobody can read here must not pass as "no mask"
+        decodes.append((s is not None) if given else None)
     cache.save()
+    df["mask_decodes"] = pd.array(decodes, dtype="boolean")
     for col in MASK_STATS:
         values = [s.get(col) for s in stats]
         df[col] = pd.array(values, dtype="boolean" if col == "mask_cm_posterior" else

@@ -26,6 +26,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,7 @@ class ValidationReport:
     quarantined: list[dict[str, Any]] = field(default_factory=list)
     rows_checked: int = 0
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)   # extra tables for the summary
+    seconds: dict[str, float] = field(default_factory=dict)          # row_metrics, great_expectations, data_docs
 
     def to_json(self) -> dict[str, Any]:
         """The `cbh validate --json` document."""
@@ -197,6 +199,7 @@ def manifest_suites(params: ValidateParams) -> dict[str, list[Any]]:
     ]
     masks = [
         in_set("mask_status", ["ok", "none"], "the annotated mask is missing or cannot be decoded"),
+        in_set("mask_decodes", [True], "the de-identified mask is gone or unreadable: its checks would pass empty"),
         _exp(gxe.ExpectColumnPairValuesToBeEqual, CRITICAL, ROW, "mask and frame differ in size: wrong pairing",
              column_A="mask_rows", column_B="rows", ignore_row_if="either_value_is_missing"),
         _exp(gxe.ExpectColumnPairValuesToBeEqual, CRITICAL, ROW, "mask and frame differ in size: wrong pairing",
@@ -243,10 +246,13 @@ def validate_manifest(manifest_path: Path, gx_root: Path, params: ValidateParams
     """
     if not manifest_path.is_file():
         raise FileNotFoundError(f"manifest not found: {manifest_path}")
+    t0 = time.perf_counter()
     manifest = pd.read_parquet(manifest_path)
     df = contract.row_metrics(manifest, workspace, contract.MaskStatsCache(cache_path))
+    t1 = time.perf_counter()
     context = _file_context(gx_root)
     results = _run(context, "manifest", df, manifest_suites(params))
+    t2 = time.perf_counter()
     failed_rows: dict[str, ExpectationResult] = {}
     for r in results:
         if r.scope == ROW and r.severity == CRITICAL and not r.success:
@@ -261,10 +267,13 @@ def validate_manifest(manifest_path: Path, gx_root: Path, params: ValidateParams
                             "image": image_id, "reason_code": r.code, "reason": r.risk})
     kept = df[~df["image_id"].isin(failed_rows)] if "image_id" in df else df
     results.append(_label_count_gate(kept, params))
+    t3 = time.perf_counter()
     index = _build_offline_docs(context)
     success = not any(r.severity == CRITICAL and r.scope == DATASET and not r.success for r in results)
     quarantined.sort(key=lambda q: (str(q["cohort"]), q["source_row"]))
-    return ValidationReport(success, results, index, quarantined, len(df))
+    seconds = {"row_metrics": t1 - t0, "great_expectations": t2 - t1, "quarantine": t3 - t2,
+               "data_docs": time.perf_counter() - t3}
+    return ValidationReport(success, results, index, quarantined, len(df), seconds=seconds)
 
 
 def validate_split(dataset: pd.DataFrame, frozen: pd.DataFrame | None, gx_root: Path,

@@ -109,6 +109,13 @@ def _mask_missing(ws, df, i):
     df.loc[i, ["mask_path", "mask_status"]] = [None, "missing"]
 
 
+def _mask_gone(ws, df, i):
+    rel = "data/deid/crafted/truncated.png"
+    (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+    (ws / rel).write_bytes((ws / df.loc[i, "mask_path"]).read_bytes()[:40])      # a truncated file
+    df.loc[i, "mask_path"] = rel
+
+
 def _mask_resized(ws, df, i):
     m = _mask(ws, df.loc[i])
     _save_mask(ws, df, i, cv2.resize(m, (m.shape[1] // 2, m.shape[0] // 2), interpolation=cv2.INTER_NEAREST),
@@ -197,6 +204,7 @@ ROW_DEFECTS = [
      _set("patient_pseudo", None)),
     ("two-rows-one-frame", "annotations", "expect_compound_columns_to_be_unique", "deid_path+frame", "critical", None),
     ("mask-missing", "masks", "expect_column_values_to_be_in_set", "mask_status", "critical", _mask_missing),
+    ("mask-unreadable", "masks", "expect_column_values_to_be_in_set", "mask_decodes", "critical", _mask_gone),
     ("mask-size", "masks", "expect_column_pair_values_to_be_equal", "mask_rows=rows", "critical", _mask_resized),
     ("mask-class", "masks", "expect_column_values_to_be_between", "mask_max_value", "critical", _mask_class_3),
     ("no-cerebellum", "masks", "expect_column_values_to_be_between", "mask_cerebellum_px", "critical",

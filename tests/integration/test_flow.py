@@ -347,6 +347,12 @@ def test_critical_contract_failure_stops_before_training(tmp_path):
     failed = [r for r in report["results"] if not r["success"]]
     assert any(r["column"] == "label" and r["severity"] == "critical" for r in failed)
     assert "NOT FIT FOR TRAINING" in (ws / "data" / "contract" / "summary.md").read_text()
+    out = tmp_path / "contract.json"
+    val = _cbh(ws, "validate", "--json", str(out))
+    assert val.returncode == 1 and "critical failure" in val.stderr
+    assert "NOT FIT FOR TRAINING" in val.stdout and "expect_column_distinct_values_to_contain_set" in val.stdout
+    doc = json.loads(out.read_text())
+    assert doc["success"] is False and doc == report
 
 
 def test_quarantined_rows_never_reach_the_dataset(flow_run):
@@ -361,6 +367,12 @@ def test_quarantined_rows_never_reach_the_dataset(flow_run):
     manifest = pq.read_table(ws / "data/manifest.parquet").to_pandas()
     assert len(dataset) == len(manifest) - 1
     assert "FIT FOR TRAINING after quarantine: 1 of" in (ws / "data/contract/summary.md").read_text()
+    val = _cbh(ws, "validate", "--json", str(ws / "contract.json"))
+    assert val.returncode == 0 and "FIT FOR TRAINING after quarantine" in val.stdout
+    import json
+    doc = json.loads((ws / "contract.json").read_text())
+    ga = [r for r in doc["results"] if r["column"] == "ga_weeks" and not r["success"]]
+    assert doc["success"] is True and len(ga) == 1 and ga[0]["unexpected_examples"] == [quarantined[0]["image"]]
 
 
 def test_concurrent_promotions_and_rollback(flow_run):
