@@ -93,13 +93,20 @@ def cmd_validate(a: argparse.Namespace, root: Path) -> int:
 
     params = _params(root)
     rep = stages.validate(params, root)
-    if a.json:
-        Path(a.json).write_text(json.dumps(rep.to_json(), indent=2) + "\n")
+    doc = rep.to_json()
+    split = stages.validate_current_split(params, root) if a.with_split else None
     print(rep.verdict())
     print(rep.failures_table())
+    if split is not None:                       # the dataset as it was last split, judged again
+        doc = {"success": rep.success and split.success, "results": doc["results"] + split.to_json()["results"]}
+        print(f"split: {split.verdict()}")
+        if not split.success:
+            print(split.failures_table())
+    if a.json:
+        Path(a.json).write_text(json.dumps(doc, indent=2) + "\n")
     print(f"Steward summary: {root / params.paths.contract / 'summary.html'}")
     print(f"Data Docs: {rep.data_docs_index}")
-    if not rep.success:
+    if not doc["success"]:
         print("cbh validate: the data contract has a critical failure (see the steward summary)", file=sys.stderr)
         return EXIT_FAIL
     return 0
@@ -113,7 +120,7 @@ def cmd_stage(a: argparse.Namespace, root: Path) -> int:
     if a.name == "ingest":
         print(stages.ingest(params, root))
     elif a.name == "validate":
-        return cmd_validate(argparse.Namespace(json=None), root)
+        return cmd_validate(argparse.Namespace(json=None, with_split=False), root)   # the split is its own stage
     elif a.name == "split":
         print(stages.split(params, root))
     elif a.name == "train":
@@ -287,9 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ingest", help="de-identify a cohort into the workspace data store and build the manifest")
     s.add_argument("cohort")
     s.set_defaults(fn=cmd_ingest)
-    s = sub.add_parser("validate", help="run the Great Expectations suites and build Data Docs")
+    s = sub.add_parser("validate", help="run the data contract (and the split suite on the current split), "
+                       "build Data Docs and the steward summary; exits 1 on a critical failure")
     s.add_argument("--json", help="write the results as JSON to this file")
-    s.set_defaults(fn=cmd_validate)
+    s.set_defaults(fn=cmd_validate, with_split=True)
     s = sub.add_parser("train", help="train, evaluate, log to MLflow and register a 'challenger'")
     s.add_argument("--model", choices=MODELS, help="default: params.yaml train.model")
     _add_overrides(s)

@@ -112,6 +112,18 @@ def validate(params: Params, root: Path) -> ValidationReport:
     return rep
 
 
+def validate_current_split(params: Params, root: Path) -> ValidationReport | None:
+    """The `split` suite on the workspace's current dataset (None before the first split)."""
+    from pipelines.validate import validate_split
+
+    dataset, frozen = root / params.paths.dataset, root / params.paths.frozen_test
+    if not dataset.is_file():
+        return None
+    return validate_split(pq.read_table(dataset).to_pandas(),
+                          pq.read_table(frozen).to_pandas() if frozen.is_file() else None,
+                          root / params.paths.gx_root, validate_params(params))
+
+
 def contract_quarantined(params: Params, root: Path) -> set[str]:
     """image_ids the data contract quarantined (never reach the dataset)."""
     path = root / params.paths.contract / "quarantine.parquet"

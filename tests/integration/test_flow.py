@@ -80,6 +80,14 @@ def test_dvc_metrics_and_plots_are_declared(flow_run):
                                 "Confusion at the operating point"}
     roc = shown_plots["ROC (frozen test set)"][0]["content"]["data"]["values"]
     assert {"fpr", "tpr"} <= set(roc[0]) and float(roc[-1]["tpr"]) == 1.0
+    # against the commit (whose dvc.lock is not in git here) every metric is new: diff works
+    diff = subprocess.run(["dvc", "metrics", "diff", "--json"], cwd=ws, env=env, capture_output=True, text=True)
+    assert diff.returncode == 0, diff.stderr
+    auc = json.loads(diff.stdout)["data/metrics.json"]["test_auc"]
+    assert auc["old"] is None and auc["new"] == pytest.approx(workspace_metrics["data"]["data/metrics.json"]["data"][
+        "test_auc"])
+    pdiff = subprocess.run(["dvc", "plots", "diff", "--json"], cwd=ws, env=env, capture_output=True, text=True)
+    assert pdiff.returncode == 0 and "ROC (frozen test set)" in json.loads(pdiff.stdout)["data"]
 
 
 def test_run_and_version_carry_lineage(flow_run):
@@ -371,6 +379,8 @@ def test_quarantined_rows_never_reach_the_dataset(flow_run):
     assert val.returncode == 0 and "FIT FOR TRAINING after quarantine" in val.stdout
     import json
     doc = json.loads((ws / "contract.json").read_text())
+    assert {r["suite"] for r in doc["results"]} == {"scan_manifest", "annotations", "masks", "dataset_gates",
+                                                    "split"}
     ga = [r for r in doc["results"] if r["column"] == "ga_weeks" and not r["success"]]
     assert doc["success"] is True and len(ga) == 1 and ga[0]["unexpected_examples"] == [quarantined[0]["image"]]
 
