@@ -54,3 +54,37 @@ def test_empty_mask_gives_nan():
 def test_ramanujan_perimeter_of_a_circle():
     assert B.ellipse_perimeter(10, 10) == pytest.approx(2 * math.pi * 10)
 
+
+
+# Published centile tables, not our formulas: TCD from Rodriguez-Sibaja et al., UOG 2021
+# (INTERGROWTH-21st fetal cerebellar growth), cisterna magna from Napolitano et al., UOG 2020,
+# as transcribed in the LSHTM gigs project (data-raw/tables/ig_fet/ig_fet_{tcd,cm}fga_centiles.txt).
+# GA (weeks) -> (P05, P50, P95) in mm.
+TCD_TABLE = {14: (12.00, 13.00, 13.99), 20: (19.04, 20.47, 21.90), 24: (24.31, 26.22, 28.13),
+             28: (30.33, 32.91, 35.48), 32: (37.31, 40.77, 44.23), 36: (45.43, 50.03, 54.63),
+             40: (54.88, 60.91, 66.94)}
+CM_TABLE = {15: (1.82, 2.82, 4.36), 20: (2.97, 4.48, 6.76), 25: (3.72, 5.55, 8.27),
+            30: (4.20, 6.22, 9.22), 36: (4.56, 6.73, 9.92)}
+Z95 = 1.6448536269514722
+
+
+@pytest.mark.parametrize("ga", sorted(TCD_TABLE))
+def test_tcd_matches_the_published_intergrowth_table(ga):
+    p05, p50, p95 = TCD_TABLE[ga]
+    got = B.tcd_from_z(np.array([-Z95, 0.0, Z95]), ga)
+    assert got == pytest.approx([p05, p50, p95], abs=0.02)           # the table's rounding is 0.01 mm
+    assert B.tcd_centile(p05, ga) == pytest.approx(5.0, abs=0.3)
+
+
+@pytest.mark.parametrize("ga", sorted(CM_TABLE))
+def test_cisterna_magna_matches_the_published_intergrowth_table(ga):
+    p05, p50, p95 = CM_TABLE[ga]
+    got = B.cm_from_z(np.array([-Z95, 0.0, Z95]), ga)
+    assert got == pytest.approx([p05, p50, p95], abs=0.02)
+    assert B.cm_centile(p95, ga) == pytest.approx(95.0, abs=0.5)
+
+
+def test_rule_is_below_the_published_5th_centile():
+    # 5th centile at 24 weeks is 24.31 mm in the table
+    assert B.is_hypoplasia_by_rule(24.2, 24.0) and not B.is_hypoplasia_by_rule(24.4, 24.0)
+    assert np.isnan(B.tcd_zscore(20.0, 13.0)) and np.isnan(B.cm_zscore(5.0, 37.0))
