@@ -36,8 +36,9 @@ def test_masks_agree_with_measurements(small_cohort, tmp_path):
         mask = cv2.imread(str(small_cohort / row["mask"]), cv2.IMREAD_UNCHANGED)
         assert mask.shape == pixels.shape[:2] and set(np.unique(mask)) == {0, 1, 2}
         tcd, cm = B.measure_mask(mask, spacing[0])
-        assert abs(tcd - float(row["tcd_mm"])) <= 1.5 * spacing[0], row["image"]
-        assert abs(cm - float(row["cm_mm"])) <= 2.5 * spacing[0], row["image"]
+        # within half a millimetre of the generator's truth (and within 1.5 / 2.5 pixels)
+        assert abs(tcd - float(row["tcd_mm"])) <= min(0.5, 1.5 * spacing[0]), row["image"]
+        assert abs(cm - float(row["cm_mm"])) <= min(0.5, 2.5 * spacing[0]), row["image"]
         # the truth sits where the anatomy is drawn: the cerebellum is echogenic-rimmed tissue,
         # the cisterna magna is fluid (darker than the cerebellum)
         grey = pixels if pixels.ndim == 2 else pixels[..., 0]
