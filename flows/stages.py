@@ -140,8 +140,11 @@ def split(params: Params, root: Path) -> dict[str, Any]:
     manifest = manifest[~manifest["image_id"].isin(contract_quarantined(params, root))]
     frozen_path = root / params.paths.frozen_test
     frozen = pq.read_table(frozen_path).to_pandas() if frozen_path.is_file() else None
-    df, frozen = assign_splits(manifest, frozen, params.split.test_fraction, params.split.val_fraction,
-                               params.split.seed)
+    try:
+        df, frozen = assign_splits(manifest, frozen, params.split.test_fraction, params.split.val_fraction,
+                                   params.split.seed, params.split.test_site)
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), root / params.paths.dataset)
     if not frozen_path.is_file():
         pq.write_table(pa.Table.from_pandas(frozen, preserve_index=False), frozen_path)

@@ -85,6 +85,7 @@ class SplitParams:
     seed: int
     test_fraction: float
     val_fraction: float
+    test_site: str | None = None
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,25 @@ SPLITS = ("train", "val", "test", "excluded", "unlabelled")
 
 
 def assign_splits(manifest: pd.DataFrame, frozen: pd.DataFrame | None, test_fraction: float,
-                  val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Return (dataset with a `split` column, frozen test table [image_id, patient_pseudo])."""
+                  val_fraction: float, seed: int, test_site: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return (dataset with a `split` column, frozen test table [image_id, patient_pseudo]).
+
+    By default the test set is temporal (the latest patients by first exam). With
+    `test_site`, it is every patient scanned at that site: a site (scanner, vendor) the
+    model never sees in training or validation, the harder external-validation protocol.
+    """
     df = manifest.copy()
     df["split"] = "unlabelled"
     labelled = df["label"].notna()
     first = df[labelled].groupby("patient_pseudo")["exam_date"].min().sort_values(kind="stable")
     if frozen is None or frozen.empty:
-        n_test = max(1, int(round(test_fraction * len(first))))
-        test_patients = set(first.index[-n_test:])
+        if test_site:
+            test_patients = set(df.loc[labelled & (df["site"] == test_site), "patient_pseudo"])
+            if not test_patients:
+                raise ValueError(f"split.test_site = {test_site!r}: no labelled image from that site")
+        else:
+            n_test = max(1, int(round(test_fraction * len(first))))
+            test_patients = set(first.index[-n_test:])
         test_images = set(df.loc[labelled & df["patient_pseudo"].isin(test_patients), "image_id"])
         frozen = df.loc[df["image_id"].isin(test_images), ["image_id", "patient_pseudo"]]
         frozen = frozen.sort_values("image_id").reset_index(drop=True)
