@@ -125,7 +125,8 @@ def cmd_stage(a: argparse.Namespace, root: Path) -> int:
         print(stages.split(params, root))
     elif a.name == "train":
         info = stages.train(params, root)
-        print(f"trained {info['model']}: operating threshold {info['threshold']:.3f}, images {info['images']}")
+        if info["rank"] == 0:
+            print(f"trained {info['model']}: operating threshold {info['threshold']:.3f}, images {info['images']}")
     elif a.name == "evaluate":
         out = stages.evaluate(params, root)
         print(f"registered version {out.version}: test AUC {out.metrics['test_auc']:.3f}")
@@ -137,7 +138,12 @@ def cmd_train(a: argparse.Namespace, root: Path) -> int:
 
     overrides = list(a.set or []) + ([f"train.model={a.model}"] if a.model else [])
     params = _params(root, overrides)
-    stages.train(params, root, progress=_progress("preparing"))
+    info = stages.train(params, root, progress=_progress("preparing"))
+    if info["rank"] != 0:                       # a DDP worker process: rank 0 evaluates and registers
+        return 0
+    if info.get("classifier_resumed_at_epoch") is not None or info.get("segmenter_resumed_at_epoch") is not None:
+        print(f"resumed an interrupted training: segmenter at epoch {info.get('segmenter_resumed_at_epoch')}, "
+              f"classifier at epoch {info.get('classifier_resumed_at_epoch')}")
     out = stages.evaluate(params, root)
     m = out.metrics
     print(f"run {out.run_id}: {params.train.model}, test AUC {m['test_auc']:.3f} "
@@ -205,7 +211,7 @@ def cmd_predict(a: argparse.Namespace, root: Path) -> int:
     params = _params(root)
     tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
     uri = a.model_uri or f"models:/{params.promote.model_name}@champion"
-    n, errors = predict_path(Path(a.input), Path(a.out), uri, a.use_masks, a.ga_weeks)
+    n, errors = predict_path(Path(a.input), Path(a.out), uri, a.use_masks, a.ga_weeks, tta=a.tta)
     print(f"{n} predictions written to {a.out} with {uri}" + (f"; {errors} could not be read" if errors else ""))
     return 0
 
@@ -324,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-uri", help="default: models:/cerebellar-hypoplasia@champion")
     s.add_argument("--use-masks", action="store_true", help="use the cohort's annotated masks (as in the paper)")
     s.add_argument("--ga-weeks", type=float, help="GA for inputs that are not a cohort")
+    s.add_argument("--tta", action="store_true", help="test-time augmentation: average with the mirrored crop")
     s.set_defaults(fn=cmd_predict)
     s = sub.add_parser("retrain", help="the whole Prefect flow: ingest, validate, split, train, evaluate, "
                        "version (DVC), promote, review report; reads params.yaml as it is")

@@ -9,6 +9,7 @@ flows.workspace.prepare_environment() has set PREFECT_HOME and friends.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,15 @@ def version_task(root: Path, names: tuple[str, ...]) -> None:
 
 @task(name="train", timeout_seconds=3 * 3600)
 def train_task(params: Params, root: Path) -> dict[str, Any]:
+    if params.train.strategy.startswith("ddp") and (params.train.devices > 1 or params.train.num_nodes > 1):
+        # DDP starts one process per device by re-running the command that called it: give it
+        # its own command (the DVC stage), never this flow
+        import subprocess
+        import sys
+
+        env = dict(os.environ, CBH_WORKSPACE=str(root))
+        subprocess.run([sys.executable, "-m", "flows.cli", "stage", "train"], cwd=root, env=env, check=True)
+        return json.loads((root / params.paths.model_dir / "training.json").read_text())
     info = stages.train(params, root)
     get_run_logger().info("trained %s on %s images; operating threshold %.3f",
                           info["model"], info["images"], info["threshold"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -190,14 +191,24 @@ def train(params: Params, root: Path, progress: Progress = None) -> dict[str, An
         if labels != {"normal", "hypoplasia"}:
             raise StageError(f"{params.paths.dataset}: the {split_name} split lacks a class "
                              f"(has {sorted(labels)}); add cases before training")
-    predictor = train_models(data, params)
+    from pipelines.lineage import md5_file
+
+    # checkpoints of this exact work (same data, same parameters): an interrupted run resumes
+    key = hashlib.sha256((md5_file(root / params.paths.dataset) + json.dumps(params.flat(), sort_keys=True,
+                                                                             default=str)).encode()).hexdigest()
+    checkpoints = root / params.paths.cache / "checkpoints" / key[:16]
+    fit: dict[str, Any] = {}
+    predictor = train_models(data, params, checkpoints, fit)
+    if fit["rank"] != 0:                      # a DDP worker: rank 0 writes the results
+        return {"rank": fit["rank"]}
     model_dir = root / params.paths.model_dir
     shutil.rmtree(model_dir, ignore_errors=True)
     predictor.save(model_dir)
     info = {"model": params.train.model, "threshold": predictor.cfg.threshold,
             "images": {s: int((data.frame["split"] == s).sum()) for s in ("train", "val", "test")},
-            "excluded_unfittable": sorted(data.failed)}
+            "excluded_unfittable": sorted(data.failed), **fit}
     (model_dir / "training.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+    shutil.rmtree(checkpoints, ignore_errors=True)     # done: the next run of the same work starts afresh
     return info
 
 

@@ -43,7 +43,7 @@ class SegModule(L.LightningModule):
         lab = batch["labels"]
         inter = ((pred == 1) & (lab == 1)).sum().float()
         dice = 2 * inter / ((pred == 1).sum() + (lab == 1).sum()).clamp(min=1)
-        self.log("seg_val_dice_cerebellum", dice, prog_bar=True)
+        self.log("seg_val_dice_cerebellum", dice, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=1e-4)
@@ -79,13 +79,15 @@ class ClsModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], _: int) -> None:
         logits = self(batch["image"], one_hot_masks(batch["pred_labels"]), batch["context"])
-        self.log("cls_val_loss", F.cross_entropy(logits, batch["target"]), prog_bar=True)
+        self.log("cls_val_loss", F.cross_entropy(logits, batch["target"]), prog_bar=True, sync_dist=True)
         self._val.append((torch.softmax(logits, 1)[:, 1].detach(), batch["target"]))
 
     def on_validation_epoch_end(self) -> None:
         """Validation AUC on predicted masks, as at inference (logged beside the loss)."""
         p = torch.cat([v[0] for v in self._val])
         y = torch.cat([v[1] for v in self._val])
+        if self.trainer.world_size > 1:           # every rank scores the whole validation split
+            p, y = self.all_gather(p).flatten(), self.all_gather(y).flatten()
         auc = binary_auroc(p, y) if y.unique().numel() == 2 else torch.tensor(0.5)
         self.log("cls_val_auc", auc, prog_bar=True)
 

@@ -115,6 +115,12 @@ class TrainParams:
     early_stopping_patience: int
     num_workers: int
     accelerator: str
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    resume: bool = True
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,11 @@ class Predictor:
     """Segmenter + classifier + biometry, on CPU unless told otherwise."""
 
     def __init__(self, seg: torch.nn.Module, cls: torch.nn.Module, cfg: ModelConfig,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", tta: bool = False) -> None:
         self.seg, self.cls, self.cfg, self.device = seg.to(device).eval(), cls.to(device).eval(), cfg, device
+        # test-time augmentation: average the prediction with that of the left-right mirrored
+        # crop (the skull-aligned crop is symmetric about its occipito-frontal axis)
+        self.tta = tta
 
     @classmethod
     def load(cls, folder: Path, device: str = "cpu") -> "Predictor":
@@ -101,7 +104,10 @@ class Predictor:
         out = []
         for i in range(0, len(images), batch):
             x = torch.from_numpy(images[i:i + batch]).to(self.device)
-            out.append(self.seg(x).argmax(1).to(torch.uint8).cpu().numpy())
+            prob = torch.softmax(self.seg(x), 1)
+            if self.tta:
+                prob = (prob + torch.softmax(self.seg(x.flip(-1)), 1).flip(-1)) / 2
+            out.append(prob.argmax(1).to(torch.uint8).cpu().numpy())
         if not out:
             return np.zeros((0, self.cfg.size, self.cfg.size), np.uint8)
         return np.stack([largest_components(m) for m in np.concatenate(out)])
@@ -116,7 +122,10 @@ class Predictor:
             x = torch.from_numpy(images[i:i + batch]).to(self.device)
             m = one_hot_masks(torch.from_numpy(labels[i:i + batch]).to(self.device))
             c = torch.from_numpy(context[i:i + batch]).to(self.device)
-            out.append(torch.softmax(self.cls(x, m, c), 1)[:, 1].double().cpu().numpy())
+            p = torch.softmax(self.cls(x, m, c), 1)[:, 1]
+            if self.tta:
+                p = (p + torch.softmax(self.cls(x.flip(-1), m.flip(-1), c), 1)[:, 1]) / 2
+            out.append(p.double().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0)
 
     def predict_frames(self, frames: list[tuple[NDArray, NDArray, tuple[float, float], float]],

@@ -54,16 +54,42 @@ def _inputs(inp: Path, ga_default: float | None, use_masks: bool) -> list[tuple[
 
 
 def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = False,
-                 ga_weeks: float | None = None) -> tuple[int, int]:
-    """Write predictions and overlays; returns (rows written, rows that failed)."""
+                 ga_weeks: float | None = None, tta: bool = False, batch: int = 16) -> tuple[int, int]:
+    """Write predictions and overlays, `batch` frames per forward pass; returns (rows written,
+    rows that failed). `tta` averages each prediction with that of the mirrored crop."""
     if not inp.exists():
         raise FileNotFoundError(f"{inp}: input not found")
     model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     model.model_uri = model_uri
+    model.predictor.tta = tta
     items = _inputs(inp, ga_weeks, use_masks)
     overlay_dir = out_csv.parent / (out_csv.stem + "-overlays")
     overlay_dir.mkdir(parents=True, exist_ok=True)
-    rows, errors = [], 0
+    rows: list[dict | None] = [None] * len(items)
+    errors = 0
+    pending: list[tuple[int, str, int, tuple, np.ndarray | None]] = []
+
+    def flush() -> None:
+        nonlocal errors
+        if not pending:
+            return
+        masks = [m for *_, m in pending] if use_masks else None
+        results = model.predict_rows([f for _, _, _, f, _ in pending], [n for _, n, _, _, _ in pending],
+                                     [fi for _, _, fi, _, _ in pending], masks)
+        for (k, _name, _fi, (grey, valid, _sp, _ga), _m), res in zip(pending, results, strict=True):
+            overlay = ""
+            if res.get("_labels") is not None:
+                overlay_path = overlay_dir / f"{k:05d}.png"
+                crop = res["_crop"]
+                footprint = unwarp(np.ones((crop.size, crop.size), np.uint8), crop, grey.shape) > 0
+                _draw_overlay(np.where(valid & footprint, grey, 0), footprint,
+                              unwarp(res["_labels"], crop, grey.shape), overlay_path)
+                overlay = str(overlay_path)
+            else:
+                errors += 1
+            rows[k] = {c: res.get(c) for c in OUTPUT_COLUMNS} | {"overlay": overlay}
+        pending.clear()
+
     for k, (path, name, frame, ga, mask_path) in enumerate(items):
         try:
             spacing = _spacing(path)
@@ -72,28 +98,20 @@ def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = Fal
             grey, valid = load_frame(path, frame)
         except (PreprocessError, OSError, ValueError, KeyError) as exc:
             errors += 1
-            rows.append({c: "" for c in COLUMNS} | {"image": name, "frame": frame, "ga_weeks": ga,
-                                                     "prediction": f"error: {exc}", "model_uri": model_uri})
+            rows[k] = {c: "" for c in COLUMNS} | {"image": name, "frame": frame, "ga_weeks": ga,
+                                                  "prediction": f"error: {exc}", "model_uri": model_uri}
             continue
-        masks = [cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)] if mask_path else None
-        res = model.predict_rows([(grey, valid, spacing, ga)], [name], [frame], masks)[0]
-        overlay = ""
-        if res.get("_labels") is not None:
-            overlay_path = overlay_dir / f"{k:05d}.png"
-            crop = res["_crop"]
-            footprint = unwarp(np.ones((crop.size, crop.size), np.uint8), crop, grey.shape) > 0
-            _draw_overlay(np.where(valid & footprint, grey, 0), footprint,
-                          unwarp(res["_labels"], crop, grey.shape), overlay_path)
-            overlay = str(overlay_path)
-        else:
-            errors += 1
-        rows.append({c: res.get(c) for c in OUTPUT_COLUMNS} | {"overlay": overlay})
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED) if mask_path else None
+        pending.append((k, name, frame, (grey, valid, spacing, ga), mask))
+        if len(pending) == batch:
+            flush()
+    flush()
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with out_csv.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
+            w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in (r or {}).items()})
     return len(rows), errors
 
 

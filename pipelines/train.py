@@ -23,7 +23,7 @@ from models.lightning import ClsModule, SegModule
 from models.networks import BiometryRule, make_classifier, make_segmenter
 from pipelines import biometry
 from pipelines import evaluate as ev
-from pipelines.config import Params
+from pipelines.config import Params, TrainParams
 from pipelines.inference import ModelConfig, Predictor, context_features
 from pipelines.preprocess import PreprocessError, load_frame, prepare_frame, warp
 
@@ -116,27 +116,77 @@ class _Arrays(Dataset):
         return {k: v[i] for k, v in self.arrays.items()}
 
 
-def _trainer(max_epochs: int, accelerator: str, has_val: bool, callbacks: list | None = None) -> L.Trainer:
-    return L.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=1, logger=False,
+def _cuda(tp: TrainParams) -> bool:
+    return torch.cuda.is_available() and tp.accelerator in ("auto", "gpu", "cuda")
+
+
+def _trainer(max_epochs: int, tp: TrainParams, has_val: bool, callbacks: list | None = None) -> L.Trainer:
+    """One Trainer configuration for both networks: accelerator, devices, nodes and strategy
+    (DDP) from params.yaml; bf16 mixed precision on CUDA unless told otherwise."""
+    precision = tp.precision if tp.precision != "auto" else ("bf16-mixed" if _cuda(tp) else "32-true")
+    return L.Trainer(max_epochs=max_epochs, accelerator=tp.accelerator, devices=tp.devices, num_nodes=tp.num_nodes,
+                     strategy=tp.strategy, precision=precision, logger=False,
                      enable_checkpointing=bool(callbacks), enable_model_summary=False, deterministic="warn",
                      num_sanity_val_steps=0, limit_val_batches=1.0 if has_val else 0,
                      enable_progress_bar=False, callbacks=callbacks or [])
 
 
-def train_models(data: Prepared, params: Params) -> Predictor:
-    """Segmenter on annotated masks, then the classifier on annotated + predicted masks."""
+class _EpochLog(L.Callback):
+    """Records the first epoch a fit runs (> 0 after a resume) and the world size."""
+
+    def __init__(self) -> None:
+        self.first_epoch: int | None = None
+        self.world_size = 1
+
+    def on_train_epoch_start(self, trainer: L.Trainer, _: L.LightningModule) -> None:
+        if self.first_epoch is None:
+            self.first_epoch = int(trainer.current_epoch)
+        self.world_size = int(trainer.world_size)
+
+
+def _fit(trainer: L.Trainer, module: L.LightningModule, loaders: tuple, ckpt_dir: Path | None,
+         resume: bool) -> str | None:
+    """fit, resuming from `ckpt_dir/last.ckpt` when a previous run of the same work was cut off."""
+    last = ckpt_dir / "last.ckpt" if ckpt_dir is not None else None
+    start = str(last) if resume and last is not None and last.is_file() else None
+    if start:
+        log.warning("resuming from %s", last)
+    trainer.fit(module, *loaders, ckpt_path=start)
+    return start
+
+
+def train_models(data: Prepared, params: Params, checkpoints: Path | None = None,
+                 info: dict[str, Any] | None = None) -> Predictor:
+    """Segmenter on annotated masks, then the classifier on annotated + predicted masks.
+
+    `checkpoints`: a folder for this exact work (same data, same params). Each network
+    checkpoints its last epoch there, and a rerun after an interruption resumes from it
+    (`train.resume`). `info` receives the rank, world size and resumed epochs. Under DDP
+    every rank returns the same trained networks; only rank 0 should write anything.
+    """
     tp, sp = params.train, params.segment
+    info = info if info is not None else {}
     L.seed_everything(tp.seed, workers=True)
+    cuda = _cuda(tp)
     tr, va = data.subset("train"), data.subset("val")
     with_mask = tr[data.labels[tr].reshape(len(tr), -1).max(1) > 0]
     seg = make_segmenter(sp.channels)
+    if cuda and tp.channels_last:
+        seg = seg.to(memory_format=torch.channels_last)
+    loader = dict(num_workers=tp.num_workers, pin_memory=cuda, persistent_workers=tp.num_workers > 0)
     seg_loader = DataLoader(_Arrays(image=data.images[with_mask], labels=data.labels[with_mask]),
-                            batch_size=sp.batch_size, shuffle=True, num_workers=tp.num_workers,
-                            generator=torch.Generator().manual_seed(tp.seed))
-    val_loader = DataLoader(_Arrays(image=data.images[va], labels=data.labels[va]), batch_size=64)
+                            batch_size=sp.batch_size, shuffle=True, generator=torch.Generator().manual_seed(tp.seed),
+                            **loader)
+    val_loader = DataLoader(_Arrays(image=data.images[va], labels=data.labels[va]), batch_size=64, **loader)
+    rank, world = 0, 1
     if sp.max_epochs > 0 and len(with_mask):
-        _trainer(sp.max_epochs, tp.accelerator, len(va) > 0).fit(
-            SegModule(seg, sp.lr, sp.max_epochs), seg_loader, val_loader)
+        ckpt = checkpoints / "segmenter" if checkpoints is not None else None
+        seg_log = _EpochLog()
+        callbacks = [seg_log] + ([ModelCheckpoint(dirpath=ckpt, save_last=True, save_top_k=0)] if ckpt else [])
+        trainer = _trainer(sp.max_epochs, tp, len(va) > 0, callbacks)
+        resumed = _fit(trainer, SegModule(seg, sp.lr, sp.max_epochs), (seg_loader, val_loader), ckpt, tp.resume)
+        rank, world = trainer.global_rank, trainer.world_size
+        info["segmenter_resumed_at_epoch"] = seg_log.first_epoch if resumed else None
     cfg = ModelConfig(tp.model, tp.features, sp.channels, params.preprocess.size,
                       params.preprocess.crop_margin, 0.5)
     clf = make_classifier(tp.model, tp.features)
@@ -149,24 +199,37 @@ def train_models(data: Prepared, params: Params) -> Predictor:
     train_ds = _Arrays(**{k: v[tr] for k, v in arrays.items()})
     val_ds = _Arrays(**{k: v[va] for k, v in arrays.items()})
     if tp.max_epochs > 0 and len(tr) and not isinstance(clf, BiometryRule):
+        if cuda and tp.channels_last:
+            clf = clf.to(memory_format=torch.channels_last)
         module = ClsModule(clf, tp.lr, tp.weight_decay, tp.predicted_mask_fraction)
-        callbacks = []
+        cls_log = _EpochLog()
+        ckpt = checkpoints / "classifier" if checkpoints is not None else Path(tempfile.mkdtemp(prefix="cbh-ckpt-"))
+        callbacks: list = [cls_log]
+        best = None
         if len(va):
             # keep the epoch with the lowest validation cross-entropy (a proper scoring rule:
             # choosing by AUC alone picked early, badly calibrated epochs); stop when it stalls
-            ckpt_dir = tempfile.mkdtemp(prefix="cbh-ckpt-")
-            best = ModelCheckpoint(dirpath=ckpt_dir, monitor="cls_val_loss", mode="min", save_top_k=1)
-            callbacks = [best, EarlyStopping(monitor="cls_val_loss", mode="min", patience=tp.early_stopping_patience)]
-        _trainer(tp.max_epochs, tp.accelerator, len(va) > 0, callbacks).fit(
-            module,
-            DataLoader(train_ds, batch_size=tp.batch_size, shuffle=True, num_workers=tp.num_workers,
-                       generator=torch.Generator().manual_seed(tp.seed)),
-            DataLoader(val_ds, batch_size=64))
-        if callbacks and best.best_model_path:
+            best = ModelCheckpoint(dirpath=ckpt, monitor="cls_val_loss", mode="min", save_top_k=1, save_last=True)
+            callbacks += [best, EarlyStopping(monitor="cls_val_loss", mode="min", patience=tp.early_stopping_patience)]
+        else:
+            callbacks.append(ModelCheckpoint(dirpath=ckpt, save_last=True, save_top_k=0))
+        trainer = _trainer(tp.max_epochs, tp, len(va) > 0, callbacks)
+        resumed = _fit(trainer, module,
+                       (DataLoader(train_ds, batch_size=tp.batch_size, shuffle=True,
+                                   generator=torch.Generator().manual_seed(tp.seed), **loader),
+                        DataLoader(val_ds, batch_size=64, **loader)), ckpt, tp.resume)
+        rank, world = trainer.global_rank, trainer.world_size
+        info["classifier_resumed_at_epoch"] = cls_log.first_epoch if resumed else None
+        if best is not None and best.best_model_path:
             state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
             module.load_state_dict(state)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-    predictor = Predictor(seg.cpu(), clf.cpu(), cfg)
+        if checkpoints is None:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    info.update(rank=rank, world_size=world)
+    seg, clf = seg.to(memory_format=torch.contiguous_format).cpu(), clf.cpu()
+    if not isinstance(clf, BiometryRule):
+        clf = clf.to(memory_format=torch.contiguous_format)
+    predictor = Predictor(seg, clf, cfg)
     return choose_operating_point(predictor, data, params.evaluate.sensitivity_target)
 
 
