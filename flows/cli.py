@@ -36,8 +36,8 @@ def _progress(label: str) -> Callable[[int, int], None]:
     return show
 
 
-def _params(root: Path, overrides: list[str] | None = None) -> Params:
-    return load_params(root / "params.yaml", overrides)
+def _params(root: Path, overrides: list[str] | None = None, profile: str | None = None) -> Params:
+    return load_params(root / "params.yaml", overrides, profile)
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def cmd_train(a: argparse.Namespace, root: Path) -> int:
     from flows import stages
 
     overrides = list(a.set or []) + ([f"train.model={a.model}"] if a.model else [])
-    params = _params(root, overrides)
+    params = _params(root, overrides, a.profile)
     info = stages.train(params, root, progress=_progress("preparing"))
     if info["rank"] != 0:                       # a DDP worker process: rank 0 evaluates and registers
         return 0
@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_validate, with_split=True)
     s = sub.add_parser("train", help="train, evaluate, log to MLflow and register a 'challenger'")
     s.add_argument("--model", choices=MODELS, help="default: params.yaml train.model")
+    s.add_argument("--profile", help="a named set of overrides from params.yaml `profiles:` (e.g. paper)")
     _add_overrides(s)
     s.set_defaults(fn=cmd_train)
     s = sub.add_parser("promote", help="gate the challenger against the champion")

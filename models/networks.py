@@ -40,17 +40,45 @@ class Encoder(nn.Module):
         return self.net(x)
 
 
+BACKBONES = ("small", "densenet121", "resnet18", "resnet34", "resnet50")
+
+
+def make_encoder(name: str, in_channels: int, features: int, widths: tuple[int, ...] = (16, 32, 64, 64)) -> nn.Module:
+    """A branch of ASC: a CNN returning a (B, features, h, w) map.
+
+    `small` is the CPU default; the others are MONAI's networks (randomly initialised: no
+    weights are downloaded), their feature maps projected to `features` channels. The
+    paper used Inception-v3 (image) and VGG16-bn (shape), which MONAI does not provide;
+    DenseNet-121 and ResNets are the closest it has.
+    """
+    if name == "small":
+        return Encoder(in_channels, widths, features)
+    from monai.networks import nets
+
+    if name == "densenet121":
+        body: nn.Module = nets.DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=1).features
+        width = 1024
+    elif name.startswith("resnet") and name in BACKBONES:
+        r = getattr(nets, name)(spatial_dims=2, n_input_channels=in_channels, num_classes=1)
+        body = nn.Sequential(r.conv1, r.bn1, r.act, r.maxpool, r.layer1, r.layer2, r.layer3, r.layer4)
+        width = r.fc.in_features
+    else:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    return nn.Sequential(body, nn.ReLU(), Convolution(2, width, features, kernel_size=1, norm="batch", act="relu"))
+
+
 class ASCNet(nn.Module):
     """Anatomically constrained classifier; `use_shape=False` gives the image-only ablation."""
 
     def __init__(self, features: int = 32, widths: tuple[int, ...] = (16, 32, 64, 64),
-                 context_dim: int = 0, use_shape: bool = True) -> None:
+                 context_dim: int = 0, use_shape: bool = True, backbone: str = "small",
+                 shape_backbone: str = "small") -> None:
         super().__init__()
         self.use_shape, self.context_dim = use_shape, context_dim
-        self.image = Encoder(1, widths, features)
+        self.image = make_encoder(backbone, 1, features, widths)
         parts = features
         if use_shape:
-            self.shape = Encoder(2, widths, features)
+            self.shape = make_encoder(shape_backbone, 2, features, widths)
             self.attn = nn.TransformerEncoder(
                 nn.TransformerEncoderLayer(features, nhead=4, dim_feedforward=2 * features,
                                            dropout=0.1, batch_first=True), num_layers=1)
@@ -88,14 +116,15 @@ class BiometryRule(nn.Module):
         raise RuntimeError("BiometryRule is evaluated from measurements, not called on tensors")
 
 
-def make_classifier(model: str, features: int) -> nn.Module:
+def make_classifier(model: str, features: int, backbone: str = "small", shape_backbone: str = "small") -> nn.Module:
     """The comparison models selectable by `cbh train --model`."""
+    kw = {"backbone": backbone, "shape_backbone": shape_backbone}
     if model == "biometry-rule":
         return BiometryRule()
     if model == "asc":
-        return ASCNet(features)
+        return ASCNet(features, **kw)
     if model == "asc-ga":
-        return ASCNet(features, context_dim=2)
+        return ASCNet(features, context_dim=2, **kw)
     if model == "image-only":
-        return ASCNet(features, use_shape=False)
+        return ASCNet(features, use_shape=False, **kw)
     raise ValueError(f"unknown model {model!r}; choose asc, asc-ga, image-only or biometry-rule")

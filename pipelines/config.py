@@ -115,6 +115,8 @@ class TrainParams:
     early_stopping_patience: int
     num_workers: int
     accelerator: str
+    backbone: str = "small"
+    shape_backbone: str = "small"
     devices: int = 1
     num_nodes: int = 1
     strategy: str = "auto"
@@ -230,13 +232,19 @@ def parse_params(raw: dict[str, Any]) -> Params:
     return params
 
 
-def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Read params.yaml, apply overrides, validate."""
+def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = None,
+                profile: str | None = None) -> Params:
+    """Read params.yaml, apply a named profile's overrides (section `profiles:`), then
+    `overrides`, and validate."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run cbh from the workspace root)")
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return parse_params(apply_overrides(raw, overrides or []))
+    profiles = raw.pop("profiles", None) or {}
+    if profile is not None and profile not in profiles:
+        raise ConfigError(f"params.yaml: no profile {profile!r}; profiles: {sorted(profiles)}")
+    chosen = list(profiles.get(profile, [])) if profile else []
+    return parse_params(apply_overrides(raw, chosen + list(overrides or [])))
 
 
 def replace(params: Params, overrides: list[str]) -> Params:

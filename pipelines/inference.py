@@ -41,6 +41,8 @@ class ModelConfig:
     size: int
     crop_margin: float
     threshold: float
+    backbone: str = "small"
+    shape_backbone: str = "small"
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -87,7 +89,8 @@ class Predictor:
     @classmethod
     def load(cls, folder: Path, device: str = "cpu") -> "Predictor":
         cfg = ModelConfig.load(folder / "config.json")
-        seg, clf = make_segmenter(cfg.seg_channels), make_classifier(cfg.model, cfg.features)
+        seg = make_segmenter(cfg.seg_channels)
+        clf = make_classifier(cfg.model, cfg.features, cfg.backbone, cfg.shape_backbone)
         seg.load_state_dict(torch.load(folder / "segmenter.pt", map_location=device, weights_only=True))
         clf.load_state_dict(torch.load(folder / "classifier.pt", map_location=device, weights_only=True))
         # (a BiometryRule has an empty state dict: nothing to load, nothing learnt)

@@ -29,3 +29,13 @@ def test_bad_overrides_name_the_problem(bad, fragment):
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="params file not found"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_paper_profile_is_a_named_set_of_overrides():
+    paper = load_params(ROOT / "params.yaml", ["train.lr=0.0003"], profile="paper")
+    assert paper.preprocess.size == 224 and paper.train.backbone == "densenet121"
+    assert paper.segment.channels == (32, 64, 128, 256, 512)
+    assert paper.train.lr == 0.0003                        # --set on top of the profile
+    assert "profiles.paper" not in paper.flat()
+    with pytest.raises(ConfigError, match="no profile 'huge'"):
+        load_params(ROOT / "params.yaml", profile="huge")
