@@ -32,10 +32,29 @@ def random_affine(image: torch.Tensor, masks: torch.Tensor | None, generator: to
 
 
 def random_intensity(image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Gain (scale 0.8-1.2), gamma and speckle-like multiplicative noise."""
+    """What differs between scanners: gain (0.7-1.3), gamma (0.6-1.6, i.e. log compression
+    and dynamic range), speckle grain (a Gaussian blur of 0-1.5 px on half the batch) and
+    speckle-like multiplicative noise."""
     b = image.shape[0]
-    rnd = torch.rand(b, 3, generator=generator).to(image.device)
-    gain = (0.8 + 0.4 * rnd[:, 0]).view(b, 1, 1, 1)
-    gamma = (0.8 + 0.4 * rnd[:, 1]).view(b, 1, 1, 1)
+    rnd = torch.rand(b, 5, generator=generator).to(image.device)
+    gain = (0.7 + 0.6 * rnd[:, 0]).view(b, 1, 1, 1)
+    gamma = torch.exp((rnd[:, 1] * 2 - 1) * math.log(1.6)).view(b, 1, 1, 1)
+    out = image.clamp(min=0) ** gamma * gain
+    sigma = 1.5 * rnd[:, 3]
+    blur = rnd[:, 4] < 0.5
+    if bool(blur.any()):
+        out = torch.where(blur.view(b, 1, 1, 1), _gaussian_blur(out, sigma), out)
     noise = 1.0 + 0.15 * rnd[:, 2].view(b, 1, 1, 1) * torch.randn(image.shape, generator=generator).to(image.device)
-    return (image.clamp(min=0) ** gamma * gain * noise).clamp(0, 1.5)
+    return (out * noise).clamp(0, 1.5)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torch.Tensor:
+    """Per-sample separable Gaussian blur of (B, C, H, W) with standard deviations sigma (B,)."""
+    b, c = x.shape[:2]
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-(t[None, :] ** 2) / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)            # (B*C, 2r+1)
+    y = x.reshape(1, b * c, *x.shape[2:])
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k[:, None, None, :], groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k[:, None, :, None], groups=b * c)
+    return y.reshape(x.shape)

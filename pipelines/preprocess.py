@@ -146,8 +146,20 @@ def unwarp(labels: NDArray, crop: Crop, shape: tuple[int, int]) -> NDArray:
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
+def normalise_intensity(crop: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Robust per-crop intensity scaling: the 1st and 99th percentiles of the imaged pixels
+    map to 0 and 1. Vendors differ in gain, dynamic range and log compression; this removes
+    the global part of that difference for every model, in training and at inference alike."""
+    imaged = crop[crop > 0]
+    if imaged.size < 100:
+        return crop
+    lo, hi = np.percentile(imaged, [1.0, 99.0])
+    return np.clip((crop - lo) / max(float(hi - lo), 1e-3), 0.0, 1.0).astype(np.float32)
+
+
 def prepare_frame(grey: NDArray[np.float32], valid: NDArray[np.bool_], spacing: tuple[float, float],
                   size: int, margin: float) -> tuple[NDArray[np.float32], Crop]:
-    """The crop the networks see, and its geometry."""
+    """The crop the networks see, and its geometry (the deterministic transform, defined once
+    and shared by training, evaluation and inference)."""
     crop = make_crop(fit_skull(grey, valid, spacing), spacing, size, margin)
-    return warp(np.where(valid, grey, 0).astype(np.float32), crop), crop
+    return normalise_intensity(warp(np.where(valid, grey, 0).astype(np.float32), crop)), crop
