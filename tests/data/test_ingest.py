@@ -42,14 +42,15 @@ def test_bad_rows_are_quarantined_and_the_rest_processed(cohort_copy, tmp_path, 
 
     rows = read_annotations(cohort_copy)
     dicoms = [i for i, r in enumerate(rows) if r["image"].endswith(".dcm")]
-    corrupt, missing, future, mismatch, no_mask = dicoms[:5]
+    corrupt, missing, future, mismatch, no_mask, bad_date = dicoms[:6]
     (cohort_copy / rows[corrupt]["image"]).write_bytes(b"\x00" * 128 + b"DICM" + b"\x01" * 64)
     (cohort_copy / rows[no_mask]["mask"]).unlink()
 
     def edit(lines):
         out = list(lines)
         for idx, old, new in ((missing, rows[missing]["image"], "scans/not-there.dcm"),
-                              (future, rows[future]["exam_date"], "2030-01-01")):
+                              (future, rows[future]["exam_date"], "2030-01-01"),
+                              (bad_date, rows[bad_date]["exam_date"], "2019-02-30")):
             out[idx + 1] = out[idx + 1].replace(old, new, 1)
         fields = out[mismatch + 1].split(",")
         fields[2] = "SOMEONE-ELSE"                         # patient_id column
@@ -61,7 +62,9 @@ def test_bad_rows_are_quarantined_and_the_rest_processed(cohort_copy, tmp_path, 
     res = _ingest(cohort_copy, ws, pseudo)
     assert len(res.manifest) + len(res.quarantine) == len(rows)           # nothing dropped
     by_row = {q["source_row"]: q["reason_code"] for q in res.quarantine}
-    assert by_row == {corrupt + 1: "unreadable_dicom", missing + 1: "file_not_found"}
+    # an invalid date cannot be shifted: it stops at ingest, the contract never sees it
+    assert by_row == {corrupt + 1: "unreadable_dicom", missing + 1: "file_not_found", bad_date + 1: "bad_exam_date"}
+    assert "2019-02-30" not in str(res.quarantine)
     assert all(q["reason"] and q["cohort"] == cohort_name(cohort_copy) for q in res.quarantine)
     checks = {m["source_row"]: (m["exam_date_check"], m["patient_check"], m["mask_status"]) for m in res.manifest}
     assert checks[future + 1] == ("future", "ok", "ok") and checks[mismatch + 1] == ("ok", "mismatch", "ok")
