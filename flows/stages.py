@@ -146,17 +146,17 @@ def split(params: Params, root: Path) -> dict[str, Any]:
                                    params.split.seed, params.split.test_site)
     except ValueError as exc:
         raise StageError(str(exc)) from None
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), root / params.paths.dataset)
-    if not frozen_path.is_file():
-        pq.write_table(pa.Table.from_pandas(frozen, preserve_index=False), frozen_path)
     rep = validate_split(df, frozen, root / params.paths.gx_root, validate_params(params))
     folder = root / params.paths.split_contract
     shutil.rmtree(folder, ignore_errors=True)
     write_summary(rep, folder, "Data contract: the split")
     (folder / "validation.json").write_text(json.dumps(rep.to_json(), indent=2) + "\n")
-    if not rep.success:
+    if not rep.success:                       # nothing is written: no later step can train on it
         raise StageError(f"the split breaks the data contract: training stopped (see {params.paths.split_contract}"
                          f"/summary.html)\n{rep.failures_table()}")
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), root / params.paths.dataset)
+    if not frozen_path.is_file():
+        pq.write_table(pa.Table.from_pandas(frozen, preserve_index=False), frozen_path)
     return {"images": split_summary(df), "contract": rep.verdict()}
 
 
