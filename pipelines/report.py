@@ -168,7 +168,8 @@ def compare_runs(run_ids: list[str], out: Path, audit: Path | None = None) -> tu
     metrics = _metric_rows(runs)
     lineage = [(name, [str(r.data.tags.get(key, "-"))[:12] if "md5" in key or "commit" in key
                        else str(r.data.tags.get(key, "-")) for r in runs]) for name, key in LINEAGE]
-    keys = sorted({k for r in runs for k in r.data.params})
+    # model_uri names the run itself: it always differs and says nothing about the training
+    keys = sorted({k for r in runs for k in r.data.params} - {"model_uri"})
     differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
     params = [(k, [str(r.data.params.get(k, "-")) for r in runs]) for k in differing]
     sub_head, sub_body = _subgroups(runs)
