@@ -61,9 +61,11 @@ def log_training_run(*, params_flat: dict[str, Any], metrics: dict[str, float], 
         mlflow.log_params({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params_flat.items()})
         mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})   # NaN-free
         mlflow.set_tags(tags)
+        datasets = {}
         for rec in inputs or []:
             ds = mlflow.data.from_pandas(rec.frame, source=rec.source, name=rec.name, digest=rec.digest)
             mlflow.log_input(ds, context=rec.context)
+            datasets[rec.context] = ds
         import matplotlib.pyplot as plt
         for name, fig in (figures or {}).items():
             mlflow.log_figure(fig, f"plots/{name}.png")
@@ -88,6 +90,12 @@ def log_training_run(*, params_flat: dict[str, Any], metrics: dict[str, float], 
             signature=signature(), model_config={"model_uri": uri}, input_example=input_example,
             registered_model_name=model_name, pip_requirements=_requirements())
         version = str(info.registered_model_version)
+        # the registered version's logged model carries the same lineage, and its test metrics
+        # are linked to the frozen test set's dataset record
+        MlflowClient().set_logged_model_tags(info.model_id, tags)
+        test = {k: v for k, v in metrics.items() if k.startswith("test_") and v == v}
+        if "test" in datasets and test:
+            mlflow.log_metrics(test, model_id=info.model_id, dataset=datasets["test"])
     client = MlflowClient()
     if card:
         client.update_model_version(model_name, version, description=card)

@@ -111,6 +111,11 @@ def test_run_and_version_carry_lineage(flow_run):
     inputs = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
     assert inputs == {("dataset", run.data.tags["data.dataset_md5"]),
                       ("frozen_test", run.data.tags["data.frozen_test_md5"])}
+    assert champ.source.startswith("models:/m-")                  # the version's logged model
+    logged = client.get_logged_model(champ.source.split("/")[-1])
+    assert logged.tags["git.commit"] == commit and logged.tags["data.dataset_md5"] == run.data.tags["data.dataset_md5"]
+    linked = {(m.key, m.dataset_name, m.dataset_digest) for m in logged.metrics}
+    assert ("test_auc", "frozen_test", run.data.tags["data.frozen_test_md5"]) in linked
     lock = mlflow.artifacts.load_text(f"runs:/{champ.run_id}/lineage/dvc.lock")
     assert run.data.tags["data.dataset_md5"] in lock
     assert run.data.params["train.max_epochs"] == "3"
