@@ -108,8 +108,11 @@ def validate(params: Params, root: Path) -> ValidationReport:
     folder = root / params.paths.contract
     shutil.rmtree(folder, ignore_errors=True)
     write_summary(rep, folder, "Data contract: de-identified scans, annotations and masks")
+    # the contract's rows join ingest's in the one quarantine table (a folder of Parquet files)
     table = pa.Table.from_pandas(quarantine_frame(rep), schema=QUARANTINE_SCHEMA, preserve_index=False)
-    pq.write_table(table, folder / "quarantine.parquet")
+    out = root / params.paths.contract_quarantine
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out)
     return rep
 
 
@@ -127,7 +130,7 @@ def validate_current_split(params: Params, root: Path) -> ValidationReport | Non
 
 def contract_quarantined(params: Params, root: Path) -> set[str]:
     """image_ids the data contract quarantined (never reach the dataset)."""
-    path = root / params.paths.contract / "quarantine.parquet"
+    path = root / params.paths.contract_quarantine
     return set(pq.read_table(path).column("image").to_pylist()) if path.is_file() else set()
 
 

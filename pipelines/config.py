@@ -24,6 +24,7 @@ class Paths:
     deid: str
     manifest: str
     quarantine: str
+    contract_quarantine: str
     deid_report: str
     validation: str
     dataset: str

@@ -372,7 +372,9 @@ def test_quarantined_rows_never_reach_the_dataset(flow_run):
     ws, cohort, res, _ = flow_run
     assert res.returncode == 0
     import pyarrow.parquet as pq
-    quarantined = pq.read_table(ws / "data/contract/quarantine.parquet").to_pylist()
+    quarantined = pq.read_table(ws / "data/quarantine/contract.parquet").to_pylist()
+    table = pq.read_table(ws / "data/quarantine").to_pylist()          # the one quarantine table
+    assert quarantined[0] in table
     assert [q["reason_code"] for q in quarantined] == ["annotations.expect_column_values_to_be_between.ga_weeks"]
     assert quarantined[0]["source_row"] == DEFECT_ROW
     dataset = pq.read_table(ws / "data/dataset.parquet").to_pandas()
