@@ -126,7 +126,9 @@ def _trainer(max_epochs: int, tp: TrainParams, has_val: bool, callbacks: list | 
     precision = tp.precision if tp.precision != "auto" else ("bf16-mixed" if _cuda(tp) else "32-true")
     return L.Trainer(max_epochs=max_epochs, accelerator=tp.accelerator, devices=tp.devices, num_nodes=tp.num_nodes,
                      strategy=tp.strategy, precision=precision, logger=False,
-                     enable_checkpointing=bool(callbacks), enable_model_summary=False, deterministic="warn",
+                     # only our own ModelCheckpoint: Lightning's default one would write into the cwd
+                     enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []),
+                     enable_model_summary=False, deterministic="warn",
                      num_sanity_val_steps=0, limit_val_batches=1.0 if has_val else 0,
                      enable_progress_bar=False, callbacks=callbacks or [])
 
