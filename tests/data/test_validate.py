@@ -105,6 +105,16 @@ def _frame_small(ws, df, i):
     df.loc[i, "rows"] = 64
 
 
+def _frame_wide(ws, df, i):
+    _no_mask(df, i)
+    df.loc[i, "cols"] = 5000
+
+
+def _mask_narrow(ws, df, i):
+    m = _mask(ws, df.loc[i])
+    _save_mask(ws, df, i, m[:, : m.shape[1] - 8], "narrow")      # the same height, 8 columns short
+
+
 def _mask_missing(ws, df, i):
     df.loc[i, ["mask_path", "mask_status"]] = [None, "missing"]
 
@@ -180,7 +190,12 @@ ROW_DEFECTS = [
      _set("spacing_row_mm", None)),
     ("spacing-cm", "scan_manifest", "expect_column_values_to_be_between", "spacing_col_mm", "critical",
      _set("spacing_col_mm", 1.5)),
+    ("spacing-col-null", "scan_manifest", "expect_column_values_to_not_be_null", "spacing_col_mm", "critical",
+     _set("spacing_col_mm", None)),
+    ("spacing-row-tiny", "scan_manifest", "expect_column_values_to_be_between", "spacing_row_mm", "critical",
+     _set("spacing_row_mm", 0.01)),
     ("frame-size", "scan_manifest", "expect_column_values_to_be_between", "rows", "critical", _frame_small),
+    ("frame-too-wide", "scan_manifest", "expect_column_values_to_be_between", "cols", "critical", _frame_wide),
     ("photometric", "scan_manifest", "expect_column_values_to_be_in_set", "photometric", "critical",
      _set("photometric", "YBR_ICT")),
     ("pixels-twice", "scan_manifest", "expect_column_values_to_be_unique", "pixel_sha256", "warning", None),
@@ -206,6 +221,7 @@ ROW_DEFECTS = [
     ("mask-missing", "masks", "expect_column_values_to_be_in_set", "mask_status", "critical", _mask_missing),
     ("mask-unreadable", "masks", "expect_column_values_to_be_in_set", "mask_decodes", "critical", _mask_gone),
     ("mask-size", "masks", "expect_column_pair_values_to_be_equal", "mask_rows=rows", "critical", _mask_resized),
+    ("mask-width", "masks", "expect_column_pair_values_to_be_equal", "mask_cols=cols", "critical", _mask_narrow),
     ("mask-class", "masks", "expect_column_values_to_be_between", "mask_max_value", "critical", _mask_class_3),
     ("no-cerebellum", "masks", "expect_column_values_to_be_between", "mask_cerebellum_px", "critical",
      _mask_no_cerebellum),
