@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import TEST_KEY
-from tests.integration.workspace import cbh, make_workspace, set_params
+from tests.integration.workspace import cbh, make_workspace, registry, set_params
 
 TINY = {"segment.max_epochs": 2, "train.max_epochs": 3, "preprocess.size": 48, "evaluate.bootstrap": 20,
         "train.accelerator": "cpu"}
@@ -45,11 +45,7 @@ def _copy(ws: Path, tmp: Path) -> Path:
 
 
 def _versions(ws: Path) -> list[str]:
-    import mlflow
-    from mlflow import MlflowClient
-
-    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
-    return sorted(str(v.version) for v in MlflowClient().search_model_versions("name='cerebellar-hypoplasia'"))
+    return sorted(str(v.version) for v in registry(ws).search_model_versions("name='cerebellar-hypoplasia'"))
 
 
 def test_ddp_with_two_cpu_processes(split_workspace, tmp_path):

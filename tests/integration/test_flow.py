@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import TEST_KEY
 from tests.integration.workspace import cbh as _cbh
-from tests.integration.workspace import commit_workspace, set_params
+from tests.integration.workspace import commit_workspace, registry, set_params
 from tests.integration.workspace import make_workspace as _workspace
 
 TINY_PARAMS = {"segment.max_epochs": 3, "train.max_epochs": 3, "preprocess.size": 64, "evaluate.bootstrap": 50}
@@ -94,11 +94,9 @@ def test_run_and_version_carry_lineage(flow_run):
     ws, _, res, commit = flow_run
     assert res.returncode == 0
     import mlflow
-    from mlflow import MlflowClient
 
     from pipelines.lineage import md5_file
-    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
-    client = MlflowClient()
+    client = registry(ws)
     champ = client.get_model_version_by_alias("cerebellar-hypoplasia", "champion")
     run = client.get_run(champ.run_id)
     for tags in (champ.tags, run.data.tags):
@@ -167,13 +165,11 @@ def test_dvc_repro_at_the_recorded_commit_reproduces_the_data(flow_run, tmp_path
 def test_review_report_renders_offline_and_is_attached(flow_run):
     ws, _, res, _ = flow_run
     assert res.returncode == 0
-    import mlflow
-    from mlflow import MlflowClient
 
     from tests.browser import open_page
-    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
-    champ = MlflowClient().get_model_version_by_alias("cerebellar-hypoplasia", "champion")
-    attached = {a.path for a in MlflowClient().list_artifacts(champ.run_id, "report")}
+    client = registry(ws)
+    champ = client.get_model_version_by_alias("cerebellar-hypoplasia", "champion")
+    attached = {a.path for a in client.list_artifacts(champ.run_id, "report")}
     assert attached == {"report/compare.html", "report/compare.md"}
     report = next((ws / "reports").glob("*/compare.html"))
     assert report.stat().st_size < 3_000_000
@@ -201,9 +197,7 @@ def test_registry_has_champion_and_challenger(flow_run):
     ws, _, res, _ = flow_run
     assert res.returncode == 0
     import mlflow
-    from mlflow import MlflowClient
-    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
-    client = MlflowClient()
+    client = registry(ws)
     chal = client.get_model_version_by_alias("cerebellar-hypoplasia", "challenger")
     champ = client.get_model_version_by_alias("cerebellar-hypoplasia", "champion")
     assert str(chal.version) == str(champ.version) == "1"
@@ -228,10 +222,7 @@ def test_untrained_model_is_registered_then_refused(flow_run):
     assert "version 2" in tr.stdout
     pr = _cbh(ws, "promote")
     assert pr.returncode != 0 and "rejected" in pr.stdout
-    import mlflow
-    from mlflow import MlflowClient
-    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
-    client = MlflowClient()
+    client = registry(ws)
     assert str(client.get_model_version_by_alias("cerebellar-hypoplasia", "champion").version) == "1"
     v2 = client.get_model_version("cerebellar-hypoplasia", "2")
     assert v2.tags["promotion.decision"] == "rejected" and "below the floor" in v2.tags["promotion.reason"]
@@ -395,14 +386,11 @@ def test_quarantined_rows_never_reach_the_dataset(flow_run):
 def test_concurrent_promotions_and_rollback(flow_run):
     ws, _, res, _ = flow_run
     assert res.returncode == 0
-    import mlflow
-    from mlflow import MlflowClient
 
     set_params(ws, {"promote.min_auc": 0.0, "promote.auc_margin": 1.0})
     tr = _cbh(ws, "train", *sum((["--set", o] for o in TINY), []))
     assert tr.returncode == 0, tr.stderr[-2000:]
-    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
-    client = MlflowClient()
+    client = registry(ws)
     before = client.get_model_version_by_alias("cerebellar-hypoplasia", "champion").version
     challenger = client.get_model_version_by_alias("cerebellar-hypoplasia", "challenger").version
     env = dict(os.environ, CBH_WORKSPACE=str(ws))

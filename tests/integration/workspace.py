@@ -63,3 +63,12 @@ def cbh(ws: Path, *args: str, env_extra: dict | None = None) -> subprocess.Compl
     env.pop("CBH_DEMO", None)
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ws, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def registry(ws: Path):
+    """An MLflow client on the workspace's own tracking store and registry."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    return MlflowClient()
