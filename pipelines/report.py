@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
+from pipelines.tables import html_table, md_table  # noqa: E402
 from pipelines.tracking import EXPERIMENT  # noqa: E402
 
 # (label, metric, interval low, interval high)
@@ -178,10 +179,6 @@ def compare_runs(run_ids: list[str], out: Path, audit: Path | None = None) -> tu
     out.mkdir(parents=True, exist_ok=True)
     same_test = len({r.data.tags.get("data.frozen_test_md5") for r in runs}) == 1
 
-    def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
-        esc = [[c.replace("|", "\\|") for c in row] for row in rows]
-        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in esc]
-
     md = ["# cbh run comparison", "",
           f"{len(runs)} runs. Test metrics on the frozen test set"
           + (" (the same version for every run)." if same_test else " (WARNING: not the same test set version)."),
@@ -196,11 +193,6 @@ def compare_runs(run_ids: list[str], out: Path, audit: Path | None = None) -> tu
     md += ["", "Figures (ROC overlaid, reliability, confusion matrices) are in compare.html."]
     md_path = out / "compare.md"
     md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
-
-    def h_table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
-        th = "".join(f"<th>{html.escape(c)}</th>" for c in head)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-        return f"<table class='{cls}'><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
     imgs = "".join(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{b64}'>"
                    f"<figcaption>{html.escape(name)}</figcaption></figure>" for name, b64 in figures.items())
@@ -220,17 +212,17 @@ figure{{display:inline-block;margin:0.5em}} figcaption{{text-align:center;font-s
         "" if same_test else " <span class='warn'>(not the same test set version: do not compare)</span>"}.
 Research use only, not for clinical use.</p>
 <h2 id="metrics">Metrics (95% bootstrap interval for the AUC)</h2>
-{h_table(["metric", *heads], [[n, *v] for n, v in metrics], "metrics")}
+{html_table(["metric", *heads], [[n, *v] for n, v in metrics], "metrics")}
 <h2>Curves and confusion matrices</h2>
 {imgs}
 <h2>Data and code</h2>
-{h_table(["", *heads], [[n, *v] for n, v in lineage])}
+{html_table(["", *heads], [[n, *v] for n, v in lineage])}
 <h2>Parameters that differ ({len(differing)} of {len(keys)})</h2>
-{h_table(["parameter", *heads], [[n, *v] for n, v in params]) if params else "<p>None: same parameters.</p>"}
+{html_table(["parameter", *heads], [[n, *v] for n, v in params]) if params else "<p>None: same parameters.</p>"}
 <h2>Subgroups (frozen test set)</h2>
-{h_table(sub_head, sub_body, "wide") if sub_body else "<p>None.</p>"}
+{html_table(sub_head, sub_body, "wide") if sub_body else "<p>None.</p>"}
 <h2>Promotion history (latest first)</h2>
-{h_table(hist_head, hist_body, "wide") if hist_body else "<p>No promotion yet.</p>"}
+{html_table(hist_head, hist_body, "wide") if hist_body else "<p>No promotion yet.</p>"}
 </body></html>
 """
     html_path = out / "compare.html"

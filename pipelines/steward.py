@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipelines.tables import html_table, md_table
 from pipelines.validate import CRITICAL, DATASET, ROW, WARNING, ValidationReport
 
 
@@ -46,20 +47,20 @@ def write_summary(report: ValidationReport, out_dir: Path, title: str) -> tuple[
 
     md = [f"# {title}", "", f"**Verdict: {report.verdict()}**", "",
           f"{report.rows_checked} rows checked; {len(report.quarantined)} quarantined.", "",
-          "## Expectations by severity", ""] + _md_table(counts_head, counts)
-    md += ["", "## Quarantined rows", ""] + (_md_table(q_head, q_rows) if q_rows else ["None."])
-    md += ["", "## Failed expectations", ""] + (_md_table(f_head, f_rows) if f_rows else ["None."])
+          "## Expectations by severity", ""] + md_table(counts_head, counts)
+    md += ["", "## Quarantined rows", ""] + (md_table(q_head, q_rows) if q_rows else ["None."])
+    md += ["", "## Failed expectations", ""] + (md_table(f_head, f_rows) if f_rows else ["None."])
     for name, (head, rows) in extra.items():
-        md += ["", f"## {name.capitalize()}", ""] + _md_table(head, rows)
+        md += ["", f"## {name.capitalize()}", ""] + md_table(head, rows)
     md += ["", f"Data Docs: `{docs}`" if docs else ""]
     md_path = out_dir / "summary.md"
     md_path.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
 
     colour = "#1b7f3b" if ok and not report.quarantined else ("#8a5a00" if ok else "#b3261e")
-    sections = [f"<h2>Expectations by severity</h2>{_html_table(counts_head, counts)}",
-                "<h2>Quarantined rows</h2>" + (_html_table(q_head, q_rows) if q_rows else "<p>None.</p>"),
-                "<h2>Failed expectations</h2>" + (_html_table(f_head, f_rows) if f_rows else "<p>None.</p>")]
-    sections += [f"<h2>{html.escape(name.capitalize())}</h2>{_html_table(head, rows)}"
+    sections = [f"<h2>Expectations by severity</h2>{html_table(counts_head, counts)}",
+                "<h2>Quarantined rows</h2>" + (html_table(q_head, q_rows) if q_rows else "<p>None.</p>"),
+                "<h2>Failed expectations</h2>" + (html_table(f_head, f_rows) if f_rows else "<p>None.</p>")]
+    sections += [f"<h2>{html.escape(name.capitalize())}</h2>{html_table(head, rows)}"
                  for name, (head, rows) in extra.items()]
     link = f"<p>Data Docs: <a href='{html.escape(docs.as_uri())}'>{html.escape(str(docs))}</a></p>" if docs else ""
     page = f"""<!doctype html>
@@ -87,17 +88,6 @@ def _fmt(v: object) -> str:
     if isinstance(v, float):
         return "-" if v != v else f"{v:.3f}"
     return str(v)
-
-
-def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
-    esc = [[c.replace("|", "\\|") for c in row] for row in rows]
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in esc]
-
-
-def _html_table(head: list[str], rows: list[list[str]]) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def quarantine_frame(report: ValidationReport) -> pd.DataFrame:
