@@ -18,8 +18,6 @@ import yaml
 
 from pipelines.config import Params
 
-DEID_PROFILE = ("PS3.15 E.1-1 basic profile; options: retain longitudinal temporal information with "
-                "modified dates, retain device identity, clean pixel data, clean descriptors (removed)")
 PACKAGES = ("torch", "lightning", "monai", "numpy", "pandas", "pyarrow", "pydicom", "mlflow", "dvc",
             "prefect", "great-expectations", "scikit-learn", "opencv-python-headless")
 
@@ -64,6 +62,14 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def deid_profile() -> str:
+    """The de-identification profile and options, as every de-identification report states them."""
+    from pipelines.deid import profile_record
+
+    rec = profile_record()
+    return f"{rec['profile']}; options: {', '.join(rec['options'])}; CID 7050 codes {', '.join(rec['codes'])}"
+
+
 def collect(root: Path, params: Params) -> dict[str, str]:
     """The lineage tags of a run trained and evaluated on the workspace's current data."""
     p = params.paths
@@ -82,7 +88,7 @@ def collect(root: Path, params: Params) -> dict[str, str]:
         tags["data.validation"] = "passed" if json.loads(validation.read_text()).get("success") else "failed"
     else:
         tags["data.validation"] = "missing"
-    tags["deid.profile"] = DEID_PROFILE
+    tags["deid.profile"] = deid_profile()
     tags["params.md5"] = hashlib.md5(json.dumps(params.flat(), sort_keys=True, default=str).encode()).hexdigest()
     tags.update({f"pkg.{k}": v for k, v in package_versions().items()})
     return tags
