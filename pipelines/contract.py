@@ -74,7 +74,6 @@ class MaskStatsCache:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.rows: dict[str, dict[str, object]] = {}
-        self.hits = self.misses = 0
         if path is not None and path.is_file():
             for r in pq.read_table(path).to_pylist():
                 self.rows[r.pop("sha256")] = r
@@ -87,9 +86,7 @@ class MaskStatsCache:
             return None
         key = hashlib.sha256(data).hexdigest()
         if key in self.rows:
-            self.hits += 1
             return self.rows[key]
-        self.misses += 1
         mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if mask is None or mask.ndim != 2:
             return None
@@ -110,11 +107,8 @@ class MaskStatsCache:
 def row_metrics(manifest: pd.DataFrame, workspace: Path | None, cache: MaskStatsCache | None = None) -> pd.DataFrame:
     """The manifest plus the derived columns the suites check (DERIVED)."""
     df = manifest.copy()
-    tcd = pd.to_numeric(df.get("tcd_mm"), errors="coerce").to_numpy(dtype=float, na_value=np.nan) \
-        if "tcd_mm" in df else np.full(len(df), np.nan)
-    ga = pd.to_numeric(df.get("ga_weeks"), errors="coerce").to_numpy(dtype=float, na_value=np.nan) \
-        if "ga_weeks" in df else np.full(len(df), np.nan)
-    df["tcd_z"] = np.asarray(biometry.tcd_zscore(tcd, ga), dtype=float)
+    tcd = _floats(df, "tcd_mm")
+    df["tcd_z"] = np.asarray(biometry.tcd_zscore(tcd, _floats(df, "ga_weeks")), dtype=float)
     cache = cache or MaskStatsCache(None)
     stats: list[dict[str, object]] = []
     decodes: list[bool | None] = []
@@ -131,12 +125,18 @@ def row_metrics(manifest: pd.DataFrame, workspace: Path | None, cache: MaskStats
         values = [s.get(col) for s in stats]
         df[col] = pd.array(values, dtype="boolean" if col == "mask_cm_posterior" else
                            ("Float64" if col == "mask_tcd_px" else "Int64"))
-    spacing = pd.to_numeric(df.get("spacing_col_mm"), errors="coerce").to_numpy(dtype=float, na_value=np.nan) \
-        if "spacing_col_mm" in df else np.full(len(df), np.nan)
-    tcd_mask = df["mask_tcd_px"].to_numpy(dtype=float, na_value=np.nan) * spacing
+    tcd_mask = _floats(df, "mask_tcd_px") * _floats(df, "spacing_col_mm")
     df["mask_tcd_mm"] = tcd_mask
     df["mask_tcd_diff_mm"] = tcd_mask - tcd
     return df.drop(columns=["mask_tcd_px"])
+
+
+def _floats(df: pd.DataFrame, column: str) -> np.ndarray:
+    """A column as floats, NaN where missing or not a number (all NaN if the column is absent:
+    the schema expectation reports that)."""
+    if column not in df:
+        return np.full(len(df), np.nan)
+    return pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
 
 
 def split_metrics(dataset: pd.DataFrame, frozen: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame]:

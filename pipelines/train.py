@@ -134,16 +134,14 @@ def _trainer(max_epochs: int, tp: TrainParams, has_val: bool, callbacks: list | 
 
 
 class _EpochLog(L.Callback):
-    """Records the first epoch a fit runs (> 0 after a resume) and the world size."""
+    """Records the first epoch a fit runs (> 0 after a resume)."""
 
     def __init__(self) -> None:
         self.first_epoch: int | None = None
-        self.world_size = 1
 
     def on_train_epoch_start(self, trainer: L.Trainer, _: L.LightningModule) -> None:
         if self.first_epoch is None:
             self.first_epoch = int(trainer.current_epoch)
-        self.world_size = int(trainer.world_size)
 
 
 def _fit(trainer: L.Trainer, module: L.LightningModule, loaders: tuple, ckpt_dir: Path | None,
@@ -228,9 +226,7 @@ def train_models(data: Prepared, params: Params, checkpoints: Path | None = None
         if checkpoints is None:
             shutil.rmtree(ckpt, ignore_errors=True)
     info.update(rank=rank, world_size=world)
-    seg, clf = seg.to(memory_format=torch.contiguous_format).cpu(), clf.cpu()
-    if not isinstance(clf, BiometryRule):
-        clf = clf.to(memory_format=torch.contiguous_format)
+    seg, clf = (m.to("cpu", memory_format=torch.contiguous_format) for m in (seg, clf))
     predictor = Predictor(seg, clf, cfg)
     return choose_operating_point(predictor, data, params.evaluate.sensitivity_target)
 
