@@ -63,12 +63,20 @@ def cmd_synth(a: argparse.Namespace, root: Path) -> int:
 
 def cmd_deid(a: argparse.Namespace, root: Path) -> int:
     from flows.stages import pseudonymizer
-    from pipelines.deid_folder import deid_folder
+    from pipelines.deid import Settings
+    from pipelines.deid_folder import default_quarantine, deid_folder
 
-    rep = deid_folder(Path(a.src), Path(a.dst), pseudonymizer(_params(root), root),
-                      Path(a.link) if a.link else None, progress=_progress("de-identifying"))
-    print(f"{rep['deidentified']} of {rep['inputs']} files de-identified into {a.dst}, "
-          f"{rep['quarantined']} quarantined {rep['reasons'] or ''}; report: {Path(a.dst) / 'deid-report.json'}")
+    params = _params(root)
+    dst = Path(a.dst)
+    held = Path(a.quarantine) if a.quarantine else default_quarantine(dst)
+    rep = deid_folder(Path(a.src), dst, pseudonymizer(params, root), Path(a.link) if a.link else None,
+                      progress=_progress("de-identifying"), settings=Settings.from_params(params.deid),
+                      workers=params.deid.workers if a.workers is None else a.workers, quarantine=held)
+    print(f"{rep['deidentified']} of {rep['inputs']} files de-identified into {dst} "
+          f"({rep['ocr_verified']} verified by OCR, {rep['resumed']} already done), "
+          f"{rep['quarantined']} quarantined {rep['reasons'] or ''}; report: {dst / 'deid-report.json'}")
+    if rep["quarantined"]:
+        print(f"quarantined inputs (identified side, not pushed anywhere): {held}/quarantine.csv")
     return 0
 
 
@@ -296,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src")
     s.add_argument("dst")
     s.add_argument("--link", help="CSV file for the source-to-output link (kept apart from DST)")
+    s.add_argument("--quarantine", help="folder for held inputs and their reasons (default: DST-quarantine)")
+    s.add_argument("--workers", type=int, help="processes (default: params.yaml deid.workers; 0: one per core)")
     s.set_defaults(fn=cmd_deid)
     s = sub.add_parser("ingest", help="de-identify a cohort into the workspace data store and build the manifest")
     s.add_argument("cohort")
@@ -361,12 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*(LeafSpec|eval mode|does not have many workers).*")
     from flows.stages import StageError
-    from pipelines.deid import DeidError, MissingKeyError
+    from pipelines.deid import DeidError, MissingKeyError, OcrUnavailable
+    from pipelines.deid_profile import OptionError
     from pipelines.ingest import CohortError
     from pipelines.preprocess import PreprocessError
 
     expected = (CommandError, ConfigError, StageError, MissingKeyError, CohortError, DeidError,
-                PreprocessError, FileNotFoundError)
+                PreprocessError, FileNotFoundError, OcrUnavailable, OptionError)
     try:
         return int(args.fn(args, root) or 0)
     except expected as exc:

@@ -63,6 +63,14 @@ class DeidParams:
     key_env: str
     max_date_shift_days: int
     keep_columns: tuple[str, ...]
+    options: tuple[str, ...]
+    templates: tuple[dict, ...]
+    ocr_sample: float
+    ocr_min_chars: int
+    ocr_min_confidence: float
+    ocr_allowed: tuple[str, ...]
+    ocr_vocabulary: tuple[str, ...]
+    workers: int
 
 
 @dataclass(frozen=True)

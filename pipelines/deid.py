@@ -1,12 +1,14 @@
 """De-identification of ultrasound DICOM and PNG/JPEG scans.
 
-Headers are rebuilt from an allow-list (an attribute not listed here never reaches the
-output, whatever vendor or private tag it came in), identifiers that must stay linkable are
-replaced by keyed pseudonyms (HMAC-SHA256 with the secret key), dates are shifted by a
-per-patient offset derived from the key so intervals between a patient's exams survive,
-and pixels outside the calibrated ultrasound regions are blanked (burned-in banners).
-What was done is recorded in the output as PS3.15 asks (PatientIdentityRemoved,
-DeidentificationMethod and its CID 7050 codes, LongitudinalTemporalInformationModified).
+Headers follow DICOM PS3.15 Table E.1-1 (pipelines/deid_profile.py): the Basic Profile plus
+the options of params.yaml, applied at every depth; private, overlay and curve elements and
+every unlisted attribute the platform does not need are removed. Identifiers that must stay
+linkable become keyed pseudonyms (HMAC-SHA256 with the secret key); dates move by a
+per-patient offset derived from the key, so intervals between a patient's exams survive.
+Pixels outside the calibrated ultrasound regions (or a device template's) are blanked, and
+Tesseract verifies the result (pipelines/ocr.py). What was done is recorded in the output as
+PS3.15 asks (PatientIdentityRemoved, DeidentificationMethod and its CID 7050 codes,
+LongitudinalTemporalInformationModified, BurnedInAnnotation NO).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -25,38 +28,19 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 
-PROFILE = "DICOM PS3.15 E.1 Basic Application Level Confidentiality Profile"
-METHOD = "PS3.15 E.1 Basic Profile + options (CID 7050 codes); cbh"  # LO: <= 64 chars
-OPTIONS = (
-    ("113100", "Basic Application Confidentiality Profile"),
-    ("113101", "Clean Pixel Data Option"),
-    ("113105", "Clean Descriptors Option"),
-    ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
-    ("113109", "Retain Device Identity Option"),
-)
-# Copied unchanged: what describes the pixels, the modality and the device (Retain Device
-# Identity). Everything else is dropped unless handled explicitly below.
-KEEP = (
-    "SOPClassUID", "Modality", "Manufacturer", "ManufacturerModelName", "SoftwareVersions",
-    "SamplesPerPixel", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
-    "PixelRepresentation", "NumberOfFrames", "FrameTime", "PixelSpacing", "ImageType",
-)
-REGION_KEEP = (
-    "RegionSpatialFormat", "RegionDataType", "RegionFlags", "RegionLocationMinX0",
-    "RegionLocationMinY0", "RegionLocationMaxX1", "RegionLocationMaxY1",
-    "PhysicalUnitsXDirection", "PhysicalUnitsYDirection", "PhysicalDeltaX", "PhysicalDeltaY",
-    "ReferencePixelX0", "ReferencePixelY0",
-)
-UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
-DATES = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
+from pipelines import deid_profile as P
+from pipelines.ocr import DEFAULT_ALLOWED, DEFAULT_VOCABULARY, OcrSettings, OcrUnavailable, residual_text  # noqa: F401
+from pipelines.ocr import available as ocr_available  # noqa: F401
 
+DEFAULT_OPTIONS = ("clean_pixel_data", "clean_descriptors", "retain_longitudinal_modified_dates",
+                   "retain_device_identity")
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def profile_record() -> dict[str, object]:
+def profile_record(options: tuple[str, ...] = DEFAULT_OPTIONS) -> dict[str, object]:
     """The profile and options applied, as every de-identification report states them."""
-    return {"profile": PROFILE, "options": [m for _, m in OPTIONS[1:]], "codes": [c for c, _ in OPTIONS]}
+    return P.build_profile(options).record()
 
 
 def decode_raster(data: bytes) -> np.ndarray | None:
@@ -122,6 +106,16 @@ class Pseudonymizer:
 
     def image(self, raw: str) -> str:
         return "I" + self._mac("image", raw)[:20]
+
+    def pseudonym(self, kind: str, raw: str) -> str:
+        """Keyed replacement of an identifier that must stay linkable (PatientID, AccessionNumber, StudyID)."""
+        if kind == "patient":
+            return self.patient(raw)
+        return kind[0].upper() + self._mac(kind, raw.strip())[:15]         # fits SH (16 characters)
+
+    def sample(self, kind: str, raw: str) -> float:
+        """A keyed, reproducible number in [0, 1) (which images OCR verifies)."""
+        return int(self._mac("sample:" + kind, raw)[:12], 16) / float(16 ** 12)
 
     def staff(self, raw: str) -> str:
         return "A" + self._mac("staff", raw.strip())[:10]
@@ -215,80 +209,191 @@ def _code(value: str, meaning: str) -> Dataset:
     return item
 
 
-def clean_frames(ds: Dataset) -> tuple[np.ndarray, str]:
-    """Decoded frames with everything outside the ultrasound regions blanked."""
-    if str(ds.get("Modality", "")).upper() != "US":
-        raise DeidError("not_ultrasound", f"modality {ds.get('Modality', '?')!r} is not US")
-    boxes = regions(ds)
-    if not boxes and str(ds.get("BurnedInAnnotation", "YES")).upper() != "NO":
-        raise DeidError("uncleanable_pixels",
-                        "no SequenceOfUltrasoundRegions and BurnedInAnnotation is not NO: "
-                        "burned-in text cannot be located")
-    arr, photometric = frames_rgb_or_grey(ds)
-    return (clean_pixels(arr, boxes) if boxes else arr), photometric
+@dataclass(frozen=True)
+class Template:
+    """Where ultrasound data lies on one device's screen when the file has no regions."""
+
+    manufacturer: str          # "" with raster=True: PNG/JPEG exports of that frame size
+    model: str
+    rows: int
+    columns: int
+    keep: tuple[tuple[int, int, int, int], ...]
+    raster: bool = False
+
+    def matches(self, manufacturer: str, model: str, rows: int, columns: int, raster: bool) -> bool:
+        return (self.raster == raster and (rows, columns) == (self.rows, self.columns)
+                and (raster or (self.manufacturer.strip().lower(), self.model.strip().lower())
+                     == (manufacturer.strip().lower(), model.strip().lower())))
 
 
-def deidentify_dicom(ds: Dataset, raw_patient: str, pseudo: Pseudonymizer,
-                     cleaned: tuple[np.ndarray, str] | None = None) -> Dataset:
-    """A new dataset with only allow-listed attributes, pseudonyms, shifted dates, clean pixels."""
-    arr, photometric = cleaned if cleaned is not None else clean_frames(ds)
-    out = Dataset()
-    for name in KEEP:
-        if name in ds:
-            setattr(out, name, ds.data_element(name).value)
-    for name in UIDS:
-        if name in ds:
-            setattr(out, name, pseudo.uid(str(getattr(ds, name))))
-    for name in DATES:
-        date = parse_da(ds.get(name, ""))
-        if date is not None:
-            setattr(out, name, pseudo.shift_date(date, raw_patient).strftime("%Y%m%d"))
-    items = []
-    for r in ds.get("SequenceOfUltrasoundRegions", []):
-        item = Dataset()
-        for name in REGION_KEEP:
-            if name in r:
-                setattr(item, name, r.data_element(name).value)
-        items.append(item)
-    if items:
-        out.SequenceOfUltrasoundRegions = Sequence(items)
-    patient = pseudo.patient(raw_patient)
-    out.PatientName, out.PatientID = patient, patient
-    out.PatientBirthDate = out.PatientSex = ""
-    out.AccessionNumber = out.StudyID = out.ReferringPhysicianName = ""
-    out.StudyTime = ""
-    out.PatientIdentityRemoved = "YES"
-    out.LongitudinalTemporalInformationModified = "MODIFIED"
-    out.BurnedInAnnotation = "NO"
-    out.DeidentificationMethod = METHOD
-    out.DeidentificationMethodCodeSequence = Sequence([_code(v, m) for v, m in OPTIONS])
-    out.PhotometricInterpretation = photometric
+def parse_templates(raw: tuple[dict, ...] | list[dict]) -> tuple[Template, ...]:
+    out = []
+    for i, t in enumerate(raw):
+        try:
+            keep = tuple(tuple(int(v) for v in box) for box in t["keep"])
+            if not keep or any(len(b) != 4 or b[0] > b[2] or b[1] > b[3] for b in keep):
+                raise ValueError("keep must list boxes [x0, y0, x1, y1] with x0 <= x1, y0 <= y1")
+            out.append(Template(str(t.get("manufacturer", "")), str(t.get("model", "")), int(t["rows"]),
+                                int(t["columns"]), keep, bool(t.get("raster", False))))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise P.OptionError(f"params.yaml deid.templates[{i}]: {exc}") from exc
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What de-identification applies (params.yaml `deid`)."""
+
+    options: tuple[str, ...] = DEFAULT_OPTIONS
+    templates: tuple[Template, ...] = ()
+    ocr_sample: float = 0.1
+    ocr: OcrSettings = OcrSettings()
+
+    @classmethod
+    def from_params(cls, deid: Any) -> Settings:
+        return cls(tuple(deid.options), parse_templates(deid.templates), float(deid.ocr_sample),
+                   OcrSettings(int(deid.ocr_min_chars), float(deid.ocr_min_confidence),
+                               DEFAULT_ALLOWED + tuple(deid.ocr_allowed),
+                               DEFAULT_VOCABULARY + tuple(deid.ocr_vocabulary)))
+
+
+@dataclass
+class Cleaned:
+    """Pixels after cleaning, and how they were cleaned and verified."""
+
+    frames: np.ndarray            # (frames, rows, cols[, 3])
+    photometric: str
+    method: str                   # regions | template | flagged-clean (BurnedInAnnotation NO) | raster
+    verified: bool                # OCR read the cleaned pixels
+    lossy: bool = False
+
+
+LOSSY_SYNTAXES = {pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEGExtended12Bit, pydicom.uid.JPEGLSNearLossless}
+
+
+class Deidentifier:
+    """Headers by Table E.1-1, pixels by regions or device template, verified by OCR.
+
+    One per process: it remembers the devices whose images it has verified, so the first image
+    of every device (and template) is read, and after that a keyed random share (`ocr_sample`).
+    """
+
+    def __init__(self, pseudo: Pseudonymizer, settings: Settings | None = None) -> None:
+        self.pseudo, self.settings = pseudo, settings or Settings()
+        self.profile = P.build_profile(self.settings.options)
+        self.clean_pixels_on = "clean_pixel_data" in self.profile.options
+        self.seen: set[str] = set()
+
+    def record(self) -> dict[str, Any]:
+        return {**self.profile.record(), "ocr_sample": self.settings.ocr_sample,
+                "ocr_min_chars": self.settings.ocr.min_chars, "templates": len(self.settings.templates)}
+
+    # -- pixels -------------------------------------------------------------------------
+    def _template(self, manufacturer: str, model: str, rows: int, cols: int, raster: bool) -> Template | None:
+        return next((t for t in self.settings.templates if t.matches(manufacturer, model, rows, cols, raster)), None)
+
+    def _verify(self, frames: np.ndarray, device: str, sample_key: str, always: bool = False) -> bool:
+        """OCR the first and last frame when the device is new, the image sampled, or `always`."""
+        if not always and device in self.seen and self.pseudo.sample("ocr", sample_key) >= self.settings.ocr_sample:
+            return False
+        words: list[str] = []
+        for i in sorted({0, frames.shape[0] - 1}):        # a static banner is on every frame of a cine
+            words += residual_text(frames[i], self.settings.ocr)
+        if words:   # the words themselves may be identifiers: count them, never echo them
+            raise DeidError("residual_text", f"OCR read {len(words)} word(s) of text in the cleaned pixels")
+        self.seen.add(device)
+        return True
+
+    def clean_dicom(self, ds: Dataset) -> Cleaned:
+        if str(ds.get("Modality", "")).upper() != "US":
+            raise DeidError("not_ultrasound", f"modality {ds.get('Modality', '?')!r} is not US")
+        arr, photometric = frames_rgb_or_grey(ds)
+        manufacturer, model = str(ds.get("Manufacturer", "")), str(ds.get("ManufacturerModelName", ""))
+        rows, cols = arr.shape[1:3]
+        boxes = regions(ds)
+        if not self.clean_pixels_on:
+            method = "not-cleaned"
+        elif boxes:
+            arr, method = clean_pixels(arr, boxes), "regions"
+        elif (tpl := self._template(manufacturer, model, rows, cols, raster=False)) is not None:
+            arr, method = clean_pixels(arr, list(tpl.keep)), "template"
+        elif str(ds.get("BurnedInAnnotation", "")).upper() == "NO":
+            method = "flagged-clean"
+        else:
+            raise DeidError("no_pixel_template",
+                            "no SequenceOfUltrasoundRegions, no device template for this manufacturer, "
+                            f"model and {cols}x{rows} frame, and BurnedInAnnotation is not NO: "
+                            "burned-in text cannot be located")
+        device = f"{manufacturer}|{model}|{rows}x{cols}|{method}"
+        verified = self._verify(arr, device, str(ds.get("SOPInstanceUID", ""))) if self.clean_pixels_on else False
+        meta = getattr(ds, "file_meta", None)
+        ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+        lossy = ts in LOSSY_SYNTAXES or str(ds.get("LossyImageCompression", "")) == "01"
+        return Cleaned(arr, photometric, method, verified, lossy)
+
+    def clean_raster(self, img: np.ndarray, key: str) -> Cleaned:
+        """PNG/JPEG: pixels only (re-encoding keeps no metadata), banner blanked by template.
+        Without a template every such image is read by OCR, not a sample."""
+        frames = img[None]
+        rows, cols = img.shape[:2]
+        tpl = self._template("", "", rows, cols, raster=True)
+        method = "template" if tpl is not None else "raster"
+        if tpl is not None:
+            frames = clean_pixels(frames, list(tpl.keep))
+        verified = self._verify(frames, f"raster|{rows}x{cols}|{method}", key, always=tpl is None)
+        return Cleaned(frames, "RGB" if img.ndim == 3 else "MONOCHROME2", method, verified)
+
+    # -- header + pixels ----------------------------------------------------------------
+    def dicom(self, ds: Dataset, raw_patient: str, cleaned: Cleaned | None = None) -> tuple[Dataset, list[dict]]:
+        """The de-identified dataset and its audit (tag, path, action; no values)."""
+        cleaned = cleaned if cleaned is not None else self.clean_dicom(ds)
+        header = P.HeaderPass(self.profile, self.pseudo, raw_patient)
+        out = header.run(ds)
+        _write_pixels(out, cleaned, ds)
+        out.PatientIdentityRemoved = "YES"
+        out.LongitudinalTemporalInformationModified = self.profile.temporal
+        out.BurnedInAnnotation = "NO" if cleaned.method != "not-cleaned" else str(ds.get("BurnedInAnnotation", ""))
+        out.DeidentificationMethod = P.METHOD
+        out.DeidentificationMethodCodeSequence = Sequence([_code(v, m) for v, m in self.profile.codes])
+        if cleaned.lossy:
+            out.LossyImageCompression = "01"
+        if "SOPInstanceUID" not in out or "SOPClassUID" not in out:
+            raise DeidError("unreadable_dicom", "no SOP Class or SOP Instance UID: not an image instance")
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = out.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+        meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian   # lossless, uncompressed
+        meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = "CBH_DEID_2"
+        out.file_meta = meta
+        audit = header.audit + [
+            {"path": "PixelData", "tag": "(7FE0,0010)", "action": f"C:pixels-{cleaned.method}"},
+            {"path": "FileMetaInformation", "tag": "(0002,xxxx)", "action": "rewritten"}]
+        return out, audit
+
+
+def _write_pixels(out: Dataset, cleaned: Cleaned, src: Dataset) -> None:
+    arr = cleaned.frames
     out.SamplesPerPixel = 3 if arr.ndim == 4 else 1
+    out.PhotometricInterpretation = cleaned.photometric
     if arr.ndim == 4:
         out.PlanarConfiguration = 0
-    out.NumberOfFrames = arr.shape[0] if arr.shape[0] > 1 else None
-    if out.NumberOfFrames is None:
+    if arr.shape[0] > 1:
+        out.NumberOfFrames = arr.shape[0]
+    elif "NumberOfFrames" in out:
         del out.NumberOfFrames
     bits = arr.dtype.itemsize * 8
-    stored = min(int(ds.get("BitsStored", bits)), bits)
+    stored = min(int(src.get("BitsStored", bits) or bits), bits) if cleaned.photometric != "RGB" else bits
     out.BitsAllocated, out.BitsStored, out.HighBit = bits, stored, stored - 1
-    out.PixelRepresentation = int(ds.get("PixelRepresentation", 0))
+    out.PixelRepresentation = 1 if arr.dtype.kind == "i" else 0
     out.Rows, out.Columns = arr.shape[1], arr.shape[2]
     out.PixelData = (arr[0] if arr.shape[0] == 1 else arr).tobytes()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = out.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
-    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian   # lossless, uncompressed
-    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "CBH_DEID_1"
-    out.file_meta = meta
-    return out
 
 
-def read_dicom(path: Path) -> Dataset:
-    """Read a DICOM file or raise DeidError('unreadable_dicom')."""
+def read_dicom(path: Path, header_only: bool = False) -> Dataset:
+    """Read a DICOM file (the header alone if asked) or raise DeidError('unreadable_dicom')."""
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path, stop_before_pixels=header_only)
         ds.SOPInstanceUID  # noqa: B018 - a file without it is not an image instance
     except Exception as exc:  # boundary: record and quarantine
         raise DeidError("unreadable_dicom", f"not a readable DICOM image ({type(exc).__name__}: {exc})") from exc

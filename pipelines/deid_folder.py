@@ -1,7 +1,18 @@
-"""`cbh deid SRC DST`: de-identify every DICOM/PNG/JPEG under a folder.
+"""`cbh deid SRC DST`: de-identify every DICOM/PNG/JPEG under a folder, in parallel.
 
-Outputs are named by pseudonyms only; the source-to-output link goes to a separate file
-(--link), never into DST. The report counts what happened and names no source path.
+- Outputs are named by pseudonyms only (`DST/<patient pseudonym>/<image pseudonym>.dcm`,
+  `DST/raster/<image pseudonym>.png`) and written atomically (temporary file, then rename).
+- A process pool de-identifies the files, one file per task, so memory stays that of a few
+  files whatever the corpus size.
+- Each output's audit (attribute, path, action; no values) is written beside the run state in
+  `DST/.cbh-deid/audit/` and gathered into `DST/deid-audit.jsonl`. A rerun skips outputs whose
+  audit names the same settings and key (resume after a crash) and rewrites nothing else:
+  same names, same bytes.
+- Inputs that cannot be de-identified with certainty are copied, untouched, into the
+  quarantine folder on the identified side (default: `DST` + `-quarantine`, beside DST, never
+  inside it) with `quarantine.csv` giving each one's reason code and sentence.
+- `DST/deid-report.json` counts what happened and names no source path; the source-to-output
+  link is written only to `--link FILE`.
 """
 
 from __future__ import annotations
@@ -9,7 +20,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -17,8 +34,22 @@ import cv2
 
 from pipelines import deid as D
 
+STATE = ".cbh-deid"
+REPORT, AUDIT = "deid-report.json", "deid-audit.jsonl"
 
-def _is_dicom(path: Path) -> bool:
+
+@dataclass
+class Outcome:
+    source: str
+    output: str | None = None        # relative to DST
+    code: str | None = None          # quarantine reason code
+    reason: str | None = None
+    verified: bool = False           # OCR read the cleaned pixels
+    method: str | None = None        # how the pixels were cleaned
+    resumed: bool = False            # already done by an earlier run with the same settings
+
+
+def is_dicom(path: Path) -> bool:
     if path.suffix.lower() == ".dcm":
         return True
     try:
@@ -28,52 +59,235 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
-def deid_folder(src: Path, dst: Path, pseudo: D.Pseudonymizer, link: Path | None,
-                progress: Callable[[int, int], None] | None = None) -> dict:
+def discover(src: Path) -> list[Path]:
+    return sorted(p for p in src.rglob("*") if p.is_file() and (p.suffix.lower() in D.RASTER_SUFFIXES or is_dicom(p)))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder and a rename: a crash leaves no partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Worker:
+    """What one process holds: the de-identifier (its OCR memory of devices) and the destination."""
+
+    def __init__(self, dst: Path, key: bytes, max_shift_days: int, settings: D.Settings) -> None:
+        self.dst = dst
+        self.deid = D.Deidentifier(D.Pseudonymizer(key, max_shift_days), settings)
+        pseudo = self.deid.pseudo
+        # names the settings and the key (not recoverable from it): an audit from other ones is stale
+        self.fingerprint = hashlib.sha256(json.dumps(
+            [self.deid.record(), [t.__dict__ for t in settings.templates], pseudo.patient("fingerprint")],
+            sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def audit_path(self, output: str) -> Path:
+        return self.dst / STATE / "audit" / (output.replace("/", "__") + ".json")
+
+    def done(self, output: str) -> bool:
+        try:
+            rec = json.loads(self.audit_path(output).read_text())
+        except (OSError, ValueError):
+            return False
+        return rec.get("fingerprint") == self.fingerprint and (self.dst / output).is_file()
+
+    def finish(self, output: str, data: bytes, actions: list[dict], cleaned: D.Cleaned, src: str) -> Outcome:
+        write_atomic(self.dst / output, data)
+        rec = {"output": output, "fingerprint": self.fingerprint, "pixels": cleaned.method,
+               "ocr_verified": cleaned.verified, "actions": actions}
+        write_atomic(self.audit_path(output), json.dumps(rec, sort_keys=True).encode())
+        return Outcome(src, output, verified=cleaned.verified, method=cleaned.method)
+
+    def name(self, path: Path) -> Outcome:
+        """The output this input will have (from its header or bytes), or why it has none."""
+        return self._guard(path, self._name)
+
+    def _name(self, path: Path) -> Outcome:
+        pseudo = self.deid.pseudo
+        if path.suffix.lower() in D.RASTER_SUFFIXES:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            return Outcome(str(path), f"raster/{pseudo.image('raster:' + digest)}.png")
+        return Outcome(str(path), self._dicom_output(D.read_dicom(path, header_only=True))[1])
+
+    def _dicom_output(self, ds) -> tuple[str, str]:
+        """(raw patient ID, output name): `<patient pseudonym>/<pseudonym of the SOP instance>.dcm`."""
+        raw_patient = str(ds.get("PatientID", "") or "").strip()
+        if not raw_patient:
+            raise D.DeidError("missing_patient_id", "no PatientID to derive the patient's pseudonym from")
+        pseudo = self.deid.pseudo
+        return raw_patient, f"{pseudo.patient(raw_patient)}/{pseudo.image('dicom:' + str(ds.SOPInstanceUID))}.dcm"
+
+    def run(self, path: Path) -> Outcome:
+        return self._guard(path, self._raster if path.suffix.lower() in D.RASTER_SUFFIXES else self._dicom)
+
+    def _guard(self, path: Path, fn: Callable[[Path], Outcome]) -> Outcome:
+        try:
+            return fn(path)
+        except D.DeidError as exc:
+            return Outcome(str(path), code=exc.code, reason=str(exc))
+        except OSError as exc:
+            return Outcome(str(path), code="unreadable_file", reason=f"cannot be read ({exc.strerror or exc})")
+        except D.OcrUnavailable:
+            raise
+        except Exception as exc:  # boundary: one bad file never stops the corpus; it is quarantined
+            return Outcome(str(path), code="unexpected_error",
+                           reason=f"de-identification failed ({type(exc).__name__}); kept for review")
+
+    def _dicom(self, path: Path) -> Outcome:
+        ds = D.read_dicom(path)
+        raw_patient, output = self._dicom_output(ds)
+        if self.done(output):
+            return Outcome(str(path), output, resumed=True)
+        cleaned = self.deid.clean_dicom(ds)
+        out, actions = self.deid.dicom(ds, raw_patient, cleaned)
+        from io import BytesIO
+
+        buf = BytesIO()
+        out.save_as(buf, enforce_file_format=True)
+        return self.finish(output, buf.getvalue(), actions, cleaned, str(path))
+
+    def _raster(self, path: Path) -> Outcome:
+        data = path.read_bytes()
+        img = D.decode_raster(data)
+        if img is None:
+            raise D.DeidError("unreadable_image", "PNG/JPEG cannot be decoded")
+        digest = hashlib.sha256(data).hexdigest()
+        output = f"raster/{self.deid.pseudo.image('raster:' + digest)}.png"
+        if self.done(output):
+            return Outcome(str(path), output, resumed=True)
+        cleaned = self.deid.clean_raster(img, digest)
+        frame = cleaned.frames[0]
+        ok, png = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR) if frame.ndim == 3 else frame)
+        if not ok:
+            raise D.DeidError("unwritable_image", "the cleaned image cannot be encoded as PNG")
+        actions = [{"path": "(raster metadata: text chunks, EXIF, ICC)", "tag": "-", "action": "X:not-copied"},
+                   {"path": "pixels", "tag": "-", "action": f"C:pixels-{cleaned.method}"}]
+        return self.finish(output, png.tobytes(), actions, cleaned, str(path))
+
+
+_WORKER: Worker | None = None
+
+
+def _init(dst: Path, key: bytes, max_shift_days: int, settings: D.Settings) -> None:
+    global _WORKER
+    _WORKER = Worker(dst, key, max_shift_days, settings)
+
+
+def _run(path: Path) -> Outcome:
+    assert _WORKER is not None
+    return _WORKER.run(path)
+
+
+def _name(path: Path) -> Outcome:
+    assert _WORKER is not None
+    return _WORKER.name(path)
+
+
+@contextmanager
+def _mapper(dst: Path, key: bytes, max_shift_days: int, settings: D.Settings, workers: int):
+    """map(fn, items) over the worker processes (or in this one), results in input order."""
+    if workers <= 1:
+        _init(dst, key, max_shift_days, settings)
+        yield map
+        return
+    with ProcessPoolExecutor(workers, initializer=_init, initargs=(dst, key, max_shift_days, settings)) as pool:
+        yield lambda fn, items: pool.map(fn, items, chunksize=4)
+
+
+def default_quarantine(dst: Path) -> Path:
+    return dst.parent / f"{dst.name}-quarantine"
+
+
+def deid_folder(src: Path, dst: Path, pseudo: D.Pseudonymizer, link: Path | None = None,
+                progress: Callable[[int, int], None] | None = None, settings: D.Settings | None = None,
+                workers: int = 1, quarantine: Path | None = None) -> dict:
+    """De-identify every scan under `src` into `dst`; returns the report (also DST/deid-report.json)."""
+    settings = settings or D.Settings()
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: source folder not found")
-    if link is not None and dst.resolve() in link.resolve().parents:
-        raise ValueError(f"{link}: the link file must not be written inside {dst}")
-    files = sorted(p for p in src.rglob("*") if p.is_file() and (p.suffix.lower() in D.RASTER_SUFFIXES or _is_dicom(p)))
+    dst_r = dst.resolve()
+    quarantine = quarantine or default_quarantine(dst)
+    for name, path in (("link file", link), ("quarantine folder", quarantine)):
+        if path is not None and (dst_r == path.resolve() or dst_r in path.resolve().parents):
+            raise ValueError(f"{path}: the {name} is identified-side and must not be inside {dst}")
+    if src.resolve() == dst_r or src.resolve() in dst_r.parents:
+        raise ValueError(f"{dst}: the destination must not be inside the source folder {src}")
+    if "clean_pixel_data" in settings.options and not D.ocr_available():
+        raise D.OcrUnavailable("tesseract is not installed (run `make ocr`): cleaned pixels cannot be verified")
+    files = discover(src)
     dst.mkdir(parents=True, exist_ok=True)
-    reasons: Counter[str] = Counter()
-    links: list[tuple[str, str]] = []
-    for i, path in enumerate(files, start=1):
-        try:
-            out = _one(path, dst, pseudo)
-            links.append((str(path), str(out)))
-        except D.DeidError as exc:
-            reasons[exc.code] += 1
+    workers = workers if workers > 0 else (os.cpu_count() or 1)
+    results: list[Outcome] = []
+    with _mapper(dst, pseudo.key, pseudo.max_shift_days, settings, workers) as pmap:
+        # first the names (headers only): two inputs of one SOP instance must not race for one output
+        todo, seen = [], set()
+        for named in pmap(_name, files):
+            if named.output is None:
+                results.append(named)
+            elif named.output in seen:
+                results.append(Outcome(named.source, code="duplicate_instance",
+                                       reason="same SOP Instance UID (or raster bytes) as an earlier input, "
+                                              "which was kept"))
+            else:
+                seen.add(named.output)
+                todo.append(Path(named.source))
         if progress:
-            progress(i, len(files))
-    report = {"inputs": len(files), "deidentified": len(links), "quarantined": sum(reasons.values()),
-              "reasons": dict(reasons), **D.profile_record(),
-              "raster_note": "PNG/JPEG re-encoded from pixels only (no metadata); no region to clean"}
-    (dst / "deid-report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+            progress(len(results), len(files))
+        for res in pmap(_run, todo):
+            results.append(res)
+            if progress:
+                progress(len(results), len(files))
+    done = [r for r in results if r.output is not None]
+    held = [r for r in results if r.code is not None]
+    _gather_audit(dst, {r.output for r in done if r.output})
+    _write_quarantine(quarantine, held, src)
+    report = {"inputs": len(files), "deidentified": len(done), "quarantined": len(held),
+              "reasons": dict(sorted(Counter(r.code for r in held).items())),
+              "ocr_verified": sum(r.verified for r in done),
+              "resumed": sum(r.resumed for r in done),
+              "pixels": dict(sorted(Counter(r.method for r in done if r.method).items())),
+              **D.Deidentifier(pseudo, settings).record(), "workers": workers}
+    write_atomic(dst / REPORT, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
     if link is not None:
         link.parent.mkdir(parents=True, exist_ok=True)
         with link.open("w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["source", "output"])
-            w.writerows(links)
+            w.writerows((r.source, str(dst / r.output)) for r in done if r.output)
     return report
 
 
-def _one(path: Path, dst: Path, pseudo: D.Pseudonymizer) -> Path:
-    if path.suffix.lower() in D.RASTER_SUFFIXES:
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise D.DeidError("unreadable_image", "image cannot be decoded")
-        out = dst / "raster" / f"{pseudo.image('raster:' + hashlib.sha256(path.read_bytes()).hexdigest())}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(out), img)
-        return out
-    ds = D.read_dicom(path)
-    raw_patient = str(ds.get("PatientID", "") or "").strip()
-    if not raw_patient:
-        raise D.DeidError("missing_patient_id", "no PatientID to derive a pseudonym from")
-    clean = D.deidentify_dicom(ds, raw_patient, pseudo)
-    out = dst / clean.PatientID / f"{pseudo.image('dicom:' + str(ds.SOPInstanceUID))}.dcm"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean.save_as(out, enforce_file_format=True)
-    return out
+def _gather_audit(dst: Path, outputs: set[str]) -> None:
+    folder = dst / STATE / "audit"
+    lines = []
+    for out in sorted(outputs):
+        rec = json.loads((folder / (out.replace("/", "__") + ".json")).read_text())
+        rec.pop("fingerprint", None)
+        lines.append(json.dumps(rec, sort_keys=True))
+    write_atomic(dst / AUDIT, ("\n".join(lines) + ("\n" if lines else "")).encode())
+
+
+def _write_quarantine(folder: Path, held: list[Outcome], src: Path) -> None:
+    """Copies of the held inputs (originals untouched) and why; identified side only."""
+    if not held:
+        return
+    files = folder / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for r in sorted(held, key=lambda r: r.source):
+        source = Path(r.source)
+        copy = files / f"{hashlib.sha256(r.source.encode()).hexdigest()[:12]}_{source.name}"
+        if source.is_file() and not copy.exists():
+            shutil.copy2(source, copy)
+        rows.append((os.path.relpath(source, src), r.code, r.reason, copy.name))
+    with (folder / "quarantine.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["source", "reason_code", "reason", "copy"])
+        w.writerows(rows)

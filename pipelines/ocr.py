@@ -1,0 +1,102 @@
+"""Verification of cleaned pixels: Tesseract OCR looks for text left after cleaning.
+
+A word counts as residual text when it has at least `min_chars` letters or digits, Tesseract's
+confidence is at least `min_confidence` (speckle yields low-confidence gibberish, burned-in
+text is read at 85-96 on the synthetic scanners) and it matches none of the allowed
+calibration marks and on-screen labels (DEFAULT_ALLOWED, DEFAULT_VOCABULARY).
+
+Tesseract is Debian's `tesseract-ocr` package (installed by `make ocr`), driven through
+pytesseract, one thread per process (the de-identification pool is the parallelism).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+os.environ.setdefault("OMP_THREAD_LIMIT", "1")   # Tesseract's OpenMP threads would fight the process pool
+
+# What scanners print inside the image area and is not an identifier: numbers with units
+# (depth scale, frequency, gain), short parameter codes (TIS0.4, H4.00, DR60), probe names
+# (L12-5, 6C1) and a vocabulary of on-screen labels. A date, a time, a long number or any other
+# word is flagged. Sites extend both lists in params.yaml (deid.ocr_allowed, deid.ocr_vocabulary).
+DEFAULT_ALLOWED = (
+    r"^[+-]?\d{1,4}([.,]\d{1,3})?(cm|mm|MHz|kHz|Hz|dB|%|s|ms|fps|bpm|cm/s)?$",
+    r"^[A-Za-z]{1,4}[:=]?\d{1,3}([.,]\d{1,2})?$",
+    r"^[A-Za-z]{0,2}\d{1,2}([A-Za-z]{1,2}\d{0,2})?(-\d{1,2})?$",
+)
+DEFAULT_VOCABULARY = tuple((
+    "gen pen hpen res dyn med low high mid gain depth freq comp map mape persist focus zoom cine frame "
+    "frames power prf flow color colour pwr dual tgc harm thi asc desc diam dist area circ index cist mag "
+    "tcd bpd efw edd liver kidney renal sag trans long axial lat ant post sup inf fetal head brain "
+    "cereb vermis gyn abd general breast thyroid adult echo heart cardiac vasc probe preset mhz khz bpm tib tis hgen"
+).split())
+DATE_OR_TIME = re.compile(r"\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}|\d{1,2}:\d{2}")
+
+
+class OcrUnavailable(RuntimeError):
+    """Tesseract is not installed: verification cannot run, so nothing may pass unverified."""
+
+
+@dataclass(frozen=True)
+class OcrSettings:
+    min_chars: int = 3
+    min_confidence: float = 80.0
+    allowed: tuple[str, ...] = DEFAULT_ALLOWED
+    vocabulary: tuple[str, ...] = DEFAULT_VOCABULARY
+
+    def is_allowed(self, word: str) -> bool:
+        """A calibration mark or on-screen label: every '/'-separated part is short, a known
+        pattern or a known word; dates and times never are."""
+        bare = word.strip(".,:;()[]{}'\"*")
+        if DATE_OR_TIME.search(bare):
+            return False
+        vocab = {v.lower() for v in self.vocabulary}
+        patterns = [re.compile(p) for p in self.allowed]
+        for part in bare.split("/"):
+            if sum(ch.isalnum() for ch in part) < self.min_chars or part.lower() in vocab:
+                continue
+            if not any(p.match(part) for p in patterns):
+                return False
+        return True
+
+
+def available() -> bool:
+    return shutil.which("tesseract") is not None
+
+
+def _grey(img: np.ndarray) -> np.ndarray:
+    if img.ndim == 3:
+        img = cv2.cvtColor(img[..., :3], cv2.COLOR_RGB2GRAY)
+    if img.dtype != np.uint8:                       # 16-bit and signed: rescale to the displayed range
+        lo, hi = float(img.min()), float(img.max())
+        img = ((img.astype(np.float32) - lo) * (255.0 / max(hi - lo, 1.0))).astype(np.uint8)
+    return img
+
+
+def residual_text(img: np.ndarray, settings: OcrSettings) -> list[str]:
+    """Words Tesseract reads in the image that are not allowed calibration marks."""
+    import pytesseract
+
+    if not available():
+        raise OcrUnavailable("tesseract is not installed (run `make ocr`): cleaned pixels cannot be verified")
+    grey = _grey(img)
+    ys, xs = np.nonzero(grey)
+    if ys.size == 0:
+        return []
+    crop = grey[ys.min():ys.max() + 1, xs.min():xs.max() + 1]      # blanked borders carry nothing to read
+    crop = cv2.copyMakeBorder(crop, 8, 8, 8, 8, cv2.BORDER_CONSTANT, value=0)
+    data = pytesseract.image_to_data(crop, config="--psm 11 --oem 1", output_type=pytesseract.Output.DICT)
+    found = []
+    for word, conf in zip(data["text"], data["conf"], strict=True):
+        word = word.strip()
+        if float(conf) < settings.min_confidence or sum(ch.isalnum() for ch in word) < settings.min_chars:
+            continue
+        if not settings.is_allowed(word):
+            found.append(word)
+    return found
