@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config import Params
-from pipelines.deid import Pseudonymizer, load_key
+from pipelines.deid import Pseudonymizer, Settings, load_key
 from pipelines.ingest import (
     MANIFEST_SCHEMA,
     QUARANTINE_SCHEMA,
@@ -77,16 +77,22 @@ def ingest(params: Params, root: Path, today: dt.date | None = None, progress: P
     pseudo = pseudonymizer(params, root)
     deid_dir = root / params.paths.deid
     shutil.rmtree(deid_dir, ignore_errors=True)           # a DVC output: rebuilt whole
+    settings = Settings.from_params(params.deid)
     total = IngestResult()
     for cohort in cohorts:
-        res = ingest_cohort(cohort, root, params.paths.deid, pseudo, params.deid.keep_columns, today, progress)
+        res = ingest_cohort(cohort, root, params.paths.deid, pseudo, params.deid.keep_columns, today, progress,
+                            settings)
         total.manifest.extend(res.manifest)
         total.quarantine.extend(res.quarantine)
+        total.audit.extend(res.audit)
+        total.ocr_verified += res.ocr_verified
+    audit = "".join(json.dumps(a, sort_keys=True) + "\n" for a in sorted(total.audit, key=lambda a: a["output"]))
+    (deid_dir / "deid-audit.jsonl").write_text(audit)
     for path in (root / params.paths.manifest, root / params.paths.quarantine):
         path.unlink(missing_ok=True)
     upsert(root / params.paths.manifest, total.manifest, MANIFEST_SCHEMA, ("image_id",))
     upsert(root / params.paths.quarantine, total.quarantine, QUARANTINE_SCHEMA, ("cohort", "source_row"))
-    rep = report(total, params.deid.max_date_shift_days)
+    rep = report(total, params.deid.max_date_shift_days, settings)
     (root / params.paths.deid_report).write_text(json.dumps(rep, indent=2, sort_keys=True))
     return rep
 

@@ -59,6 +59,8 @@ class RowError(Exception):
 class IngestResult:
     manifest: list[dict[str, Any]] = field(default_factory=list)
     quarantine: list[dict[str, Any]] = field(default_factory=list)
+    audit: list[dict[str, Any]] = field(default_factory=list)   # per output: actions, no values
+    ocr_verified: int = 0
 
     @property
     def reasons(self) -> dict[str, int]:
@@ -129,6 +131,7 @@ class _Scan:
     spacing: tuple[float, float]
     photometric: str
     fmt: str
+    cleaned: D.Cleaned
     written: Path | None = None
     dataset: Any = None
 
@@ -137,9 +140,10 @@ class Ingestor:
     """Turns annotation rows into manifest or quarantine rows; writes de-identified files."""
 
     def __init__(self, cohort: Path, workspace: Path, deid_dir: str, pseudo: D.Pseudonymizer,
-                 keep_columns: tuple[str, ...], today: dt.date) -> None:
+                 keep_columns: tuple[str, ...], today: dt.date, settings: D.Settings | None = None) -> None:
         self.cohort, self.workspace, self.deid_dir = cohort, workspace, deid_dir
         self.pseudo, self.keep, self.today = pseudo, keep_columns, today
+        self.deid = D.Deidentifier(pseudo, settings)
         self.name = cohort_name(cohort)
         self._scans: dict[Path, _Scan | D.DeidError] = {}
 
@@ -165,9 +169,10 @@ class Ingestor:
             raise D.DeidError("no_pixel_spacing", "pixel spacing cannot be established "
                               "(no calibrated ultrasound region, no PixelSpacing)")
         header_pid = str(ds.get("PatientID", "") or "").strip()
-        frames, photometric = D.clean_frames(ds)
-        return _Scan(self.pseudo.image("dicom:" + str(ds.SOPInstanceUID)), header_pid, frames,
-                     spacing, photometric, "dicom", dataset=ds)
+        cleaned = self.deid.clean_dicom(ds)
+        self.result.ocr_verified += cleaned.verified
+        return _Scan(self.pseudo.image("dicom:" + str(ds.SOPInstanceUID)), header_pid, cleaned.frames,
+                     spacing, cleaned.photometric, "dicom", cleaned, dataset=ds)
 
     def _load_raster(self, path: Path) -> _Scan:
         spacing = D.sidecar_spacing_mm(path)
@@ -179,8 +184,10 @@ class Ingestor:
         if img is None:
             raise D.DeidError("unreadable_image", "image cannot be decoded")
         digest = hashlib.sha256(data).hexdigest()
-        return _Scan(self.pseudo.image("raster:" + digest), "", img[None], spacing,
-                     "RGB" if img.ndim == 3 else "MONOCHROME2", "png")
+        cleaned = self.deid.clean_raster(img, digest)
+        self.result.ocr_verified += cleaned.verified
+        return _Scan(self.pseudo.image("raster:" + digest), "", cleaned.frames, spacing,
+                     cleaned.photometric, "png", cleaned)
 
     def process(self, n: int, row: dict[str, str]) -> None:
         """Process one data row (n is 1-based); the outcome lands in manifest or quarantine."""
@@ -267,24 +274,28 @@ class Ingestor:
             return scan.written
         out_dir.mkdir(parents=True, exist_ok=True)
         if scan.fmt == "dicom":
-            clean = D.deidentify_dicom(scan.dataset, raw_patient, self.pseudo,
-                                       (scan.frames, scan.photometric))
+            clean, actions = self.deid.dicom(scan.dataset, raw_patient, scan.cleaned)
             path = out_dir / f"{scan.stem}.dcm"
             clean.save_as(path, enforce_file_format=True)
         else:
             path = out_dir / f"{scan.stem}.png"
             img = scan.frames[0]
             cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img)
+            actions = [{"path": "(raster metadata)", "tag": "-", "action": "X:not-copied"},
+                       {"path": "pixels", "tag": "-", "action": f"C:pixels-{scan.cleaned.method}"}]
+        self.result.audit.append({"output": str(path.relative_to(self.workspace)),
+                                  "ocr_verified": scan.cleaned.verified, "actions": actions})
         scan.written, scan.dataset = path, None
         return path
 
 
 def ingest_cohort(cohort: Path, workspace: Path, deid_dir: str, pseudo: D.Pseudonymizer,
                   keep_columns: tuple[str, ...], today: dt.date | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> IngestResult:
+                  progress: Callable[[int, int], None] | None = None,
+                  settings: D.Settings | None = None) -> IngestResult:
     """De-identify a cohort into `workspace/deid_dir`; returns manifest and quarantine rows."""
     rows = read_annotations(cohort)
-    ing = Ingestor(cohort, workspace, deid_dir, pseudo, keep_columns, today or dt.date.today())
+    ing = Ingestor(cohort, workspace, deid_dir, pseudo, keep_columns, today or dt.date.today(), settings)
     return ing.run(rows, progress)
 
 
@@ -302,14 +313,16 @@ def upsert(path: Path, rows: list[dict[str, Any]], schema: pa.Schema, keys: tupl
     return new
 
 
-def report(result: IngestResult, max_shift_days: int) -> dict[str, Any]:
+def report(result: IngestResult, max_shift_days: int, settings: D.Settings | None = None) -> dict[str, Any]:
     """What was done, for the data steward and the IRB: counts, profile, options; no paths."""
+    settings = settings or D.Settings()
     return {
         "inputs": len(result.manifest) + len(result.quarantine),
         "deidentified": len(result.manifest),
         "quarantined": len(result.quarantine),
         "reasons": result.reasons,
-        **D.profile_record(),
+        "ocr_verified": result.ocr_verified,
+        **D.profile_record(settings.options),
         "date_shift": f"per patient, keyed, within +/-{max_shift_days} days",
         "pseudonyms": "HMAC-SHA256 with the secret key",
     }

@@ -62,11 +62,11 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def deid_profile() -> str:
+def deid_profile(options: tuple[str, ...]) -> str:
     """The de-identification profile and options, as every de-identification report states them."""
     from pipelines.deid import profile_record
 
-    rec = profile_record()
+    rec = profile_record(options)
     return f"{rec['profile']}; options: {', '.join(rec['options'])}; CID 7050 codes {', '.join(rec['codes'])}"
 
 
@@ -88,7 +88,7 @@ def collect(root: Path, params: Params) -> dict[str, str]:
         tags["data.validation"] = "passed" if json.loads(validation.read_text()).get("success") else "failed"
     else:
         tags["data.validation"] = "missing"
-    tags["deid.profile"] = deid_profile()
+    tags["deid.profile"] = deid_profile(params.deid.options)
     tags["params.md5"] = hashlib.md5(json.dumps(params.flat(), sort_keys=True, default=str).encode()).hexdigest()
     tags.update({f"pkg.{k}": v for k, v in package_versions().items()})
     return tags

@@ -23,5 +23,5 @@ def test_folder_deid_report_and_link(small_cohort, tmp_path, pseudo):
 
 
 def test_link_inside_dst_is_refused(small_cohort, tmp_path, pseudo):
-    with pytest.raises(ValueError, match="must not be written inside"):
+    with pytest.raises(ValueError, match="identified-side"):
         deid_folder(small_cohort / "scans", tmp_path / "out", pseudo, tmp_path / "out" / "link.csv")

@@ -1,5 +1,4 @@
-"""De-identification: keyed pseudonyms, date shifts, allow-listed headers, clean pixels,
-on synthetic exports and on real ultrasound DICOM shipped with pydicom."""
+"""De-identification: keyed pseudonyms, date shifts, PS3.15 Table E.1-1 with options, clean pixels."""
 
 import datetime as dt
 from pathlib import Path
@@ -9,6 +8,7 @@ import pydicom
 import pytest
 
 from pipelines import deid as D
+from pipelines import deid_profile as P
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -42,7 +42,8 @@ def test_missing_key_is_one_clear_sentence(tmp_path, monkeypatch):
 def _identifiers(ds: pydicom.Dataset) -> list[str]:
     values = [str(ds.PatientName).replace("^", " "), str(ds.PatientName).split("^")[0], ds.PatientID,
               ds.PatientBirthDate, ds.AccessionNumber, ds.InstitutionName, ds.StudyDate,
-              str(ds.ReferringPhysicianName).split("^")[0], ds.StationName]
+              str(ds.ReferringPhysicianName).split("^")[0], ds.OtherPatientIDsSequence[0].PatientID,
+              ds.RequestAttributesSequence[0].RequestedProcedureID, ds.InstitutionAddress, ds.StudyID]
     return [v for v in values if v]
 
 
@@ -50,18 +51,28 @@ def test_synthetic_export_leaves_no_identifier(small_cohort, pseudo, tmp_path):
     src = small_cohort / "scans" / sorted(p.name for p in (small_cohort / "scans").glob("*.dcm"))[0]
     ds = pydicom.dcmread(src)
     assert ds.BurnedInAnnotation == "YES" and "SequenceOfUltrasoundRegions" in ds
-    clean = D.deidentify_dicom(ds, ds.PatientID, pseudo)
+    clean, audit = D.Deidentifier(pseudo).dicom(ds, ds.PatientID)
     out = tmp_path / "out.dcm"
     clean.save_as(out, enforce_file_format=True)
     raw = out.read_bytes()
     for ident in _identifiers(ds):
         assert ident.encode() not in raw, f"identifier {ident!r} leaked"
+    for value in (ds.PatientID, str(ds.PatientName), ds.AccessionNumber):
+        assert value not in str(audit)                                  # the audit names actions, not values
     back = pydicom.dcmread(out)
     assert back.PatientIdentityRemoved == "YES" and back.BurnedInAnnotation == "NO"
     assert back.LongitudinalTemporalInformationModified == "MODIFIED"
-    assert {c.CodeValue for c in back.DeidentificationMethodCodeSequence} >= {"113100", "113101", "113107"}
+    assert [c.CodeValue for c in back.DeidentificationMethodCodeSequence] == \
+        ["113100", "113101", "113105", "113107", "113109"]
     assert not any(el.tag.is_private for el in back.iterall())
     assert back.StudyInstanceUID != ds.StudyInstanceUID and back.PatientID == pseudo.patient(ds.PatientID)
+    assert back.PatientName == back.PatientID                           # one pseudonym per patient
+    assert back.AccessionNumber == back.RequestAttributesSequence[0].AccessionNumber != ds.AccessionNumber
+    assert "RequestedProcedureID" not in back.RequestAttributesSequence[0]   # nested: the table applies
+    assert back.Manufacturer == ds.Manufacturer and back.StationName == ds.StationName  # Retain Device Identity
+    shift = pseudo.shift_days(ds.PatientID)
+    assert D.parse_da(back.StudyDate) - D.parse_da(ds.StudyDate) == dt.timedelta(days=shift)
+    assert back.AcquisitionDateTime[8:] == ds.AcquisitionDateTime[8:]  # time of day kept, date shifted
     # the banner lies above the ultrasound region: burned-in text is there before, blank after
     y0 = int(ds.SequenceOfUltrasoundRegions[0].RegionLocationMinY0)
     assert ds.pixel_array[:y0].max() > 0
@@ -70,26 +81,42 @@ def test_synthetic_export_leaves_no_identifier(small_cohort, pseudo, tmp_path):
     assert np.array_equal(back.pixel_array[y0 + 5:], ds.pixel_array[y0 + 5:])
 
 
-@pytest.mark.parametrize("name", ["examples_palette.dcm", "examples_ybr_color.dcm"])
-def test_real_ultrasound_dicom(name, pseudo, tmp_path):
-    ds = pydicom.dcmread(PYDICOM_FILES / name)
-    clean = D.deidentify_dicom(ds, str(ds.PatientID or "x"), pseudo)
-    out = tmp_path / "out.dcm"
-    clean.save_as(out, enforce_file_format=True)
-    back = pydicom.dcmread(out)
-    assert str(ds.PatientName).encode() not in out.read_bytes()
-    assert back.PhotometricInterpretation == "RGB"          # palette / YBR written as RGB
-    assert back.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
-    frames = int(ds.get("NumberOfFrames", 1))
-    assert back.pixel_array.shape[0 if frames > 1 else -1] == (frames if frames > 1 else 3)
-    assert D.pixel_spacing_mm(back) == D.pixel_spacing_mm(ds)
+def test_profile_follows_table_and_options():
+    basic = P.build_profile(())
+    assert len(P.table()) == 621
+    station, serial, study_date = 0x00081010, 0x00181000, 0x00080020
+    assert basic.actions[station] == "X/Z/D" and basic.actions[study_date] == "Z"
+    chosen = P.build_profile(D.DEFAULT_OPTIONS)
+    assert chosen.actions[station] == "K" and chosen.actions[serial] == "K"        # Retain Device Identity
+    assert chosen.actions[study_date] == "C"                                        # modified dates
+    assert chosen.actions[0x00081030] == "C"                                        # study description: clean
+    assert chosen.actions[0x00181200] == "C"     # Date of Last Calibration: C (dates) beats K (device)
+    assert basic.temporal == "REMOVED" and chosen.temporal == "MODIFIED"
+    with pytest.raises(P.OptionError, match="unknown option"):
+        P.build_profile(("retain_safe_private",))
+    with pytest.raises(P.OptionError, match="exclude each other"):
+        P.build_profile(("retain_longitudinal_full_dates", "retain_longitudinal_modified_dates"))
 
 
-def test_ultrasound_without_regions_is_refused(pseudo):
+def test_basic_profile_alone_removes_dates_and_device(small_cohort, pseudo):
+    ds = pydicom.dcmread(sorted((small_cohort / "scans").glob("*.dcm"))[0])
+    clean, _ = D.Deidentifier(pseudo, D.Settings(options=("clean_pixel_data",))).dicom(ds, ds.PatientID)
+    assert not clean.StudyDate and "StudyDate" in clean and "AcquisitionDate" not in clean
+    assert "StationName" not in clean
+    assert clean.LongitudinalTemporalInformationModified == "REMOVED"
+    assert [c.CodeValue for c in clean.DeidentificationMethodCodeSequence] == ["113100", "113101"]
+
+
+def test_ultrasound_without_regions_needs_a_template(pseudo):
     ds = pydicom.dcmread(PYDICOM_FILES / "examples_rgb_color.dcm")
     with pytest.raises(D.DeidError) as err:
-        D.deidentify_dicom(ds, "x", pseudo)
-    assert err.value.code == "uncleanable_pixels"
+        D.Deidentifier(pseudo).clean_dicom(ds)
+    assert err.value.code == "no_pixel_template"
+    tpl = D.parse_templates([{"manufacturer": ds.Manufacturer, "model": ds.get("ManufacturerModelName", ""),
+                              "rows": ds.Rows, "columns": ds.Columns, "keep": [[10, 20, 200, 200]]}])
+    cleaned = D.Deidentifier(pseudo, D.Settings(templates=tpl)).clean_dicom(ds)
+    assert cleaned.method == "template" and cleaned.frames[0, :20].max() == 0
+    assert np.array_equal(cleaned.frames[0, 20:201, 10:201], ds.pixel_array[20:201, 10:201])
 
 
 def test_unreadable_file(tmp_path):

@@ -1,0 +1,319 @@
+"""De-identification of real third-party ultrasound DICOM (pydicom's test files, pydicom-data,
+deid-data): identifiers gone from every output byte, pixels inside the regions untouched, one
+test per transfer syntax and photometric interpretation, one per quarantine reason.
+
+Sources and licences: pydicom (MIT) and pydicom-data (MIT, https://github.com/pydicom/pydicom-data),
+deid-data (MIT, https://github.com/pydicom/deid-data), installed as test dependencies
+(pyproject.toml, extra `dev`); nothing is copied into this repository.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from pydicom.data import get_testdata_file
+
+from pipelines import deid as D
+from pipelines.deid_folder import deid_folder
+from pipelines.ocr import OcrSettings, residual_text
+
+pytestmark = pytest.mark.skipif(not D.ocr_available(), reason="tesseract missing: run `make ocr`")
+
+DEID_DATA = Path(__import__("deid_data").__file__).parent / "data"
+IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
+               "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
+               "StudyID", "OtherPatientIDs", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+               "FrameOfReferenceUID", "MediaStorageSOPInstanceUID", "StudyDate", "SeriesDate", "ContentDate",
+               "AcquisitionDate", "RequestingPhysician", "IssuerOfPatientID", "PatientAddress", "InstanceCreatorUID")
+
+
+def real(name: str) -> Path:
+    for folder in ("ultrasounds", "humans"):
+        if (DEID_DATA / folder / name).is_file():
+            return DEID_DATA / folder / name
+    return Path(get_testdata_file(name))
+
+
+def identifying_values(ds: pydicom.Dataset) -> set[str]:
+    """Values of the identifying attributes, at every depth, and every text value of a private tag."""
+    out: set[str] = set()
+    for el in ds.iterall():
+        if el.VR == "SQ" or el.value in (None, ""):
+            continue
+        values = el.value if isinstance(el.value, pydicom.multival.MultiValue) else [el.value]
+        for v in values:
+            text = str(v).strip()
+            if el.keyword in IDENTIFYING:
+                out |= {text, *text.split("^")}
+            elif el.tag.is_private and isinstance(v, str) and sum(c.isalpha() for c in text) >= 4:
+                out.add(text)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "MediaStorageSOPInstanceUID" in meta:
+        out.add(str(meta.MediaStorageSOPInstanceUID))
+    return {v for v in out if len(v) >= 4 and not v.isdigit() or len(v) >= 6}
+
+
+def leaked(values: set[str], raw: bytes) -> list[str]:
+    """The values found as whole tokens of the bytes (a name part "MARY" inside "PRIMARY" is not one)."""
+    if not values:
+        return []
+    pattern = re.compile(rb"(?<![A-Za-z0-9])(" + b"|".join(re.escape(v.encode()) for v in sorted(values))
+                         + rb")(?![A-Za-z0-9])")
+    return sorted({m.decode(errors="replace") for m in pattern.findall(raw)})
+
+
+def deidentify(ds: pydicom.Dataset, tmp_path: Path, pseudo, settings: D.Settings | None = None,
+               patient: str | None = None) -> tuple[pydicom.Dataset, bytes]:
+    out, _ = D.Deidentifier(pseudo, settings).dicom(ds, patient or str(ds.get("PatientID") or "anonymous-source"))
+    path = tmp_path / "out.dcm"
+    out.save_as(path, enforce_file_format=True)
+    return pydicom.dcmread(path), path.read_bytes()
+
+
+# The GE LOGIQ 700 frames of US1_* have no regions: the site's template keeps the image area,
+# below the banner (institution, date), above the typed label ("LYMPH NODE") and the indices,
+# between the colour bars.
+LOGIQ_KEEP = (48, 105, 592, 345)
+
+
+def template_for(ds: pydicom.Dataset, box: tuple[int, int, int, int]) -> D.Settings:
+    return D.Settings(templates=D.parse_templates([{
+        "manufacturer": str(ds.get("Manufacturer", "")), "model": str(ds.get("ManufacturerModelName", "")),
+        "rows": ds.Rows, "columns": ds.Columns, "keep": [list(box)]}]))
+
+
+def as_jpeg_ls(tmp_path: Path) -> Path:
+    ds = pydicom.dcmread(real("GREYSCALE_IMAGE.dcm"))
+    ds.compress(pydicom.uid.JPEGLSLossless)
+    path = tmp_path / "jpegls.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def as_16_bit(tmp_path: Path) -> Path:
+    ds = pydicom.dcmread(real("GREYSCALE_IMAGE.dcm"))
+    ds.PixelData = (ds.pixel_array.astype(np.uint16) * 257).tobytes()
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    path = tmp_path / "mono16.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# (file, transfer syntax, photometric interpretation of the input)
+CASES = [
+    ("examples_ybr_color.dcm", pydicom.uid.JPEGBaseline8Bit, "YBR_FULL_422"),       # 30 frames
+    ("US1_J2KR.dcm", pydicom.uid.JPEG2000Lossless, "YBR_RCT"),
+    ("US1_J2KI.dcm", pydicom.uid.JPEG2000, "YBR_ICT"),
+    ("OBXXXX1A_rle.dcm", pydicom.uid.RLELossless, "PALETTE COLOR"),
+    ("OBXXXX1A_expb_2frame.dcm", pydicom.uid.ExplicitVRBigEndian, "PALETTE COLOR"),
+    ("gdcm-US-ALOKA-16.dcm", pydicom.uid.ImplicitVRLittleEndian, "PALETTE COLOR"),  # 16-bit palette
+    ("JPGLosslessP14SV1_1s_1f_8b.dcm", pydicom.uid.JPEGLosslessSV1, "MONOCHROME2"),
+    ("GREYSCALE_IMAGE.dcm", pydicom.uid.ExplicitVRLittleEndian, "MONOCHROME2"),
+    ("RGB_IMAGE.dcm", pydicom.uid.ExplicitVRLittleEndian, "RGB"),
+    ("ultrasound-multiframe.dcm", pydicom.uid.ExplicitVRLittleEndian, "RGB"),       # 30 frames
+    ("jpeg-ls", pydicom.uid.JPEGLSLossless, "MONOCHROME2"),
+    ("mono16", pydicom.uid.ExplicitVRLittleEndian, "MONOCHROME2"),
+]
+
+
+@pytest.mark.parametrize("name,syntax,photometric", CASES, ids=[c[0] for c in CASES])
+def test_real_ultrasound_per_syntax_and_photometric(name, syntax, photometric, pseudo, tmp_path):
+    path = {"jpeg-ls": as_jpeg_ls, "mono16": as_16_bit}[name](tmp_path) if name in ("jpeg-ls", "mono16") \
+        else real(name)
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == syntax and ds.PhotometricInterpretation == photometric
+    boxes = D.regions(ds)
+    # without calibrated regions the site's device template says where the image is
+    settings = None if boxes else template_for(ds, LOGIQ_KEEP)
+    decoded, _ = D.frames_rgb_or_grey(ds)
+    back, raw = deidentify(ds, tmp_path, pseudo, settings)
+    assert leaked(identifying_values(ds), raw) == [], f"{name}: identifying values in the output"
+    assert not any(el.tag.is_private for el in back.iterall())
+    assert not any((el.tag.group & 0xFF00) in (0x5000, 0x6000) for el in back)     # no overlays, curves
+    assert back.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian   # written losslessly
+    assert back.PatientIdentityRemoved == "YES" and back.BurnedInAnnotation == "NO"
+    out = back.pixel_array
+    out = out[None] if int(back.get("NumberOfFrames", 1)) == 1 else out
+    assert out.shape == decoded.shape and out.dtype == decoded.dtype
+    keep = D.region_mask(decoded.shape[1:3], boxes or [LOGIQ_KEEP])
+    assert np.array_equal(out[:, keep], decoded[:, keep])                # inside the regions: untouched
+    assert not out[:, ~keep].any()                                       # outside: blank
+    assert D.pixel_spacing_mm(back) == D.pixel_spacing_mm(ds)
+    if syntax in (pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEG2000):
+        assert back.LossyImageCompression == "01"                        # the lossy history is kept
+
+
+def test_uids_consistent_within_a_study_and_stable_across_runs(pseudo, tmp_path):
+    ds = pydicom.dcmread(real("RGB_IMAGE.dcm"))
+    second = pydicom.dcmread(real("RGB_IMAGE.dcm"))
+    second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID + ".2"
+    a, raw_a = deidentify(ds, tmp_path, pseudo)
+    b, _ = deidentify(second, tmp_path, pseudo)
+    assert a.StudyInstanceUID == b.StudyInstanceUID != ds.StudyInstanceUID
+    assert a.SeriesInstanceUID == b.SeriesInstanceUID and a.SOPInstanceUID != b.SOPInstanceUID
+    again, raw_again = deidentify(pydicom.dcmread(real("RGB_IMAGE.dcm")), tmp_path, pseudo)
+    assert raw_again == raw_a                                            # same input, same bytes
+    other, _ = deidentify(ds, tmp_path, D.Pseudonymizer(b"another key", 365))
+    assert other.StudyInstanceUID != a.StudyInstanceUID                  # unlinkable without the key
+
+
+def test_date_intervals_within_a_patient_survive(pseudo, tmp_path):
+    first = pydicom.dcmread(real("GREYSCALE_IMAGE.dcm"))
+    later = pydicom.dcmread(real("GREYSCALE_IMAGE.dcm"))
+    later.StudyDate = "20200315"
+    first.StudyDate = "20200101"
+    a, _ = deidentify(first, tmp_path, pseudo)
+    b, _ = deidentify(later, tmp_path, pseudo)
+    assert a.StudyDate != first.StudyDate
+    assert (D.parse_da(b.StudyDate) - D.parse_da(a.StudyDate)).days == 74
+
+
+def quarantine_corpus(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A folder with one input per quarantine reason, and good files; name -> expected reason."""
+    src = tmp_path / "export"
+    src.mkdir()
+    expect = {}
+    for name in ("RGB_IMAGE.dcm", "ultrasound-multiframe.dcm", "OBXXXX1A.dcm"):
+        shutil.copy(real(name), src / name)
+        expect[name] = ""
+    (src / "garbage.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"not a dataset" * 8)
+    expect["garbage.dcm"] = "unreadable_dicom"
+    shutil.copy(real("ctbrain1.dcm"), src / "ct.dcm")
+    expect["ct.dcm"] = "not_ultrasound"
+    shutil.copy(real("examples_rgb_color.dcm"), src / "noregions.dcm")
+    expect["noregions.dcm"] = "no_pixel_template"
+    lie = pydicom.dcmread(real("GREYSCALE_IMAGE.dcm"))       # says NO, yet its banner reads "DOB: ..."
+    del lie.SequenceOfUltrasoundRegions
+    lie.BurnedInAnnotation = "NO"
+    lie.save_as(src / "lie.dcm")
+    expect["lie.dcm"] = "residual_text"
+    shutil.copy(real("JPGLosslessP14SV1_1s_1f_8b.dcm"), src / "nopid.dcm")
+    expect["nopid.dcm"] = "missing_patient_id"
+    shutil.copy(real("OBXXXX1A_rle.dcm"), src / "same-instance.dcm")    # the SOP instance of OBXXXX1A.dcm
+    expect["same-instance.dcm"] = "duplicate_instance"
+    broken = pydicom.dcmread(real("RGB_IMAGE.dcm"))
+    broken.SOPInstanceUID = broken.file_meta.MediaStorageSOPInstanceUID = broken.SOPInstanceUID + ".9"
+    broken.PixelData = broken.PixelData[:1000]
+    broken.save_as(src / "truncated.dcm")
+    expect["truncated.dcm"] = "undecodable_pixels"
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    expect["broken.png"] = "unreadable_image"
+    return src, expect
+
+
+def test_every_input_is_accounted_for_one_reason_each(pseudo, tmp_path):
+    src, expect = quarantine_corpus(tmp_path)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    dst, held, link = tmp_path / "deid", tmp_path / "held", tmp_path / "identified" / "link.csv"
+    rep = deid_folder(src, dst, pseudo, link, workers=2, quarantine=held)
+    assert rep["inputs"] == len(expect) == rep["deidentified"] + rep["quarantined"]
+    rows = {r["source"]: r for r in csv.DictReader((held / "quarantine.csv").open())}
+    assert {k: v["reason_code"] for k, v in rows.items()} == {k: v for k, v in expect.items() if v}
+    assert rep["reasons"] == {v: list(expect.values()).count(v) for v in set(expect.values()) if v}
+    for r in rows.values():                                 # a copy of the untouched original is held
+        assert (held / "files" / r["copy"]).read_bytes() == before[r["source"]] and r["reason"]
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before          # originals never modified
+    report = (dst / "deid-report.json").read_text()
+    assert str(src) not in report and "RGB_IMAGE" not in report and json.loads(report)["ocr_verified"] >= 1
+    assert len(list(csv.DictReader(link.open()))) == rep["deidentified"] == 3
+    audit = [json.loads(line) for line in (dst / "deid-audit.jsonl").read_text().splitlines()]
+    assert len(audit) == 3 and all(a["actions"] for a in audit)
+    values = set().union(*(identifying_values(pydicom.dcmread(src / name))
+                           for name in ("RGB_IMAGE.dcm", "ultrasound-multiframe.dcm", "OBXXXX1A.dcm")))
+    for out in dst.rglob("*"):
+        if out.is_file():
+            assert leaked(values, out.read_bytes()) == [], f"identifying values in {out.name}"
+
+
+def test_rerun_is_idempotent_and_resumes_after_a_crash(pseudo, tmp_path):
+    src, _ = quarantine_corpus(tmp_path)
+    dst = tmp_path / "deid"
+    first = deid_folder(src, dst, pseudo, workers=2)
+    files = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*.dcm")}
+    # a crash after one output: its audit record never landed and another output is gone
+    victims = sorted(dst.rglob("*.dcm"))[:2]
+    victims[0].unlink()
+    (dst / ".cbh-deid" / "audit" / (str(victims[1].relative_to(dst)).replace("/", "__") + ".json")).unlink()
+    again = deid_folder(src, dst, pseudo, workers=1)
+    assert again["resumed"] == first["deidentified"] - 2
+    assert {k: again[k] for k in ("inputs", "deidentified", "quarantined", "reasons")} == \
+        {k: first[k] for k in ("inputs", "deidentified", "quarantined", "reasons")}
+    assert {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*.dcm")} == files   # same names, same bytes
+    assert not list(dst.rglob(".tmp-*"))
+
+
+def test_raster_metadata_is_stripped_and_banner_template_applied(pseudo, tmp_path):
+    src = tmp_path / "export"
+    src.mkdir()
+    img = np.zeros((200, 300, 3), np.uint8)
+    img[60:, :] = np.random.default_rng(0).integers(0, 120, (140, 300, 3), dtype=np.uint8)
+    info = PngInfo()
+    info.add_text("Comment", "Patient Jane Lowbridge MRN0042")
+    Image.fromarray(img).save(src / "a.png", pnginfo=info)
+    exif = Image.Exif()
+    exif[0x013B] = "Jane Lowbridge"                                       # Artist
+    Image.fromarray(img).save(src / "b.jpg", exif=exif.tobytes(), quality=95)
+    assert b"Lowbridge" in (src / "a.png").read_bytes() and b"Lowbridge" in (src / "b.jpg").read_bytes()
+    settings = D.Settings(templates=D.parse_templates([{"raster": True, "rows": 200, "columns": 300,
+                                                        "keep": [[0, 60, 299, 199]]}]))
+    rep = deid_folder(src, tmp_path / "deid", pseudo, settings=settings)
+    assert rep["deidentified"] == 2 and rep["pixels"] == {"template": 2} and rep["ocr_verified"] >= 1
+    for out in (tmp_path / "deid" / "raster").glob("*.png"):
+        assert b"Lowbridge" not in out.read_bytes() and b"MRN" not in out.read_bytes()
+        pixels = np.asarray(Image.open(out))
+        assert not pixels[:60].any()
+
+
+def test_synthetic_banners_and_header_identifiers_are_gone(small_cohort, pseudo, tmp_path):
+    """OCR reads the planted banner on the export and none of it on the de-identified scans."""
+    rep = deid_folder(small_cohort / "scans", tmp_path / "deid", pseudo, workers=2)
+    assert rep["quarantined"] == 0 and rep["ocr_verified"] >= 3              # each vendor style read once
+    rows = list(csv.DictReader((small_cohort / "annotations.csv").open()))
+    settings = OcrSettings()
+    for path in sorted((small_cohort / "scans").glob("*.dcm"))[:4]:
+        ds = pydicom.dcmread(path)
+        planted = {str(ds.PatientName).split("^")[0], str(ds.InstitutionName).split()[0], ds.PatientID}
+        before = " ".join(residual_text(D.frames_rgb_or_grey(ds)[0][0], settings))
+        assert any(p in before for p in planted), f"OCR should read the banner of {path.name}: {before}"
+    outputs = sorted((tmp_path / "deid").rglob("*.dcm"))
+    assert len(outputs) == sum(r["image"].endswith(".dcm") for r in rows)
+    identifiers = set()
+    for path in sorted((small_cohort / "scans").glob("*.dcm")):
+        identifiers |= identifying_values(pydicom.dcmread(path))
+    for out in outputs:
+        ds = pydicom.dcmread(out)
+        assert residual_text(ds.pixel_array, settings) == []
+        raw = out.read_bytes()
+        assert leaked(identifiers, raw) == []
+
+
+def test_ocr_allows_calibration_marks_and_flags_identifiers():
+    s = OcrSettings()
+    for ok in ("10", "4.5cm", "L12-5", "6C1", "TIS0.4", "20dB/DR60", "65bpm", "Cist", "MHz"):
+        assert s.is_allowed(ok), ok
+    for bad in ("08/29/1951", "8:48:26", "MRN8109163", "CLEVELAND", "Lowbridge", "00047431395"):
+        assert not s.is_allowed(bad), bad
+
+
+def test_ocr_missing_is_one_clear_error(monkeypatch, pseudo, tmp_path):
+    monkeypatch.setattr(D, "ocr_available", lambda: False)
+    (tmp_path / "src").mkdir()
+    with pytest.raises(D.OcrUnavailable, match="make ocr"):
+        deid_folder(tmp_path / "src", tmp_path / "dst", pseudo)
+
+
+def test_quarantine_inside_destination_is_refused(pseudo, tmp_path):
+    (tmp_path / "src").mkdir()
+    with pytest.raises(ValueError, match="identified-side"):
+        deid_folder(tmp_path / "src", tmp_path / "dst", pseudo, quarantine=tmp_path / "dst" / "q")
+    with pytest.raises(ValueError, match="identified-side"):
+        deid_folder(tmp_path / "src", tmp_path / "dst", pseudo, tmp_path / "dst" / "link.csv")
