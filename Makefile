@@ -24,6 +24,15 @@ $(VENV)/.installed: pyproject.toml
 	@$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]' 2> >(grep -v '^WARNING: Location' >&2)
 	@touch $@
 
+## ocr: Debian's Tesseract, which verifies cleaned pixels during de-identification (apt; needs root or sudo)
+ocr:
+	@command -v tesseract > /dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing Debian's tesseract-ocr (de-identification reads cleaned pixels back)"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q tesseract-ocr > /dev/null 2>&1 || { \
+	    $$SUDO apt-get update -q > /dev/null && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q tesseract-ocr > /dev/null; }; }
+
 ## browser: Debian's chromium for the tests that open reports headless (apt; needs root or sudo)
 browser:
 	@command -v chromium > /dev/null || { \
@@ -34,16 +43,16 @@ browser:
 	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium > /dev/null; }; }
 
 ## demo: synthesise a cohort and run the whole retrain flow on it (ingest .. promote)
-demo: setup
+demo: setup ocr
 	@test -f $(DEMO_COHORT)/annotations.csv || $(BIN)/cbh synth $(DEMO_COHORT)
 	@CBH_DEMO=1 $(BIN)/cbh retrain --cohort $(DEMO_COHORT)
 
 ## test: the fast test suite (under 10 minutes)
-test: setup browser
+test: setup ocr browser
 	$(BIN)/pytest -m "not slow" -q
 
 ## test-full: every test, the slow ones included
-test-full: setup browser
+test-full: setup ocr browser
 	$(BIN)/pytest -q
 
 ## ui: MLflow UI (127.0.0.1:5000) and Prefect UI (127.0.0.1:4200) in the background
@@ -73,4 +82,4 @@ lint: setup
 clean-workspace:
 	rm -rf data mlflow.db mlartifacts .prefect .dvcstore dvc.lock expectations/gx/uncommitted
 
-.PHONY: help setup browser demo test test-full ui ui-down repro lint clean-workspace
+.PHONY: help setup ocr browser demo test test-full ui ui-down repro lint clean-workspace

@@ -71,7 +71,9 @@ def cmd_deid(a: argparse.Namespace, root: Path) -> int:
     held = Path(a.quarantine) if a.quarantine else default_quarantine(dst)
     rep = deid_folder(Path(a.src), dst, pseudonymizer(params, root), Path(a.link) if a.link else None,
                       progress=_progress("de-identifying"), settings=Settings.from_params(params.deid),
-                      workers=params.deid.workers if a.workers is None else a.workers, quarantine=held)
+                      workers=params.deid.workers if a.workers is None else a.workers, quarantine=held,
+                      executor=a.executor or params.deid.executor,
+                      dask_address=params.deid.dask_address if a.dask_address is None else a.dask_address)
     print(f"{rep['deidentified']} of {rep['inputs']} files de-identified into {dst} "
           f"({rep['ocr_verified']} verified by OCR, {rep['resumed']} already done), "
           f"{rep['quarantined']} quarantined {rep['reasons'] or ''}; report: {dst / 'deid-report.json'}")
@@ -306,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--link", help="CSV file for the source-to-output link (kept apart from DST)")
     s.add_argument("--quarantine", help="folder for held inputs and their reasons (default: DST-quarantine)")
     s.add_argument("--workers", type=int, help="processes (default: params.yaml deid.workers; 0: one per core)")
+    s.add_argument("--executor", choices=("processes", "dask"), help="default: params.yaml deid.executor")
+    s.add_argument("--dask-address", help="Dask scheduler (default: params.yaml deid.dask_address; '': local)")
     s.set_defaults(fn=cmd_deid)
     s = sub.add_parser("ingest", help="de-identify a cohort into the workspace data store and build the manifest")
     s.add_argument("cohort")

@@ -103,7 +103,7 @@ def validate_params(params: Params) -> ValidateParams:
 
 def validate(params: Params, root: Path) -> ValidationReport:
     """Run the data contract on the manifest: the JSON report, Data Docs, the steward summary
-    and the contract's quarantine table (same columns as ingest's)."""
+    and the contract's quarantine table (same columns as ingest's; pseudonymous image ids)."""
     from pipelines.steward import quarantine_frame, write_summary
 
     rep = validate_manifest(root / params.paths.manifest, root / params.paths.gx_root, validate_params(params),
@@ -114,7 +114,6 @@ def validate(params: Params, root: Path) -> ValidationReport:
     folder = root / params.paths.contract
     shutil.rmtree(folder, ignore_errors=True)
     write_summary(rep, folder, "Data contract: de-identified scans, annotations and masks")
-    # the contract's rows join ingest's in the one quarantine table (a folder of Parquet files)
     table = pa.Table.from_pandas(quarantine_frame(rep), schema=QUARANTINE_SCHEMA, preserve_index=False)
     out = root / params.paths.contract_quarantine
     out.parent.mkdir(parents=True, exist_ok=True)

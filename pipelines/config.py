@@ -71,6 +71,8 @@ class DeidParams:
     ocr_allowed: tuple[str, ...]
     ocr_vocabulary: tuple[str, ...]
     workers: int
+    executor: str
+    dask_address: str
 
 
 @dataclass(frozen=True)

@@ -292,9 +292,13 @@ class Deidentifier:
     def _template(self, manufacturer: str, model: str, rows: int, cols: int, raster: bool) -> Template | None:
         return next((t for t in self.settings.templates if t.matches(manufacturer, model, rows, cols, raster)), None)
 
-    def _verify(self, frames: np.ndarray, device: str, sample_key: str, always: bool = False) -> bool:
-        """OCR the first and last frame when the device is new, the image sampled, or `always`."""
-        if not always and device in self.seen and self.pseudo.sample("ocr", sample_key) >= self.settings.ocr_sample:
+    def _verify(self, frames: np.ndarray, device: str, sample_key: str, first: bool | None) -> bool:
+        """OCR the first and last frame of the first image of a device, and of a keyed sample.
+        `first` says whether this image is its device's first (decided by the caller over the whole
+        corpus, so the choice does not depend on which process gets which file); None: this
+        object's own memory of the devices it has seen decides."""
+        first = device not in self.seen if first is None else first
+        if not first and self.pseudo.sample("ocr", sample_key) >= self.settings.ocr_sample:
             return False
         words: list[str] = []
         for i in sorted({0, frames.shape[0] - 1}):        # a static banner is on every frame of a cine
@@ -304,34 +308,48 @@ class Deidentifier:
         self.seen.add(device)
         return True
 
-    def clean_dicom(self, ds: Dataset) -> Cleaned:
+    def pixel_plan(self, ds: Dataset) -> tuple[str, list[tuple[int, int, int, int]]]:
+        """How this file's pixels will be cleaned, from its header alone: (method, boxes to keep)."""
         if str(ds.get("Modality", "")).upper() != "US":
             raise DeidError("not_ultrasound", f"modality {ds.get('Modality', '?')!r} is not US")
-        arr, photometric = frames_rgb_or_grey(ds)
-        manufacturer, model = str(ds.get("Manufacturer", "")), str(ds.get("ManufacturerModelName", ""))
-        rows, cols = arr.shape[1:3]
-        boxes = regions(ds)
         if not self.clean_pixels_on:
-            method = "not-cleaned"
-        elif boxes:
-            arr, method = clean_pixels(arr, boxes), "regions"
-        elif (tpl := self._template(manufacturer, model, rows, cols, raster=False)) is not None:
-            arr, method = clean_pixels(arr, list(tpl.keep)), "template"
-        elif str(ds.get("BurnedInAnnotation", "")).upper() == "NO":
-            method = "flagged-clean"
-        else:
-            raise DeidError("no_pixel_template",
-                            "no SequenceOfUltrasoundRegions, no device template for this manufacturer, "
-                            f"model and {cols}x{rows} frame, and BurnedInAnnotation is not NO: "
-                            "burned-in text cannot be located")
-        device = f"{manufacturer}|{model}|{rows}x{cols}|{method}"
-        verified = self._verify(arr, device, str(ds.get("SOPInstanceUID", ""))) if self.clean_pixels_on else False
+            return "not-cleaned", []
+        manufacturer, model = str(ds.get("Manufacturer", "")), str(ds.get("ManufacturerModelName", ""))
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        if boxes := regions(ds):
+            return "regions", boxes
+        if (tpl := self._template(manufacturer, model, rows, cols, raster=False)) is not None:
+            return "template", list(tpl.keep)
+        if str(ds.get("BurnedInAnnotation", "")).upper() == "NO":
+            return "flagged-clean", []
+        raise DeidError("no_pixel_template",
+                        "no SequenceOfUltrasoundRegions, no device template for this manufacturer, "
+                        f"model and {cols}x{rows} frame, and BurnedInAnnotation is not NO: "
+                        "burned-in text cannot be located")
+
+    def device(self, ds: Dataset) -> str:
+        """What OCR verification counts as one device: scanner model, frame size, cleaning method."""
+        method, _ = self.pixel_plan(ds)
+        return (f"{ds.get('Manufacturer', '')}|{ds.get('ManufacturerModelName', '')}|"
+                f"{ds.get('Rows', '')}x{ds.get('Columns', '')}|{method}")
+
+    def raster_device(self, rows: int, cols: int) -> str:
+        tpl = self._template("", "", rows, cols, raster=True)
+        return f"raster|{rows}x{cols}|{'template' if tpl is not None else 'raster'}"
+
+    def clean_dicom(self, ds: Dataset, first: bool | None = None) -> Cleaned:
+        method, boxes = self.pixel_plan(ds)
+        arr, photometric = frames_rgb_or_grey(ds)
+        if boxes:
+            arr = clean_pixels(arr, boxes)
+        verified = self._verify(arr, self.device(ds), str(ds.get("SOPInstanceUID", "")), first) \
+            if self.clean_pixels_on else False
         meta = getattr(ds, "file_meta", None)
         ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
         lossy = ts in LOSSY_SYNTAXES or str(ds.get("LossyImageCompression", "")) == "01"
         return Cleaned(arr, photometric, method, verified, lossy)
 
-    def clean_raster(self, img: np.ndarray, key: str) -> Cleaned:
+    def clean_raster(self, img: np.ndarray, key: str, first: bool | None = None) -> Cleaned:
         """PNG/JPEG: pixels only (re-encoding keeps no metadata), banner blanked by template.
         Without a template every such image is read by OCR, not a sample."""
         frames = img[None]
@@ -340,7 +358,7 @@ class Deidentifier:
         method = "template" if tpl is not None else "raster"
         if tpl is not None:
             frames = clean_pixels(frames, list(tpl.keep))
-        verified = self._verify(frames, f"raster|{rows}x{cols}|{method}", key, always=tpl is None)
+        verified = self._verify(frames, self.raster_device(rows, cols), key, True if tpl is None else first)
         return Cleaned(frames, "RGB" if img.ndim == 3 else "MONOCHROME2", method, verified)
 
     # -- header + pixels ----------------------------------------------------------------

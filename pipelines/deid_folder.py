@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 import cv2
+from PIL import Image
 
 from pipelines import deid as D
 
@@ -47,6 +48,7 @@ class Outcome:
     verified: bool = False           # OCR read the cleaned pixels
     method: str | None = None        # how the pixels were cleaned
     resumed: bool = False            # already done by an earlier run with the same settings
+    device: str | None = None        # what OCR verification counts as one device (name step)
 
 
 def is_dicom(path: Path) -> bool:
@@ -113,8 +115,15 @@ class Worker:
         pseudo = self.deid.pseudo
         if path.suffix.lower() in D.RASTER_SUFFIXES:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            return Outcome(str(path), f"raster/{pseudo.image('raster:' + digest)}.png")
-        return Outcome(str(path), self._dicom_output(D.read_dicom(path, header_only=True))[1])
+            try:
+                with Image.open(path) as im:          # the header only: size for the device key
+                    cols, rows = im.size
+            except (OSError, ValueError) as exc:
+                raise D.DeidError("unreadable_image", "PNG/JPEG cannot be decoded") from exc
+            return Outcome(str(path), f"raster/{pseudo.image('raster:' + digest)}.png",
+                           device=self.deid.raster_device(rows, cols))
+        ds = D.read_dicom(path, header_only=True)
+        return Outcome(str(path), self._dicom_output(ds)[1], device=self.deid.device(ds))
 
     def _dicom_output(self, ds) -> tuple[str, str]:
         """(raw patient ID, output name): `<patient pseudonym>/<pseudonym of the SOP instance>.dcm`."""
@@ -124,8 +133,10 @@ class Worker:
         pseudo = self.deid.pseudo
         return raw_patient, f"{pseudo.patient(raw_patient)}/{pseudo.image('dicom:' + str(ds.SOPInstanceUID))}.dcm"
 
-    def run(self, path: Path) -> Outcome:
-        return self._guard(path, self._raster if path.suffix.lower() in D.RASTER_SUFFIXES else self._dicom)
+    def run(self, path: Path, first: bool | None = None) -> Outcome:
+        """De-identify one file; `first`: it is the first of its device in the corpus (OCR reads it)."""
+        fn = self._raster if path.suffix.lower() in D.RASTER_SUFFIXES else self._dicom
+        return self._guard(path, lambda p: fn(p, first))
 
     def _guard(self, path: Path, fn: Callable[[Path], Outcome]) -> Outcome:
         try:
@@ -140,12 +151,12 @@ class Worker:
             return Outcome(str(path), code="unexpected_error",
                            reason=f"de-identification failed ({type(exc).__name__}); kept for review")
 
-    def _dicom(self, path: Path) -> Outcome:
+    def _dicom(self, path: Path, first: bool | None) -> Outcome:
         ds = D.read_dicom(path)
         raw_patient, output = self._dicom_output(ds)
         if self.done(output):
             return Outcome(str(path), output, resumed=True)
-        cleaned = self.deid.clean_dicom(ds)
+        cleaned = self.deid.clean_dicom(ds, first)
         out, actions = self.deid.dicom(ds, raw_patient, cleaned)
         from io import BytesIO
 
@@ -153,7 +164,7 @@ class Worker:
         out.save_as(buf, enforce_file_format=True)
         return self.finish(output, buf.getvalue(), actions, cleaned, str(path))
 
-    def _raster(self, path: Path) -> Outcome:
+    def _raster(self, path: Path, first: bool | None) -> Outcome:
         data = path.read_bytes()
         img = D.decode_raster(data)
         if img is None:
@@ -162,7 +173,7 @@ class Worker:
         output = f"raster/{self.deid.pseudo.image('raster:' + digest)}.png"
         if self.done(output):
             return Outcome(str(path), output, resumed=True)
-        cleaned = self.deid.clean_raster(img, digest)
+        cleaned = self.deid.clean_raster(img, digest, first)
         frame = cleaned.frames[0]
         ok, png = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR) if frame.ndim == 3 else frame)
         if not ok:
@@ -172,33 +183,68 @@ class Worker:
         return self.finish(output, png.tobytes(), actions, cleaned, str(path))
 
 
-_WORKER: Worker | None = None
+Init = tuple  # (dst, key, max_shift_days, settings): what every worker process is built from
+_WORKER: tuple[Init, Worker] | None = None
 
 
-def _init(dst: Path, key: bytes, max_shift_days: int, settings: D.Settings) -> None:
+def worker_for(init: Init) -> Worker:
+    """This process's Worker for these settings (built once per process: pool or Dask worker)."""
     global _WORKER
-    _WORKER = Worker(dst, key, max_shift_days, settings)
+    if _WORKER is None or _WORKER[0] != init:
+        _WORKER = (init, Worker(*init))
+    return _WORKER[1]
 
 
-def _run(path: Path) -> Outcome:
-    assert _WORKER is not None
-    return _WORKER.run(path)
+def _name(path: Path, init: Init) -> Outcome:
+    return worker_for(init).name(path)
 
 
-def _name(path: Path) -> Outcome:
-    assert _WORKER is not None
-    return _WORKER.name(path)
+def _run(item: tuple[Path, bool], init: Init) -> Outcome:
+    return worker_for(init).run(*item)
+
+
+STEPS = {"name": _name, "run": _run}
+
+
+def apply_batch(step: str, items: list, init: Init) -> list[Outcome]:
+    """One step over a batch of files in this process (what a Dask task runs)."""
+    return [STEPS[step](item, init) for item in items]
 
 
 @contextmanager
-def _mapper(dst: Path, key: bytes, max_shift_days: int, settings: D.Settings, workers: int):
-    """map(fn, items) over the worker processes (or in this one), results in input order."""
+def _mapper(init: Init, workers: int):
+    """pmap(step, files) over the worker processes (or in this one), results in input order."""
     if workers <= 1:
-        _init(dst, key, max_shift_days, settings)
-        yield map
+        yield lambda step, items: (STEPS[step](p, init) for p in items)
         return
-    with ProcessPoolExecutor(workers, initializer=_init, initargs=(dst, key, max_shift_days, settings)) as pool:
-        yield lambda fn, items: pool.map(fn, items, chunksize=4)
+    with ProcessPoolExecutor(workers) as pool:
+        yield lambda step, items: pool.map(STEPS[step], items, [init] * len(items), chunksize=4)
+
+
+def process(files: list[Path], pmap: Callable, progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
+    """Name every file (headers only), hold the second file of one SOP instance, de-identify the rest.
+    Naming first means two inputs of one instance never race for one output, and the first file of
+    each device in sorted order is the one OCR reads, whichever process gets it."""
+    results: list[Outcome] = []
+    todo, seen, devices = [], set(), set()
+    for named in pmap("name", files):
+        if named.output is None:
+            results.append(named)
+        elif named.output in seen:
+            results.append(Outcome(named.source, code="duplicate_instance",
+                                   reason="same SOP Instance UID (or raster bytes) as an earlier input, "
+                                          "which was kept"))
+        else:
+            seen.add(named.output)
+            todo.append((Path(named.source), named.device not in devices))
+            devices.add(named.device)
+    if progress:
+        progress(len(results), len(files))
+    for res in pmap("run", todo):
+        results.append(res)
+        if progress:
+            progress(len(results), len(files))
+    return results
 
 
 def default_quarantine(dst: Path) -> Path:
@@ -207,7 +253,8 @@ def default_quarantine(dst: Path) -> Path:
 
 def deid_folder(src: Path, dst: Path, pseudo: D.Pseudonymizer, link: Path | None = None,
                 progress: Callable[[int, int], None] | None = None, settings: D.Settings | None = None,
-                workers: int = 1, quarantine: Path | None = None) -> dict:
+                workers: int = 1, quarantine: Path | None = None, executor: str = "processes",
+                dask_address: str = "") -> dict:
     """De-identify every scan under `src` into `dst`; returns the report (also DST/deid-report.json)."""
     settings = settings or D.Settings()
     if not src.is_dir():
@@ -224,26 +271,16 @@ def deid_folder(src: Path, dst: Path, pseudo: D.Pseudonymizer, link: Path | None
     files = discover(src)
     dst.mkdir(parents=True, exist_ok=True)
     workers = workers if workers > 0 else (os.cpu_count() or 1)
-    results: list[Outcome] = []
-    with _mapper(dst, pseudo.key, pseudo.max_shift_days, settings, workers) as pmap:
-        # first the names (headers only): two inputs of one SOP instance must not race for one output
-        todo, seen = [], set()
-        for named in pmap(_name, files):
-            if named.output is None:
-                results.append(named)
-            elif named.output in seen:
-                results.append(Outcome(named.source, code="duplicate_instance",
-                                       reason="same SOP Instance UID (or raster bytes) as an earlier input, "
-                                              "which was kept"))
-            else:
-                seen.add(named.output)
-                todo.append(Path(named.source))
-        if progress:
-            progress(len(results), len(files))
-        for res in pmap(_run, todo):
-            results.append(res)
-            if progress:
-                progress(len(results), len(files))
+    init = (dst, pseudo.key, pseudo.max_shift_days, settings)
+    if executor == "dask":        # the same steps as Prefect tasks on a Dask cluster (flows/deid_dask.py)
+        from flows.deid_dask import process_on_dask
+
+        results = process_on_dask(files, init, dask_address, workers, progress)
+    elif executor == "processes":
+        with _mapper(init, workers) as pmap:
+            results = process(files, pmap, progress)
+    else:
+        raise ValueError(f"params.yaml deid.executor = {executor!r}: use processes or dask")
     done = [r for r in results if r.output is not None]
     held = [r for r in results if r.code is not None]
     _gather_audit(dst, {r.output for r in done if r.output})
@@ -253,7 +290,7 @@ def deid_folder(src: Path, dst: Path, pseudo: D.Pseudonymizer, link: Path | None
               "ocr_verified": sum(r.verified for r in done),
               "resumed": sum(r.resumed for r in done),
               "pixels": dict(sorted(Counter(r.method for r in done if r.method).items())),
-              **D.Deidentifier(pseudo, settings).record(), "workers": workers}
+              **D.Deidentifier(pseudo, settings).record(), "workers": workers, "executor": executor}
     write_atomic(dst / REPORT, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
     if link is not None:
         link.parent.mkdir(parents=True, exist_ok=True)

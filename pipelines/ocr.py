@@ -5,8 +5,10 @@ confidence is at least `min_confidence` (speckle yields low-confidence gibberish
 text is read at 85-96 on the synthetic scanners) and it matches none of the allowed
 calibration marks and on-screen labels (DEFAULT_ALLOWED, DEFAULT_VOCABULARY).
 
-Tesseract is Debian's `tesseract-ocr` package (installed by `make ocr`), driven through
-pytesseract, one thread per process (the de-identification pool is the parallelism).
+Tesseract is Debian's `tesseract-ocr` package (installed by `make ocr`), run as a command
+with the image on stdin and TSV on stdout, one OpenMP thread per call (the de-identification
+pool is the parallelism; the limit is set for that subprocess only, never for this process,
+where it would also throttle torch).
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-
-os.environ.setdefault("OMP_THREAD_LIMIT", "1")   # Tesseract's OpenMP threads would fight the process pool
 
 # What scanners print inside the image area and is not an identifier: numbers with units
 # (depth scale, frequency, gain), short parameter codes (TIS0.4, H4.00, DR60), probe names
@@ -79,10 +80,25 @@ def _grey(img: np.ndarray) -> np.ndarray:
     return img
 
 
+def _tesseract_words(grey: np.ndarray) -> list[tuple[str, float]]:
+    """(word, confidence) as Tesseract reads them (sparse text, LSTM engine)."""
+    ok, png = cv2.imencode(".png", grey)
+    if not ok:
+        raise ValueError("image cannot be encoded for OCR")
+    res = subprocess.run(["tesseract", "stdin", "stdout", "--psm", "11", "--oem", "1", "tsv"], input=png.tobytes(),
+                         capture_output=True, env={**os.environ, "OMP_THREAD_LIMIT": "1"}, check=False)
+    if res.returncode:
+        raise OcrUnavailable(f"tesseract failed ({res.stderr.decode(errors='replace').strip()[-200:]})")
+    words = []
+    for line in res.stdout.decode("utf-8", errors="replace").splitlines()[1:]:
+        cols = line.split("\t")
+        if len(cols) == 12 and cols[11].strip():
+            words.append((cols[11].strip(), float(cols[10])))
+    return words
+
+
 def residual_text(img: np.ndarray, settings: OcrSettings) -> list[str]:
     """Words Tesseract reads in the image that are not allowed calibration marks."""
-    import pytesseract
-
     if not available():
         raise OcrUnavailable("tesseract is not installed (run `make ocr`): cleaned pixels cannot be verified")
     grey = _grey(img)
@@ -91,10 +107,8 @@ def residual_text(img: np.ndarray, settings: OcrSettings) -> list[str]:
         return []
     crop = grey[ys.min():ys.max() + 1, xs.min():xs.max() + 1]      # blanked borders carry nothing to read
     crop = cv2.copyMakeBorder(crop, 8, 8, 8, 8, cv2.BORDER_CONSTANT, value=0)
-    data = pytesseract.image_to_data(crop, config="--psm 11 --oem 1", output_type=pytesseract.Output.DICT)
     found = []
-    for word, conf in zip(data["text"], data["conf"], strict=True):
-        word = word.strip()
+    for word, conf in _tesseract_words(crop):
         if float(conf) < settings.min_confidence or sum(ch.isalnum() for ch in word) < settings.min_chars:
             continue
         if not settings.is_allowed(word):

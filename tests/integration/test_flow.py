@@ -60,6 +60,13 @@ def test_dvc_is_clean_and_pushed(flow_run):
         assert repo.status() == {}
         assert repo.status(cloud=True) == {}                 # the remote holds every output
     assert any((ws / ".dvcstore").rglob("*"))
+    # ingest's quarantine table names images as exported: tracked by hash, never in the cache or remote
+    import yaml
+    outs = {o["path"]: o for o in yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["ingest"]["outs"]}
+    held = outs["data/quarantine.parquet"]["md5"]
+    assert (ws / "data/quarantine.parquet").is_file()
+    for store in (ws / ".dvcstore", ws / ".dvc" / "cache"):
+        assert not [p for p in store.rglob("*") if p.name == held[2:]]
 
 
 def test_dvc_metrics_and_plots_are_declared(flow_run):
@@ -363,9 +370,7 @@ def test_quarantined_rows_never_reach_the_dataset(flow_run):
     ws, cohort, res, _ = flow_run
     assert res.returncode == 0
     import pyarrow.parquet as pq
-    quarantined = pq.read_table(ws / "data/quarantine/contract.parquet").to_pylist()
-    table = pq.read_table(ws / "data/quarantine").to_pylist()          # the one quarantine table
-    assert quarantined[0] in table
+    quarantined = pq.read_table(ws / "data/contract-quarantine.parquet").to_pylist()
     assert [q["reason_code"] for q in quarantined] == ["annotations.expect_column_values_to_be_between.ga_weeks"]
     assert quarantined[0]["source_row"] == DEFECT_ROW
     dataset = pq.read_table(ws / "data/dataset.parquet").to_pandas()
