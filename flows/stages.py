@@ -81,7 +81,7 @@ def ingest(params: Params, root: Path, today: dt.date | None = None, progress: P
     total = IngestResult()
     for cohort in cohorts:
         res = ingest_cohort(cohort, root, params.paths.deid, pseudo, params.deid.keep_columns, today, progress,
-                            settings)
+                            settings, params.deid.workers, params.deid.executor, params.deid.dask_address)
         total.manifest.extend(res.manifest)
         total.quarantine.extend(res.quarantine)
         total.audit.extend(res.audit)

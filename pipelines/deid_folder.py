@@ -28,13 +28,14 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import cv2
 from PIL import Image
 
 from pipelines import deid as D
 
+T = TypeVar("T")
 STATE = ".cbh-deid"
 REPORT, AUDIT = "deid-report.json", "deid-audit.jsonl"
 
@@ -133,6 +134,17 @@ class Worker:
         pseudo = self.deid.pseudo
         return raw_patient, f"{pseudo.patient(raw_patient)}/{pseudo.image('dicom:' + str(ds.SOPInstanceUID))}.dcm"
 
+    def device(self, path: Path) -> str | None:
+        """What OCR counts as this file's device (from its header), None if that cannot be read."""
+        try:
+            if path.suffix.lower() in D.RASTER_SUFFIXES:
+                with Image.open(path) as im:
+                    cols, rows = im.size
+                return self.deid.raster_device(rows, cols)
+            return self.deid.device(D.read_dicom(path, header_only=True))
+        except (D.DeidError, OSError, ValueError):
+            return None
+
     def run(self, path: Path, first: bool | None = None) -> Outcome:
         """De-identify one file; `first`: it is the first of its device in the corpus (OCR reads it)."""
         fn = self._raster if path.suffix.lower() in D.RASTER_SUFFIXES else self._dicom
@@ -203,22 +215,47 @@ def _run(item: tuple[Path, bool], init: Init) -> Outcome:
     return worker_for(init).run(*item)
 
 
-STEPS = {"name": _name, "run": _run}
+def _device(path: Path, init: Init) -> str | None:
+    return worker_for(init).device(path)
 
 
-def apply_batch(step: str, items: list, init: Init) -> list[Outcome]:
+def _step(name: str) -> Callable:
+    """The step functions a pool or a Dask worker runs: naming, de-identifying, ingesting a scan."""
+    if name == "ingest":
+        from pipelines.ingest import ingest_file
+
+        return ingest_file
+    return {"name": _name, "run": _run, "device": _device}[name]
+
+
+def apply_batch(step: str, items: list, init: Init) -> list:
     """One step over a batch of files in this process (what a Dask task runs)."""
-    return [STEPS[step](item, init) for item in items]
+    fn = _step(step)
+    return [fn(item, init) for item in items]
 
 
 @contextmanager
 def _mapper(init: Init, workers: int):
     """pmap(step, files) over the worker processes (or in this one), results in input order."""
     if workers <= 1:
-        yield lambda step, items: (STEPS[step](p, init) for p in items)
+        yield lambda step, items: (_step(step)(p, init) for p in items)
         return
     with ProcessPoolExecutor(workers) as pool:
-        yield lambda step, items: pool.map(STEPS[step], items, [init] * len(items), chunksize=4)
+        yield lambda step, items: pool.map(_step(step), items, [init] * len(items), chunksize=4)
+
+
+def run_steps(executor: str, init: Init, workers: int, dask_address: str, body: Callable[[Callable], T]) -> T:
+    """body(pmap) with pmap(step, items) on the chosen executor: `processes` (a pool on this machine;
+    1 worker: in this process) or `dask` (Prefect tasks on prefect-dask, flows/deid_dask.py)."""
+    workers = workers if workers > 0 else (os.cpu_count() or 1)
+    if executor == "dask":
+        from flows.deid_dask import on_dask
+
+        return on_dask(init, dask_address, workers, body)
+    if executor != "processes":
+        raise ValueError(f"params.yaml deid.executor = {executor!r}: use processes or dask")
+    with _mapper(init, workers) as pmap:
+        return body(pmap)
 
 
 def process(files: list[Path], pmap: Callable, progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
@@ -272,15 +309,7 @@ def deid_folder(src: Path, dst: Path, pseudo: D.Pseudonymizer, link: Path | None
     dst.mkdir(parents=True, exist_ok=True)
     workers = workers if workers > 0 else (os.cpu_count() or 1)
     init = (dst, pseudo.key, pseudo.max_shift_days, settings)
-    if executor == "dask":        # the same steps as Prefect tasks on a Dask cluster (flows/deid_dask.py)
-        from flows.deid_dask import process_on_dask
-
-        results = process_on_dask(files, init, dask_address, workers, progress)
-    elif executor == "processes":
-        with _mapper(init, workers) as pmap:
-            results = process(files, pmap, progress)
-    else:
-        raise ValueError(f"params.yaml deid.executor = {executor!r}: use processes or dask")
+    results = run_steps(executor, init, workers, dask_address, lambda pmap: process(files, pmap, progress))
     done = [r for r in results if r.output is not None]
     held = [r for r in results if r.code is not None]
     _gather_audit(dst, {r.output for r in done if r.output})

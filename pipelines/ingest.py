@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import hashlib
+import io
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,58 +124,40 @@ def _read_mask(path: Path) -> tuple[np.ndarray | None, str]:
 
 @dataclass
 class _Scan:
-    """A de-identified source file, shared by all rows that reference its frames."""
+    """A de-identified source file, shared by all rows that reference its frames. It holds no
+    pixels: a worker process decoded, cleaned, verified and wrote the file, and sent back the
+    per-frame size and pixel hash."""
 
     stem: str
-    raw_patient: str
-    frames: np.ndarray
+    raw_patient: str                          # PatientID of the header ("" for PNG/JPEG)
+    frames: list[tuple[int, int, str]]        # (rows, cols, sha256 of the cleaned pixels) per frame
     spacing: tuple[float, float]
     photometric: str
     fmt: str
-    cleaned: D.Cleaned
-    written: Path | None = None
-    dataset: Any = None
+    verified: bool                            # OCR read the cleaned pixels
+    written: str | None = None                # output path relative to the workspace
+    audit: dict[str, Any] | None = None
 
 
-class Ingestor:
-    """Turns annotation rows into manifest or quarantine rows; writes de-identified files."""
+def ingest_file(item: tuple[str, str, str, str, bool | None], init: tuple) -> _Scan | D.DeidError:
+    """One scan in a worker process: read, clean, verify, and write it de-identified under
+    `root/deid_dir/<patient pseudonym>/` (atomically) when a patient ID is known."""
+    from pipelines.deid_folder import worker_for, write_atomic
 
-    def __init__(self, cohort: Path, workspace: Path, deid_dir: str, pseudo: D.Pseudonymizer,
-                 keep_columns: tuple[str, ...], today: dt.date, settings: D.Settings | None = None) -> None:
-        self.cohort, self.workspace, self.deid_dir = cohort, workspace, deid_dir
-        self.pseudo, self.keep, self.today = pseudo, keep_columns, today
-        self.deid = D.Deidentifier(pseudo, settings)
-        self.name = cohort_name(cohort)
-        self._scans: dict[Path, _Scan | D.DeidError] = {}
+    path, csv_pid, root, deid_dir, first = item
+    deid = worker_for(init).deid
+    try:
+        return _ingest_file(Path(path), csv_pid, Path(root), deid_dir, first, deid, write_atomic)
+    except D.DeidError as exc:
+        return exc
+    except OSError as exc:
+        return D.DeidError("unreadable_file", f"cannot be read ({exc.strerror or type(exc).__name__})")
 
-    def _load(self, path: Path) -> _Scan:
-        if path in self._scans:
-            cached = self._scans[path]
-            if isinstance(cached, D.DeidError):
-                raise cached
-            return cached
-        try:
-            scan = self._load_raster(path) if path.suffix.lower() in D.RASTER_SUFFIXES \
-                else self._load_dicom(path)
-        except D.DeidError as exc:
-            self._scans[path] = exc
-            raise
-        self._scans[path] = scan
-        return scan
 
-    def _load_dicom(self, path: Path) -> _Scan:
-        ds = D.read_dicom(path)
-        spacing = D.pixel_spacing_mm(ds)
-        if spacing is None:
-            raise D.DeidError("no_pixel_spacing", "pixel spacing cannot be established "
-                              "(no calibrated ultrasound region, no PixelSpacing)")
-        header_pid = str(ds.get("PatientID", "") or "").strip()
-        cleaned = self.deid.clean_dicom(ds)
-        self.result.ocr_verified += cleaned.verified
-        return _Scan(self.pseudo.image("dicom:" + str(ds.SOPInstanceUID)), header_pid, cleaned.frames,
-                     spacing, cleaned.photometric, "dicom", cleaned, dataset=ds)
-
-    def _load_raster(self, path: Path) -> _Scan:
+def _ingest_file(path: Path, csv_pid: str, root: Path, deid_dir: str, first: bool | None,
+                 deid: D.Deidentifier, write: Callable[[Path, bytes], None]) -> _Scan:
+    pseudo = deid.pseudo
+    if path.suffix.lower() in D.RASTER_SUFFIXES:
         spacing = D.sidecar_spacing_mm(path)
         if spacing is None:
             raise D.DeidError("no_pixel_spacing", f"sidecar {path.with_suffix('.json').name} with "
@@ -184,10 +167,104 @@ class Ingestor:
         if img is None:
             raise D.DeidError("unreadable_image", "image cannot be decoded")
         digest = hashlib.sha256(data).hexdigest()
-        cleaned = self.deid.clean_raster(img, digest)
-        self.result.ocr_verified += cleaned.verified
-        return _Scan(self.pseudo.image("raster:" + digest), "", cleaned.frames, spacing,
-                     cleaned.photometric, "png", cleaned)
+        cleaned = deid.clean_raster(img, digest, first)
+        stem, header_pid, fmt, ds = pseudo.image("raster:" + digest), "", "png", None
+    else:
+        ds = D.read_dicom(path)
+        spacing = D.pixel_spacing_mm(ds)
+        if spacing is None:
+            raise D.DeidError("no_pixel_spacing", "pixel spacing cannot be established "
+                              "(no calibrated ultrasound region, no PixelSpacing)")
+        cleaned = deid.clean_dicom(ds, first)
+        stem, header_pid, fmt = pseudo.image("dicom:" + str(ds.SOPInstanceUID)), \
+            str(ds.get("PatientID", "") or "").strip(), "dicom"
+    frames = [(int(f.shape[0]), int(f.shape[1]), hashlib.sha256(np.ascontiguousarray(f).tobytes()).hexdigest())
+              for f in cleaned.frames]
+    scan = _Scan(stem, header_pid, frames, spacing, cleaned.photometric, fmt, cleaned.verified)
+    raw_patient = header_pid or csv_pid            # the header wins; the contract flags a mismatch
+    if not raw_patient:
+        return scan                                # every row of it will be quarantined: nothing written
+    out = root / deid_dir / pseudo.patient(raw_patient) / f"{stem}.{'dcm' if fmt == 'dicom' else 'png'}"
+    if ds is not None:
+        clean, actions = deid.dicom(ds, raw_patient, cleaned)
+        buf = io.BytesIO()
+        clean.save_as(buf, enforce_file_format=True)
+        write(out, buf.getvalue())
+    else:
+        img = cleaned.frames[0]
+        ok, png = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img)
+        if not ok:
+            raise D.DeidError("unwritable_image", "the cleaned image cannot be encoded as PNG")
+        write(out, png.tobytes())
+        actions = [{"path": "(raster metadata)", "tag": "-", "action": "X:not-copied"},
+                   {"path": "pixels", "tag": "-", "action": f"C:pixels-{cleaned.method}"}]
+    scan.written = str(out.relative_to(root))
+    scan.audit = {"output": scan.written, "ocr_verified": cleaned.verified, "actions": actions}
+    return scan
+
+
+class Ingestor:
+    """Turns annotation rows into manifest or quarantine rows. The scans are de-identified first,
+    in parallel (`executor`, `workers`: the same engine as `cbh deid`), then the rows are judged
+    one by one against what the workers sent back."""
+
+    def __init__(self, cohort: Path, workspace: Path, deid_dir: str, pseudo: D.Pseudonymizer,
+                 keep_columns: tuple[str, ...], today: dt.date, settings: D.Settings | None = None,
+                 workers: int = 1, executor: str = "processes", dask_address: str = "") -> None:
+        self.cohort, self.workspace, self.deid_dir = cohort, workspace, deid_dir
+        self.pseudo, self.keep, self.today = pseudo, keep_columns, today
+        self.settings = settings or D.Settings()
+        self.workers, self.executor, self.dask_address = workers, executor, dask_address
+        self.name = cohort_name(cohort)
+        self._scans: dict[Path, _Scan | D.DeidError] = {}
+
+    def _init(self) -> tuple:
+        return (self.workspace / self.deid_dir, self.pseudo.key, self.pseudo.max_shift_days, self.settings)
+
+    def _files(self, rows: list[dict[str, str]]) -> list[tuple[Path, str]]:
+        """Each scan file the rows name (once, in row order) with the first row's patient_id."""
+        out: dict[Path, str] = {}
+        for row in rows:
+            rel = (row.get("image") or "").strip()
+            path = (self.cohort / rel).resolve()
+            if rel and self.cohort.resolve() in path.parents and path.is_file():
+                if not out.get(path):
+                    out[path] = (row.get("patient_id") or "").strip()
+        return list(out.items())
+
+    def load_all(self, rows: list[dict[str, str]], progress: Callable[[int, int], None] | None = None) -> None:
+        """De-identify every scan the rows name, in parallel; OCR reads the first of each device."""
+        from pipelines.deid_folder import run_steps
+
+        files = self._files(rows)
+        root = str(self.workspace)
+
+        def body(pmap: Callable) -> list:
+            devices = list(pmap("device", [p for p, _ in files]))
+            seen: set[str] = set()
+            items = []
+            for (path, pid), device in zip(files, devices, strict=True):
+                first = None if device is None else device not in seen
+                seen.add(device or "")
+                items.append((str(path), pid, root, self.deid_dir, first))
+            out = []
+            for i, res in enumerate(pmap("ingest", items), start=1):
+                out.append(res)
+                if progress:
+                    progress(i, len(items))
+            return out
+
+        results = run_steps(self.executor, self._init(), self.workers, self.dask_address, body) if files else []
+        for (path, _), res in zip(files, results, strict=True):
+            self._scans[path] = res
+
+    def _load(self, path: Path) -> _Scan:
+        cached = self._scans.get(path)
+        if cached is None:                   # not named by the first pass (cannot happen for a listed row)
+            raise D.DeidError("unreadable_file", "scan was not de-identified")
+        if isinstance(cached, D.DeidError):
+            raise cached
+        return cached
 
     def process(self, n: int, row: dict[str, str]) -> None:
         """Process one data row (n is 1-based); the outcome lands in manifest or quarantine."""
@@ -202,10 +279,17 @@ class Ingestor:
 
     def run(self, rows: list[dict[str, str]], progress: Callable[[int, int], None] | None = None) -> IngestResult:
         self.result = IngestResult()
+        self.load_all(rows, progress)
         for n, row in enumerate(rows, start=1):
             self.process(n, row)
-            if progress:
-                progress(n, len(rows))
+        used = {rec["deid_path"] for rec in self.result.manifest}
+        for scan in self._scans.values():
+            if isinstance(scan, _Scan) and scan.written:
+                if scan.written in used:
+                    self.result.audit.append(scan.audit)
+                    self.result.ocr_verified += scan.verified
+                else:                    # every row of it was quarantined: it leaves no file behind
+                    (self.workspace / scan.written).unlink(missing_ok=True)
         return self.result
 
     def _row(self, row: dict[str, str]) -> dict[str, Any]:
@@ -233,15 +317,15 @@ class Ingestor:
             label = "invalid"              # the contract rejects it; the value itself may be free text
         frame_raw = (row.get("frame") or "").strip() or "0"
         frame = int(frame_raw) if frame_raw.isdigit() else -1
-        if not 0 <= frame < scan.frames.shape[0]:
-            raise RowError("bad_frame", f"frame is not an index below {scan.frames.shape[0]}")
-        pixels = scan.frames[frame]
+        if not 0 <= frame < len(scan.frames):
+            raise RowError("bad_frame", f"frame is not an index below {len(scan.frames)}")
+        rows_px, cols_px, pixel_sha = scan.frames[frame]
         mask_rel = (row.get("mask") or "").strip()
         mask, mask_status = _read_mask(self.cohort / mask_rel) if mask_rel else (None, "none")
         tcd, cm = _float(row, "tcd_mm", 0.0, 1000.0), _float(row, "cm_mm", 0.0, 1000.0)
         patient = self.pseudo.patient(raw_patient)
         out_dir = self.workspace / self.deid_dir / patient
-        image_path = self._write_scan(scan, raw_patient, out_dir)
+        self._written(scan, path, csv_pid)
         image_id = self.pseudo.image(f"{scan.stem}#{frame}")
         mask_path = None
         if mask is not None:
@@ -254,12 +338,12 @@ class Ingestor:
             "label": label or None, "tcd_mm": tcd, "cm_mm": cm,
             "site": (row.get("site") or "").strip() or None if "site" in keep else None,
             "annotator": self._staff(row.get("annotator")) if "annotator" in keep else None,
-            "frame": frame, "deid_path": str(image_path.relative_to(self.workspace)),
+            "frame": frame, "deid_path": scan.written,
             "mask_path": str(mask_path.relative_to(self.workspace)) if mask_path else None,
-            "rows": int(pixels.shape[0]), "cols": int(pixels.shape[1]),
+            "rows": rows_px, "cols": cols_px,
             "spacing_row_mm": scan.spacing[0], "spacing_col_mm": scan.spacing[1],
             "modality": "US", "photometric": scan.photometric, "source_format": scan.fmt,
-            "pixel_sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest(),
+            "pixel_sha256": pixel_sha,
             "cohort": self.name, "source_row": None,
             "exam_date_check": exam_check, "patient_check": "ok" if consistent else "mismatch",
             "mask_status": mask_status,
@@ -269,33 +353,27 @@ class Ingestor:
         """Annotators are staff: kept linkable (inter-observer checks) but pseudonymous."""
         return self.pseudo.staff(raw) if raw and raw.strip() else None
 
-    def _write_scan(self, scan: _Scan, raw_patient: str, out_dir: Path) -> Path:
-        if scan.written is not None:
-            return scan.written
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if scan.fmt == "dicom":
-            clean, actions = self.deid.dicom(scan.dataset, raw_patient, scan.cleaned)
-            path = out_dir / f"{scan.stem}.dcm"
-            clean.save_as(path, enforce_file_format=True)
-        else:
-            path = out_dir / f"{scan.stem}.png"
-            img = scan.frames[0]
-            cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img)
-            actions = [{"path": "(raster metadata)", "tag": "-", "action": "X:not-copied"},
-                       {"path": "pixels", "tag": "-", "action": f"C:pixels-{scan.cleaned.method}"}]
-        self.result.audit.append({"output": str(path.relative_to(self.workspace)),
-                                  "ocr_verified": scan.cleaned.verified, "actions": actions})
-        scan.written, scan.dataset = path, None
-        return path
+    def _written(self, scan: _Scan, path: Path, csv_pid: str) -> Path:
+        """The de-identified file; a scan whose first row had no patient ID is written now, in
+        this process, with this row's."""
+        if scan.written is None:
+            from pipelines.deid_folder import worker_for, write_atomic
+
+            done = _ingest_file(path, csv_pid, self.workspace, self.deid_dir, None,
+                                worker_for(self._init()).deid, write_atomic)
+            scan.written, scan.audit = done.written, done.audit
+        return self.workspace / str(scan.written)
 
 
 def ingest_cohort(cohort: Path, workspace: Path, deid_dir: str, pseudo: D.Pseudonymizer,
                   keep_columns: tuple[str, ...], today: dt.date | None = None,
                   progress: Callable[[int, int], None] | None = None,
-                  settings: D.Settings | None = None) -> IngestResult:
+                  settings: D.Settings | None = None, workers: int = 1, executor: str = "processes",
+                  dask_address: str = "") -> IngestResult:
     """De-identify a cohort into `workspace/deid_dir`; returns manifest and quarantine rows."""
     rows = read_annotations(cohort)
-    ing = Ingestor(cohort, workspace, deid_dir, pseudo, keep_columns, today or dt.date.today(), settings)
+    ing = Ingestor(cohort, workspace, deid_dir, pseudo, keep_columns, today or dt.date.today(), settings,
+                   workers, executor, dask_address)
     return ing.run(rows, progress)
 
 

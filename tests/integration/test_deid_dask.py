@@ -37,3 +37,32 @@ def test_dask_executor_gives_the_same_outputs(small_cohort, tmp_path):
                                      if p.is_file() and p.name != "deid-report.json")
     for rel in files:
         assert (tmp_path / "pool" / rel).read_bytes() == (tmp_path / "dask" / rel).read_bytes(), rel
+
+
+INGEST = """
+import json, sys
+from pathlib import Path
+from pipelines import deid as D
+from pipelines.ingest import ingest_cohort
+cohort, ws, executor, workers = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+res = ingest_cohort(cohort, ws, "data/deid", D.Pseudonymizer(b"test-key-not-a-secret", 365),
+                    ("image", "frame", "ga_weeks", "label", "site"), None, None, D.Settings(), workers, executor)
+print(json.dumps({"manifest": res.manifest, "quarantine": res.quarantine, "ocr": res.ocr_verified}, default=str))
+"""
+
+
+def test_ingest_is_the_same_serial_in_a_pool_and_on_dask(small_cohort, tmp_path):
+    """The cohort ingested in this process, by two pool workers and on a two-worker LocalCluster."""
+    outs = {}
+    for executor, workers in (("processes", 1), ("processes", 2), ("dask", 2)):
+        ws = tmp_path / f"{executor}{workers}"
+        env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+        res = subprocess.run([sys.executable, "-c", INGEST, str(small_cohort), str(ws), executor, str(workers)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        files = {p.relative_to(ws): p.read_bytes() for p in (ws / "data/deid").rglob("*") if p.is_file()}
+        outs[(executor, workers)] = (json.loads(res.stdout.strip().splitlines()[-1]), files)
+    (serial, serial_files), *others = outs.values()
+    assert serial["manifest"] and serial_files
+    for result, files in others:
+        assert result == serial and files == serial_files

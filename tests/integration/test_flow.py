@@ -21,6 +21,7 @@ from tests.integration.workspace import make_workspace as _workspace
 TINY_PARAMS = {"segment.max_epochs": 3, "train.max_epochs": 3, "preprocess.size": 64, "evaluate.bootstrap": 50}
 TINY = [f"{k}={v}" for k, v in TINY_PARAMS.items()]          # the same, as `cbh train --set` overrides
 DEFECT_ROW = 3                                                 # a data row of the flow's cohort the contract rejects
+HELD_IMAGE = "scans/Doe-Jane-MRN123-not-exported.dcm"          # a row ingest quarantines (an identifying name)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,9 @@ def flow_run(tmp_path_factory):
     fields = lines[DEFECT_ROW].split(",")
     fields[lines[0].split(",").index("ga_weeks")] = "43.0"     # readable, outside the contract: quarantined
     lines[DEFECT_ROW] = ",".join(fields)
+    missing = lines[1].split(",")
+    missing[0] = HELD_IMAGE                                     # no such file: ingest holds the row
+    lines.append(",".join(missing))
     (cohort / "annotations.csv").write_text("\n".join(lines) + "\n")
     res = _cbh(ws, "retrain", "--cohort", str(cohort))
     return ws, cohort, res, commit
@@ -60,13 +64,14 @@ def test_dvc_is_clean_and_pushed(flow_run):
         assert repo.status() == {}
         assert repo.status(cloud=True) == {}                 # the remote holds every output
     assert any((ws / ".dvcstore").rglob("*"))
-    # ingest's quarantine table names images as exported: tracked by hash, never in the cache or remote
-    import yaml
-    outs = {o["path"]: o for o in yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["ingest"]["outs"]}
-    held = outs["data/quarantine.parquet"]["md5"]
-    assert (ws / "data/quarantine.parquet").is_file()
+    # ingest's quarantine table names images as exported: identified side, never cached or pushed
+    import pyarrow.parquet as pq
+    held = pq.read_table(ws / "data/quarantine.parquet").to_pylist()
+    assert [(r["image"], r["reason_code"]) for r in held] == [(HELD_IMAGE, "file_not_found")]
+    assert "data/quarantine.parquet" not in (ws / "dvc.lock").read_text()
     for store in (ws / ".dvcstore", ws / ".dvc" / "cache"):
-        assert not [p for p in store.rglob("*") if p.name == held[2:]]
+        files = [p for p in store.rglob("*") if p.is_file()]
+        assert files and not [p for p in files if b"Doe-Jane" in p.read_bytes()]
 
 
 def test_dvc_metrics_and_plots_are_declared(flow_run):
