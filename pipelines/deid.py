@@ -165,9 +165,12 @@ def pixel_spacing_mm(ds: Dataset) -> tuple[float, float] | None:
 
 
 def frames_rgb_or_grey(ds: Dataset) -> tuple[np.ndarray, str]:
-    """Decoded pixels as (frames, rows, cols[, 3]) and the photometric interpretation they are in."""
+    """Decoded pixels as (frames, rows, cols[, 3]) and the photometric interpretation they are in.
+    The array is the caller's own (not the dataset's cached `pixel_array`), so it may be cleaned in place."""
+    from pydicom.pixels import pixel_array
+
     try:
-        arr = ds.pixel_array
+        arr = pixel_array(ds)
     except Exception as exc:  # boundary: any codec failure becomes a quarantine reason
         raise DeidError("undecodable_pixels", f"pixel data cannot be decoded ({exc})") from exc
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
@@ -195,11 +198,11 @@ def region_mask(shape: tuple[int, int], boxes: list[tuple[int, int, int, int]]) 
     return keep
 
 
-def clean_pixels(arr: np.ndarray, boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
-    """Blank everything outside the ultrasound regions (all frames)."""
+def clean_pixels(arr: np.ndarray, boxes: list[tuple[int, int, int, int]], inplace: bool = False) -> np.ndarray:
+    """Blank everything outside the ultrasound regions (all frames); `inplace` spares a copy."""
     keep = region_mask(arr.shape[1:3], boxes)
-    out = arr.copy()
-    out[:, ~keep] = 0
+    out = arr if inplace else arr.copy()
+    out *= keep.reshape(1, *keep.shape, *([1] * (arr.ndim - 3)))       # one vectorised pass
     return out
 
 
@@ -300,9 +303,8 @@ class Deidentifier:
         first = device not in self.seen if first is None else first
         if not first and self.pseudo.sample("ocr", sample_key) >= self.settings.ocr_sample:
             return False
-        words: list[str] = []
-        for i in sorted({0, frames.shape[0] - 1}):        # a static banner is on every frame of a cine
-            words += residual_text(frames[i], self.settings.ocr)
+        # a static banner is on every frame of a cine: the first and last are read, in one call
+        words = residual_text([frames[i] for i in sorted({0, frames.shape[0] - 1})], self.settings.ocr)
         if words:   # the words themselves may be identifiers: count them, never echo them
             raise DeidError("residual_text", f"OCR read {len(words)} word(s) of text in the cleaned pixels")
         self.seen.add(device)
@@ -341,7 +343,7 @@ class Deidentifier:
         method, boxes = self.pixel_plan(ds)
         arr, photometric = frames_rgb_or_grey(ds)
         if boxes:
-            arr = clean_pixels(arr, boxes)
+            arr = clean_pixels(arr, boxes, inplace=True)        # arr is this call's own decoded copy
         verified = self._verify(arr, self.device(ds), str(ds.get("SOPInstanceUID", "")), first) \
             if self.clean_pixels_on else False
         meta = getattr(ds, "file_meta", None)

@@ -32,6 +32,7 @@ from typing import Callable, TypeVar
 
 import cv2
 from PIL import Image
+from pydicom.dataset import Dataset
 
 from pipelines import deid as D
 
@@ -66,13 +67,17 @@ def discover(src: Path) -> list[Path]:
     return sorted(p for p in src.rglob("*") if p.is_file() and (p.suffix.lower() in D.RASTER_SUFFIXES or is_dicom(p)))
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and a rename: a crash leaves no partial file."""
+def write_atomic(path: Path, data: bytes | Dataset) -> None:
+    """Write bytes, or a dataset as a DICOM file, via a temporary file in the same folder and a
+    rename: a crash leaves no partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            if isinstance(data, Dataset):
+                data.save_as(fh, enforce_file_format=True)
+            else:
+                fh.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -101,7 +106,8 @@ class Worker:
             return False
         return rec.get("fingerprint") == self.fingerprint and (self.dst / output).is_file()
 
-    def finish(self, output: str, data: bytes, actions: list[dict], cleaned: D.Cleaned, src: str) -> Outcome:
+    def finish(self, output: str, data: bytes | Dataset, actions: list[dict], cleaned: D.Cleaned,
+               src: str) -> Outcome:
         write_atomic(self.dst / output, data)
         rec = {"output": output, "fingerprint": self.fingerprint, "pixels": cleaned.method,
                "ocr_verified": cleaned.verified, "actions": actions}
@@ -170,11 +176,7 @@ class Worker:
             return Outcome(str(path), output, resumed=True)
         cleaned = self.deid.clean_dicom(ds, first)
         out, actions = self.deid.dicom(ds, raw_patient, cleaned)
-        from io import BytesIO
-
-        buf = BytesIO()
-        out.save_as(buf, enforce_file_format=True)
-        return self.finish(output, buf.getvalue(), actions, cleaned, str(path))
+        return self.finish(output, out, actions, cleaned, str(path))
 
     def _raster(self, path: Path, first: bool | None) -> Outcome:
         data = path.read_bytes()

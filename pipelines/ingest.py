@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import hashlib
-import io
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +154,7 @@ def ingest_file(item: tuple[str, str, str, str, bool | None], init: tuple) -> _S
 
 
 def _ingest_file(path: Path, csv_pid: str, root: Path, deid_dir: str, first: bool | None,
-                 deid: D.Deidentifier, write: Callable[[Path, bytes], None]) -> _Scan:
+                 deid: D.Deidentifier, write: Callable[[Path, Any], None]) -> _Scan:
     pseudo = deid.pseudo
     if path.suffix.lower() in D.RASTER_SUFFIXES:
         spacing = D.sidecar_spacing_mm(path)
@@ -187,9 +186,7 @@ def _ingest_file(path: Path, csv_pid: str, root: Path, deid_dir: str, first: boo
     out = root / deid_dir / pseudo.patient(raw_patient) / f"{stem}.{'dcm' if fmt == 'dicom' else 'png'}"
     if ds is not None:
         clean, actions = deid.dicom(ds, raw_patient, cleaned)
-        buf = io.BytesIO()
-        clean.save_as(buf, enforce_file_format=True)
-        write(out, buf.getvalue())
+        write(out, clean)
     else:
         img = cleaned.frames[0]
         ok, png = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img)

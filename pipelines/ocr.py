@@ -97,18 +97,28 @@ def _tesseract_words(grey: np.ndarray) -> list[tuple[str, float]]:
     return words
 
 
-def residual_text(img: np.ndarray, settings: OcrSettings) -> list[str]:
-    """Words Tesseract reads in the image that are not allowed calibration marks."""
-    if not available():
-        raise OcrUnavailable("tesseract is not installed (run `make ocr`): cleaned pixels cannot be verified")
+def _crop(img: np.ndarray) -> np.ndarray | None:
+    """The frame in grey, cropped to its non-blank part (blanked borders carry nothing to read)."""
     grey = _grey(img)
     ys, xs = np.nonzero(grey)
     if ys.size == 0:
+        return None
+    return grey[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+def residual_text(frames: np.ndarray | list[np.ndarray], settings: OcrSettings) -> list[str]:
+    """Words Tesseract reads in the frame(s) that are not allowed calibration marks. Several
+    frames are stacked into one image, so Tesseract starts once."""
+    if not available():
+        raise OcrUnavailable("tesseract is not installed (run `make ocr`): cleaned pixels cannot be verified")
+    crops = [c for c in map(_crop, frames if isinstance(frames, list) else [frames]) if c is not None]
+    if not crops:
         return []
-    crop = grey[ys.min():ys.max() + 1, xs.min():xs.max() + 1]      # blanked borders carry nothing to read
-    crop = cv2.copyMakeBorder(crop, 8, 8, 8, 8, cv2.BORDER_CONSTANT, value=0)
+    width = max(c.shape[1] for c in crops) + 16
+    sheet = np.vstack([cv2.copyMakeBorder(c, 8, 8, 8, width - 8 - c.shape[1], cv2.BORDER_CONSTANT, value=0)
+                       for c in crops])
     found = []
-    for word, conf in _tesseract_words(crop):
+    for word, conf in _tesseract_words(sheet):
         if float(conf) < settings.min_confidence or sum(ch.isalnum() for ch in word) < settings.min_chars:
             continue
         if not settings.is_allowed(word):
