@@ -203,8 +203,10 @@ class HeaderPass:
             keyword = keyword_for_tag(tag) or ""
             path = prefix + (keyword or f"({tag.group:04X},{tag.element:04X})")
             action = self._action(tag, keyword, elem.VR)
-            if action == "pixels":
+            if action == "pixels" and not prefix:
                 continue                          # rewritten from the cleaned pixels by the caller
+            if action == "pixels":
+                action = "X:unlisted"             # a pixel-module attribute inside a sequence
             self._apply(elem, tag, keyword, action, dst, path)
 
     def _action(self, tag: BaseTag, keyword: str, vr: str) -> str:
@@ -239,9 +241,13 @@ class HeaderPass:
         elif letter == "D":
             if keyword in PSEUDONYMS:
                 kind = PSEUDONYMS[keyword]     # the patient's pseudonym derives from the patient ID alone
-                raw = self.raw_patient if kind == "patient" else str(elem.value or "")
-                dst.add_new(tag, vr, self.keys.pseudonym(kind, raw))
-                letter = "D:keyed-pseudonym"
+                raw = self.raw_patient if kind == "patient" else str(elem.value or "").strip()
+                if raw:
+                    dst.add_new(tag, vr, self.keys.pseudonym(kind, raw))
+                    letter = "D:keyed-pseudonym"
+                else:                          # nothing to link: stays empty
+                    dst.add_new(tag, vr, None)
+                    letter = "Z"
             else:
                 dst.add_new(tag, vr, DUMMY.get(vr, None))
         elif letter == "U":

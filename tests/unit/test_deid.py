@@ -125,3 +125,28 @@ def test_unreadable_file(tmp_path):
     with pytest.raises(D.DeidError) as err:
         D.read_dicom(bad)
     assert err.value.code == "unreadable_dicom"
+
+
+def test_header_pass_edge_cases(pseudo):
+    """Unlisted attributes go, listed sequences follow the table, empty identifiers stay empty,
+    overlays and pixel-module attributes inside sequences go, and the audit has no value."""
+    ds = pydicom.Dataset()
+    ds.PatientID, ds.AccessionNumber, ds.HeartRate, ds.ImageType = "MRN77", "", 142, ["ORIGINAL", "PRIMARY"]
+    ds.add_new(0x60000010, "US", 480)                                    # overlay rows
+    region = pydicom.Dataset()
+    region.RegionLocationMinX0, region.BurnedInAnnotation, region.ContrastBolusAgent = 3, "YES", "Iodine Jones"
+    ds.SequenceOfUltrasoundRegions = pydicom.Sequence([region])
+    ref = pydicom.Dataset()
+    ref.ReferencedSOPInstanceUID = "1.2.3.4"
+    ds.ReferencedImageSequence = pydicom.Sequence([ref])                 # X/Z/U* in the table: removed
+    header = P.HeaderPass(P.build_profile(D.DEFAULT_OPTIONS), pseudo, "MRN77")
+    out = header.run(ds)
+    assert "HeartRate" not in out and "ReferencedImageSequence" not in out and 0x60000010 not in out
+    assert out.ImageType == ["ORIGINAL", "PRIMARY"] and out.AccessionNumber in ("", None)
+    assert out.PatientID == pseudo.patient("MRN77")
+    item = out.SequenceOfUltrasoundRegions[0]
+    assert item.RegionLocationMinX0 == 3 and "BurnedInAnnotation" not in item and "ContrastBolusAgent" not in item
+    actions = {a["path"]: a["action"] for a in header.audit}
+    assert actions["HeartRate"] == "X:unlisted" and actions["OverlayRows"] == "X:overlay-or-curve"
+    assert actions["SequenceOfUltrasoundRegions[0].ContrastBolusAgent"].startswith("X")
+    assert "MRN77" not in str(header.audit) and "Jones" not in str(header.audit)
