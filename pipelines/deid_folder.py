@@ -99,12 +99,15 @@ class Worker:
     def audit_path(self, output: str) -> Path:
         return self.dst / STATE / "audit" / (output.replace("/", "__") + ".json")
 
-    def done(self, output: str) -> bool:
+    def done(self, output: str, source: str) -> Outcome | None:
+        """The outcome of an earlier run with the same settings and key, if its output is there."""
         try:
             rec = json.loads(self.audit_path(output).read_text())
         except (OSError, ValueError):
-            return False
-        return rec.get("fingerprint") == self.fingerprint and (self.dst / output).is_file()
+            return None
+        if rec.get("fingerprint") != self.fingerprint or not (self.dst / output).is_file():
+            return None
+        return Outcome(source, output, verified=bool(rec.get("ocr_verified")), method=rec.get("pixels"), resumed=True)
 
     def finish(self, output: str, data: bytes | Dataset, actions: list[dict], cleaned: D.Cleaned,
                src: str) -> Outcome:
@@ -172,8 +175,8 @@ class Worker:
     def _dicom(self, path: Path, first: bool | None) -> Outcome:
         ds = D.read_dicom(path)
         raw_patient, output = self._dicom_output(ds)
-        if self.done(output):
-            return Outcome(str(path), output, resumed=True)
+        if (earlier := self.done(output, str(path))) is not None:
+            return earlier
         cleaned = self.deid.clean_dicom(ds, first)
         out, actions = self.deid.dicom(ds, raw_patient, cleaned)
         return self.finish(output, out, actions, cleaned, str(path))
@@ -185,8 +188,8 @@ class Worker:
             raise D.DeidError("unreadable_image", "PNG/JPEG cannot be decoded")
         digest = hashlib.sha256(data).hexdigest()
         output = f"raster/{self.deid.pseudo.image('raster:' + digest)}.png"
-        if self.done(output):
-            return Outcome(str(path), output, resumed=True)
+        if (earlier := self.done(output, str(path))) is not None:
+            return earlier
         cleaned = self.deid.clean_raster(img, digest, first)
         frame = cleaned.frames[0]
         ok, png = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR) if frame.ndim == 3 else frame)
