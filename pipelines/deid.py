@@ -67,6 +67,9 @@ class DeidError(Exception):
         super().__init__(message)
         self.code = code
 
+    def __reduce__(self):   # crosses process boundaries (pool, Dask) with its code
+        return (type(self), (self.code, str(self)))
+
 
 class MissingKeyError(RuntimeError):
     """The pseudonymisation key is not available."""
