@@ -54,7 +54,8 @@ def main() -> None:
             base = base or rate
             digests.add(hashlib.sha256((ws / params.paths.manifest).read_bytes()).hexdigest())
             print(f"{w} worker(s): {rep['inputs']} rows ({rep['deidentified']} de-identified, "
-                  f"{rep['quarantined']} held, {rep['ocr_verified']} read by OCR) in {seconds:.1f} s = "
+                  f"{rep['quarantined']} held {rep['reasons'] or ''}, {rep['ocr_verified']} read by OCR) "
+                  f"in {seconds:.1f} s = "
                   f"{rate:.1f} scans/s, speed-up {rate / base:.2f}")
             shutil.rmtree(ws)
         print("manifests identical across worker counts:", len(digests) == 1)
