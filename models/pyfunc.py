@@ -89,6 +89,18 @@ class CBHModel(mlflow.pyfunc.PythonModel):
         return out
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Served by `mlflow models serve`: a row that cannot be read is the caller's error, answered
+        with 400 and one sentence (an MlflowException), never a 500 or a stack trace."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        try:
+            return self._predict(model_input)
+        except (InputError, ValueError, TypeError) as exc:
+            raise MlflowException(f"{type(exc).__name__ if not isinstance(exc, InputError) else 'bad input'}: "
+                                  f"{exc}", error_code=INVALID_PARAMETER_VALUE) from None
+
+    def _predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
         if "image" not in model_input or "ga_weeks" not in model_input:
             raise InputError("input needs columns 'image' (base64 PNG or DICOM) and 'ga_weeks'")
         frames, names, idx = [], [], []

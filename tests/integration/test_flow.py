@@ -414,3 +414,67 @@ def test_concurrent_promotions_and_rollback(flow_run):
     assert str(client.get_model_version_by_alias("cerebellar-hypoplasia", "champion").version) == str(before)
     hist = _cbh(ws, "promote", "--history").stdout
     assert "rolled-back" in hist
+
+
+def test_served_champion_answers_images_and_refuses_garbage_with_400(flow_run):
+    """`cbh serve` (mlflow models serve underneath) over HTTP: a PNG and a DICOM get predictions;
+    garbage gets 400 with one clear sentence, not a 500 and not a stack trace."""
+    import base64
+    import json
+    import signal
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    ws, cohort, res, _ = flow_run
+    assert res.returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, CBH_DEID_KEY=TEST_KEY, CBH_WORKSPACE=str(ws))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)], cwd=ws, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def post(rows: list, columns: list) -> tuple[int, dict]:
+        body = json.dumps({"dataframe_split": {"columns": columns, "data": rows}}).encode()
+        req = urllib.request.Request(url + "/invocations", body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"{}")
+
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            try:
+                with urllib.request.urlopen(url + "/ping", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(1)
+        png = sorted(cohort.glob("scans/*.png"))[0]
+        spacing = json.loads(png.with_suffix(".json").read_text())["pixel_spacing_mm"][0]
+        dcm = sorted(cohort.glob("scans/*.dcm"))[0]
+        b64 = [base64.b64encode(p.read_bytes()).decode() for p in (png, dcm)]
+        status, answer = post([[b64[0], 30.0, spacing], [b64[1], 24.0, None]],
+                              ["image", "ga_weeks", "pixel_spacing_mm"])
+        assert status == 200, answer
+        rows = answer["predictions"]
+        assert len(rows) == 2 and all(0 <= r["hypoplasia_probability"] <= 1 for r in rows)
+        assert {r["prediction"] for r in rows} <= {"normal", "hypoplasia"}
+        for garbage, why in (("not base64 at all!", "not valid base64"),
+                             (base64.b64encode(b"\x00garbage" * 50).decode(), "neither a DICOM file nor")):
+            status, answer = post([[garbage, 30.0, 0.2]], ["image", "ga_weeks", "pixel_spacing_mm"])
+            assert status == 400 and why in answer.get("message", ""), answer
+            assert "Traceback" not in json.dumps(answer) and "stack_trace" not in answer
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
