@@ -144,6 +144,33 @@ class _EpochLog(L.Callback):
             self.first_epoch = int(trainer.current_epoch)
 
 
+def _best_checkpoint(best: ModelCheckpoint, folder: Path) -> Path | None:
+    """The best epoch's checkpoint (the monitor is a loss: lower is better).
+
+    A kill between Lightning deleting the previous best file and writing the new last.ckpt
+    resumes a callback that names a file that is gone. Then the best of the epoch files still
+    in the folder, by the score each one recorded, is taken, if it beats the last epoch;
+    otherwise the last weights stay."""
+    if best.best_model_path and Path(best.best_model_path).is_file():
+        return Path(best.best_model_path)
+    scored = []
+    for path in folder.glob("epoch=*.ckpt"):
+        try:
+            states = torch.load(path, map_location="cpu", weights_only=False).get("callbacks", {})
+            score = next(v["current_score"] for k, v in states.items()
+                         if k.startswith("ModelCheckpoint") and v.get("monitor") == best.monitor)
+            scored.append((float(score), path))
+        except (OSError, RuntimeError, KeyError, StopIteration, TypeError, ValueError):
+            continue
+    chosen = min(scored) if scored else None
+    if chosen is not None and best.current_score is not None and chosen[0] > float(best.current_score):
+        chosen = None
+    if best.best_model_path:
+        log.warning("best checkpoint %s is missing after an interruption; using %s",
+                    Path(best.best_model_path).name, chosen[1].name if chosen else "the last weights")
+    return chosen[1] if chosen else None
+
+
 def _fit(trainer: L.Trainer, module: L.LightningModule, loaders: tuple, ckpt_dir: Path | None,
          resume: bool) -> str | None:
     """fit, resuming from `ckpt_dir/last.ckpt` when a previous run of the same work was cut off."""
@@ -220,8 +247,9 @@ def train_models(data: Prepared, params: Params, checkpoints: Path | None = None
                         DataLoader(val_ds, batch_size=64, **loader)), ckpt, tp.resume)
         rank, world = trainer.global_rank, trainer.world_size
         info["classifier_resumed_at_epoch"] = cls_log.first_epoch if resumed else None
-        if best is not None and best.best_model_path:
-            state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        best_path = _best_checkpoint(best, ckpt) if best is not None else None
+        if best_path is not None:
+            state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
             module.load_state_dict(state)
         if checkpoints is None:
             shutil.rmtree(ckpt, ignore_errors=True)
