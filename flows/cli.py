@@ -265,9 +265,12 @@ def cmd_schedule(a: argparse.Namespace, root: Path) -> int:
         return 0
     if not a.cron:
         raise CommandError("give --cron EXPR to register a schedule, or --list to show them")
-    name = register(root, a.cron, a.pool)
+    name = register(root, a.cron, a.pool, a.train_pool)
     print(f"deployment {name} registered on pool {a.pool!r} with schedule {a.cron!r}; "
           f"start a worker with `prefect worker start --pool {a.pool}`")
+    if a.train_pool:
+        print(f"training runs as deployment cbh-train/train-{a.train_pool} on pool {a.train_pool!r} "
+              f"(a GPU worker: `prefect worker start --pool {a.train_pool}`)")
     return 0
 
 
@@ -354,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schedule", help="register the retraining flow on a schedule / list deployments")
     s.add_argument("--cron")
     s.add_argument("--pool", default="cpu")
+    s.add_argument("--train-pool", help="run training as its own deployment on this (GPU) pool, e.g. gpu")
     s.add_argument("--list", action="store_true")
     s.set_defaults(fn=cmd_schedule)
     s = sub.add_parser("serve", help="serve the champion over REST on 127.0.0.1")

@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows import stages
+from flows.notify import on_flow_failure
 from pipelines.config import Params, load_params
 
 
@@ -116,12 +117,27 @@ def push_task(root: Path) -> int:
     return stages.dvc_push(root)
 
 
-@flow(name="cbh-retrain", log_prints=True)
-def retrain_flow(workspace: str = ".", cohort: str | None = None) -> dict[str, Any]:
+@flow(name="cbh-train", log_prints=True, on_failure=[on_flow_failure])
+def train_flow(workspace: str = ".") -> dict[str, Any]:
+    """Training alone, as its own deployment on a GPU work pool (`cbh schedule --train-pool gpu`):
+    the retrain flow, on a CPU pool, runs it with run_deployment and waits for it. Both workers
+    must see the workspace at the same path (shared storage)."""
+    root = Path(workspace).resolve()
+    params = load_params(root / "params.yaml")
+    info = train_task(params, root)
+    version_task(root, ("train",))
+    return info
+
+
+@flow(name="cbh-retrain", log_prints=True, on_failure=[on_flow_failure])
+def retrain_flow(workspace: str = ".", cohort: str | None = None,
+                 train_deployment: str | None = None) -> dict[str, Any]:
     """The whole retraining run; returns a summary for the command line.
 
     It reads params.yaml as it is (no overrides): dvc.lock records the parameters of every
     stage from that file, so a run with values the file does not hold would break lineage.
+    With `train_deployment` ("cbh-train/train-gpu"), training runs as that deployment, on its
+    work pool; otherwise in this flow run.
     """
     root = Path(workspace).resolve()
     params = load_params(root / "params.yaml")
@@ -137,8 +153,16 @@ def retrain_flow(workspace: str = ".", cohort: str | None = None) -> dict[str, A
                                 f"{contract['failures']}")
     split_summary = split_task(params, root)["images"]
     version_task(root, ("ingest", "validate", "split"))
-    train_task(params, root)
-    version_task(root, ("train",))
+    if train_deployment:
+        from prefect.deployments import run_deployment
+
+        run = run_deployment(name=train_deployment, parameters={"workspace": str(root)}, as_subflow=True)
+        if run.state is None or not run.state.is_completed():
+            raise stages.StageError(f"training deployment {train_deployment} ended "
+                                    f"{run.state.name if run.state else 'without a state'}")
+    else:
+        train_task(params, root)
+        version_task(root, ("train",))
     outcome = evaluate_task(params, root)
     version_task(root, ("evaluate",))
     pushed = push_task(root)

@@ -293,15 +293,23 @@ def promote(params: Params, root: Path):
         plt.close("all")
         return metrics
 
-    return gatekeeper.promote(params.promote.model_name, params.promote, root / params.paths.audit,
-                              current, reevaluate)
+    decision = gatekeeper.promote(params.promote.model_name, params.promote, root / params.paths.audit,
+                                  current, reevaluate)
+    if decision.decision == "rejected":
+        from flows.notify import notify
+
+        notify(root, "promotion-rejected", f"{params.promote.model_name} version {decision.challenger} was not "
+               f"promoted: {decision.reason}", model=params.promote.model_name, version=decision.challenger)
+    return decision
 
 
 def dvc_commit(root: Path, stages: tuple[str, ...]) -> None:
     """Record what the flow produced in dvc.lock, as `dvc repro` would have."""
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    from flows.notify import dvc_writer
+
+    with dvc_writer(root), Repo(str(root)) as repo:
         for name in stages:
             repo.commit(f"dvc.yaml:{name}", force=True)
 
@@ -309,7 +317,9 @@ def dvc_commit(root: Path, stages: tuple[str, ...]) -> None:
 def dvc_push(root: Path) -> int:
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    from flows.notify import dvc_writer
+
+    with dvc_writer(root), Repo(str(root)) as repo:
         return int(repo.push() or 0)
 
 

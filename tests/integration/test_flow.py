@@ -5,6 +5,7 @@ through the command line as a user would."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -238,6 +239,9 @@ def test_untrained_model_is_registered_then_refused(flow_run):
     assert str(client.get_model_version_by_alias("cerebellar-hypoplasia", "champion").version) == "1"
     v2 = client.get_model_version("cerebellar-hypoplasia", "2")
     assert v2.tags["promotion.decision"] == "rejected" and "below the floor" in v2.tags["promotion.reason"]
+    events = [json.loads(line) for line in (ws / ".cbh" / "notifications.jsonl").read_text().splitlines()]
+    rejected = [e for e in events if e["event"] == "promotion-rejected"]
+    assert len(rejected) == 1 and rejected[0]["version"] == "2" and "below the floor" in rejected[0]["text"]
     decisions = [a.path for a in client.list_artifacts(v2.run_id, "promotion")]
     assert len(decisions) == 1 and decisions[0].endswith(".json")
     hist = _cbh(ws, "promote", "--history")
@@ -316,10 +320,12 @@ def test_compare_and_schedule(flow_run, tmp_path):
     assert "<script" not in html and "http" not in html.split("<body>")[1]
     assert report.stat().st_size < 3_000_000
     assert "| AUC |" in (tmp_path / "report" / "compare.md").read_text()
-    sch = _cbh(ws, "schedule", "--cron", "0 3 * * 1", "--pool", "cpu")
+    sch = _cbh(ws, "schedule", "--cron", "17 3 * * 1", "--pool", "cpu", "--train-pool", "gpu")
     assert sch.returncode == 0, sch.stderr[-2000:]
-    lst = _cbh(ws, "schedule", "--list")
-    assert "scheduled-retrain-cpu" in lst.stdout and "0 3 * * 1" in lst.stdout
+    lines = {line.split()[0]: line for line in _cbh(ws, "schedule", "--list").stdout.splitlines() if line}
+    assert "17 3 * * 1" in lines["scheduled-retrain-cpu"] and "pool=cpu" in lines["scheduled-retrain-cpu"]
+    assert "trains with=cbh-train/train-gpu" in lines["scheduled-retrain-cpu"]
+    assert "pool=gpu" in lines["train-gpu"] and '"CUDA_VISIBLE_DEVICES": "0"' in lines["train-gpu"]
 
 
 def test_predict_on_a_dicom_file_a_png_and_a_folder(flow_run, tmp_path):
@@ -363,6 +369,8 @@ def test_critical_contract_failure_stops_before_training(tmp_path):
     failed = [r for r in report["results"] if not r["success"]]
     assert any(r["column"] == "label" and r["severity"] == "critical" for r in failed)
     assert "NOT FIT FOR TRAINING" in (ws / "data" / "contract" / "summary.md").read_text()
+    events = [json.loads(line) for line in (ws / ".cbh" / "notifications.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["flow-failed"] and "critical failure" in events[0]["text"]
     out = tmp_path / "contract.json"
     val = _cbh(ws, "validate", "--json", str(out))
     assert val.returncode == 1 and "critical failure" in val.stderr
