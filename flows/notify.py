@@ -40,10 +40,12 @@ def notify(root: Path, event: str, text: str, **fields: Any) -> dict[str, Any]:
 
 
 def on_flow_failure(flow: Any, flow_run: Any, state: Any) -> None:
-    """Prefect state hook of the retrain flow: a failed run notifies."""
+    """Prefect state hook of the retrain flow: a failed run notifies. The error's own text stays
+    in the flow run's logs: it may name files of the identified side (a cohort folder), and a
+    webhook leaves the hospital."""
     root = Path(str((flow_run.parameters or {}).get("workspace", "."))).resolve()
-    notify(root, "flow-failed", f"{flow.name} run {flow_run.name} failed: {state.message or state.name}",
-           flow_run_id=flow_run.id)
+    notify(root, "flow-failed", f"{flow.name} run {flow_run.name} ended {state.name}; the reason is in the "
+           "flow run's logs (Prefect UI)", flow_run_id=flow_run.id)
 
 
 @contextmanager

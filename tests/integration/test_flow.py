@@ -370,7 +370,8 @@ def test_critical_contract_failure_stops_before_training(tmp_path):
     assert any(r["column"] == "label" and r["severity"] == "critical" for r in failed)
     assert "NOT FIT FOR TRAINING" in (ws / "data" / "contract" / "summary.md").read_text()
     events = [json.loads(line) for line in (ws / ".cbh" / "notifications.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events] == ["flow-failed"] and "critical failure" in events[0]["text"]
+    assert [e["event"] for e in events] == ["flow-failed"] and events[0]["flow_run_id"]
+    assert "cbh-retrain" in events[0]["text"] and "critical" not in events[0]["text"]   # the reason stays in Prefect
     out = tmp_path / "contract.json"
     val = _cbh(ws, "validate", "--json", str(out))
     assert val.returncode == 1 and "critical failure" in val.stderr
