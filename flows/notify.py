@@ -9,14 +9,14 @@ incoming webhook: `{"text": ...}` plus the fields). A webhook that fails never f
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from pipelines.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
 LOG = Path(".cbh") / "notifications.jsonl"
@@ -48,15 +48,7 @@ def on_flow_failure(flow: Any, flow_run: Any, state: Any) -> None:
            "flow run's logs (Prefect UI)", flow_run_id=flow_run.id)
 
 
-@contextmanager
-def dvc_writer(root: Path) -> Iterator[None]:
+def dvc_writer(root: Path):
     """One DVC writer per workspace at a time: DVC's own repository lock fails at once when
     another process holds it; this one waits its turn (an exclusive flock on `.cbh/dvc-writer.lock`)."""
-    path = root / ".cbh" / "dvc-writer.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return exclusive_lock(root / ".cbh" / "dvc-writer.lock")

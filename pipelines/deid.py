@@ -332,9 +332,10 @@ class Deidentifier:
                         f"model and {cols}x{rows} frame, and BurnedInAnnotation is not NO: "
                         "burned-in text cannot be located")
 
-    def device(self, ds: Dataset) -> str:
-        """What OCR verification counts as one device: scanner model, frame size, cleaning method."""
-        method, _ = self.pixel_plan(ds)
+    def device(self, ds: Dataset, method: str | None = None) -> str:
+        """What OCR verification counts as one device: scanner model, frame size, cleaning method
+        (from the pixel plan unless the caller has it)."""
+        method = method if method is not None else self.pixel_plan(ds)[0]
         return (f"{ds.get('Manufacturer', '')}|{ds.get('ManufacturerModelName', '')}|"
                 f"{ds.get('Rows', '')}x{ds.get('Columns', '')}|{method}")
 
@@ -347,7 +348,7 @@ class Deidentifier:
         arr, photometric = frames_rgb_or_grey(ds)
         if boxes:
             arr = clean_pixels(arr, boxes, inplace=True)        # arr is this call's own decoded copy
-        verified = self._verify(arr, self.device(ds), str(ds.get("SOPInstanceUID", "")), first) \
+        verified = self._verify(arr, self.device(ds, method), str(ds.get("SOPInstanceUID", "")), first) \
             if self.clean_pixels_on else False
         meta = getattr(ds, "file_meta", None)
         ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
@@ -365,6 +366,17 @@ class Deidentifier:
             frames = clean_pixels(frames, list(tpl.keep))
         verified = self._verify(frames, self.raster_device(rows, cols), key, True if tpl is None else first)
         return Cleaned(frames, "RGB" if img.ndim == 3 else "MONOCHROME2", method, verified)
+
+    @staticmethod
+    def raster_png(cleaned: Cleaned) -> tuple[bytes, list[dict]]:
+        """The cleaned PNG/JPEG as PNG bytes (pixels only) and its audit actions."""
+        frame = cleaned.frames[0]
+        ok, png = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR) if frame.ndim == 3 else frame)
+        if not ok:
+            raise DeidError("unwritable_image", "the cleaned image cannot be encoded as PNG")
+        return png.tobytes(), [
+            {"path": "(raster metadata: text chunks, EXIF, ICC)", "tag": "-", "action": "X:not-copied"},
+            {"path": "pixels", "tag": "-", "action": f"C:pixels-{cleaned.method}"}]
 
     # -- header + pixels ----------------------------------------------------------------
     def dicom(self, ds: Dataset, raw_patient: str, cleaned: Cleaned | None = None) -> tuple[Dataset, list[dict]]:

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-import cv2
 from PIL import Image
 from pydicom.dataset import Dataset
 
@@ -84,6 +83,21 @@ def write_atomic(path: Path, data: bytes | Dataset) -> None:
         raise
 
 
+def audit_path(dst: Path, output: str) -> Path:
+    """Where one output's audit record (and resume fingerprint) lives until gathered."""
+    return dst / STATE / "audit" / (output.replace("/", "__") + ".json")
+
+
+def raster_size(path: Path) -> tuple[int, int]:
+    """(rows, cols) of a PNG/JPEG from its header alone."""
+    try:
+        with Image.open(path) as im:
+            cols, rows = im.size
+    except (OSError, ValueError) as exc:
+        raise D.DeidError("unreadable_image", "PNG/JPEG cannot be decoded") from exc
+    return rows, cols
+
+
 class Worker:
     """What one process holds: the de-identifier (its OCR memory of devices) and the destination."""
 
@@ -97,7 +111,7 @@ class Worker:
             sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     def audit_path(self, output: str) -> Path:
-        return self.dst / STATE / "audit" / (output.replace("/", "__") + ".json")
+        return audit_path(self.dst, output)
 
     def done(self, output: str, source: str) -> Outcome | None:
         """The outcome of an earlier run with the same settings and key, if its output is there."""
@@ -125,13 +139,8 @@ class Worker:
         pseudo = self.deid.pseudo
         if path.suffix.lower() in D.RASTER_SUFFIXES:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            try:
-                with Image.open(path) as im:          # the header only: size for the device key
-                    cols, rows = im.size
-            except (OSError, ValueError) as exc:
-                raise D.DeidError("unreadable_image", "PNG/JPEG cannot be decoded") from exc
             return Outcome(str(path), f"raster/{pseudo.image('raster:' + digest)}.png",
-                           device=self.deid.raster_device(rows, cols))
+                           device=self.deid.raster_device(*raster_size(path)))
         ds = D.read_dicom(path, header_only=True)
         return Outcome(str(path), self._dicom_output(ds)[1], device=self.deid.device(ds))
 
@@ -147,9 +156,7 @@ class Worker:
         """What OCR counts as this file's device (from its header), None if that cannot be read."""
         try:
             if path.suffix.lower() in D.RASTER_SUFFIXES:
-                with Image.open(path) as im:
-                    cols, rows = im.size
-                return self.deid.raster_device(rows, cols)
+                return self.deid.raster_device(*raster_size(path))
             return self.deid.device(D.read_dicom(path, header_only=True))
         except (D.DeidError, OSError, ValueError):
             return None
@@ -191,13 +198,8 @@ class Worker:
         if (earlier := self.done(output, str(path))) is not None:
             return earlier
         cleaned = self.deid.clean_raster(img, digest, first)
-        frame = cleaned.frames[0]
-        ok, png = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR) if frame.ndim == 3 else frame)
-        if not ok:
-            raise D.DeidError("unwritable_image", "the cleaned image cannot be encoded as PNG")
-        actions = [{"path": "(raster metadata: text chunks, EXIF, ICC)", "tag": "-", "action": "X:not-copied"},
-                   {"path": "pixels", "tag": "-", "action": f"C:pixels-{cleaned.method}"}]
-        return self.finish(output, png.tobytes(), actions, cleaned, str(path))
+        png, actions = self.deid.raster_png(cleaned)
+        return self.finish(output, png, actions, cleaned, str(path))
 
 
 Init = tuple  # (dst, key, max_shift_days, settings): what every worker process is built from
@@ -336,10 +338,9 @@ def deid_folder(src: Path, dst: Path, pseudo: D.Pseudonymizer, link: Path | None
 
 
 def _gather_audit(dst: Path, outputs: set[str]) -> None:
-    folder = dst / STATE / "audit"
     lines = []
     for out in sorted(outputs):
-        rec = json.loads((folder / (out.replace("/", "__") + ".json")).read_text())
+        rec = json.loads(audit_path(dst, out).read_text())
         rec.pop("fingerprint", None)
         lines.append(json.dumps(rec, sort_keys=True))
     write_atomic(dst / AUDIT, ("\n".join(lines) + ("\n" if lines else "")).encode())

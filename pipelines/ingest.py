@@ -188,13 +188,8 @@ def _ingest_file(path: Path, csv_pid: str, root: Path, deid_dir: str, first: boo
         clean, actions = deid.dicom(ds, raw_patient, cleaned)
         write(out, clean)
     else:
-        img = cleaned.frames[0]
-        ok, png = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img)
-        if not ok:
-            raise D.DeidError("unwritable_image", "the cleaned image cannot be encoded as PNG")
-        write(out, png.tobytes())
-        actions = [{"path": "(raster metadata)", "tag": "-", "action": "X:not-copied"},
-                   {"path": "pixels", "tag": "-", "action": f"C:pixels-{cleaned.method}"}]
+        png, actions = deid.raster_png(cleaned)
+        write(out, png)
     scan.written = str(out.relative_to(root))
     scan.audit = {"output": scan.written, "ocr_verified": cleaned.verified, "actions": actions}
     return scan

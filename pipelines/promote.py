@@ -10,19 +10,18 @@ two promotions at once cannot interleave.
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import getpass
 import hashlib
 import json
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipelines.config import PromoteParams
+from pipelines.locks import exclusive_lock
 
 
 class PromotionError(RuntimeError):
@@ -82,17 +81,6 @@ def gate(challenger: dict[str, float], champion: dict[str, float] | None, p: Pro
     return True, f"test AUC {auc:.3f} vs champion {ref:.3f} (margin {p.auc_margin}); sensitivity {sens:.3f}"
 
 
-@contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _last_line_hash(audit: Path) -> str:
     if not audit.is_file():
         return ""
@@ -137,7 +125,7 @@ def promote(name: str, p: PromoteParams, audit: Path, current_test_md5: str | No
     (`current_test_md5`), `reevaluate(version)` scores the champion on it first.
     """
     client = MlflowClient()
-    with _locked(audit.with_suffix(".lock")):
+    with exclusive_lock(audit.with_suffix(".lock")):
         chal = _version(client, name, "challenger")
         if chal is None:
             raise PromotionError(f"registered model {name!r} has no 'challenger' version: run cbh train first")
@@ -185,7 +173,7 @@ def history(audit: Path) -> list[dict]:
 def rollback(name: str, audit: Path) -> Decision:
     """Restore the champion that preceded the current one, as recorded in the trail."""
     client = MlflowClient()
-    with _locked(audit.with_suffix(".lock")):
+    with exclusive_lock(audit.with_suffix(".lock")):
         champ = _version(client, name, "champion")
         if champ is None:
             raise PromotionError(f"registered model {name!r} has no champion to roll back")
