@@ -60,11 +60,14 @@ def test_ddp_with_two_cpu_processes(split_workspace, tmp_path):
 
 def test_interrupted_training_resumes_from_its_checkpoint(split_workspace, tmp_path):
     ws = _copy(split_workspace, tmp_path)
-    args = ["train", "--set", "train.max_epochs=12", "--set", "train.early_stopping_patience=12"]
+    # The tiny classifier runs an epoch in about 0.1 s here: 150 epochs leave a window of seconds
+    # between its second checkpoint and the end, whatever the machine's speed.
+    args = ["train", "--set", "train.max_epochs=150", "--set", "train.early_stopping_patience=150"]
     env = dict(os.environ, CBH_DEID_KEY=TEST_KEY, CBH_WORKSPACE=str(ws))
     env.pop("MLFLOW_TRACKING_URI", None)
+    log = (tmp_path / "interrupted.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ws, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     last = None
     while time.monotonic() < deadline and proc.poll() is None:
@@ -73,9 +76,11 @@ def test_interrupted_training_resumes_from_its_checkpoint(split_workspace, tmp_p
             last = found[0]
             os.killpg(proc.pid, signal.SIGKILL)           # the machine goes away mid-training
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.wait(timeout=60)
-    assert last is not None, "the training finished or failed before it could be interrupted"
+    log.close()
+    assert last is not None, ("the training finished or failed before it could be interrupted:\n"
+                              + (tmp_path / "interrupted.log").read_text()[-3000:])
     assert not (ws / "data/model/training.json").exists()
     epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
 
