@@ -3,7 +3,10 @@ loop doing the same steps, and the share of step time spent waiting on data.
 
 Run by hand (not a test; timings on shared machines are noisy):
     .venv/bin/python benchmarks/train_throughput.py [--size 224] [--steps 30] [--batch 16]
-Both loops run in the same process on the same synthetic batches, so the ratio is fair.
+        [--backbone small --shape-backbone small --features 32] [--precision auto]
+Both loops run in the same process on the same synthetic batches, so the ratio is fair. On
+CUDA both use what `cbh train` uses there: bf16 mixed precision (autocast in the plain loop)
+and channels-last, and the peak GPU memory of each is printed.
 """
 
 from __future__ import annotations
@@ -48,40 +51,63 @@ def _data(n: int, size: int) -> _Arrays:
                    target=rng.integers(0, 2, n).astype(np.int64))
 
 
-def lightning_run(ds: _Arrays, batch: int, steps: int, model: str) -> tuple[float, float]:
+CUDA = torch.cuda.is_available()
+
+
+def _net(a: argparse.Namespace) -> torch.nn.Module:
+    net = make_classifier(a.model, a.features, a.backbone, a.shape_backbone)
+    return net.to(memory_format=torch.channels_last) if CUDA else net
+
+
+def _peak_gib() -> float:
+    if not CUDA:
+        return float("nan")
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
+def lightning_run(ds: _Arrays, a: argparse.Namespace, steps: int) -> tuple[float, float, float]:
     L.seed_everything(0, verbose=False)
-    module = ClsModule(make_classifier(model, 32), 1e-3, 1e-4, 0.5)
+    module = ClsModule(_net(a), 1e-3, 1e-4, 0.5)
     timer = _Timer()
-    trainer = L.Trainer(max_steps=steps, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, enable_progress_bar=False, limit_val_batches=0,
-                        callbacks=[timer])
-    loader = DataLoader(ds, batch_size=batch, shuffle=True)
+    trainer = L.Trainer(max_steps=steps, accelerator="auto", devices=1, precision=a.precision, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                        limit_val_batches=0, callbacks=[timer])
+    loader = DataLoader(ds, batch_size=a.batch, shuffle=True, pin_memory=CUDA)
     t0 = time.perf_counter()
     trainer.fit(module, loader)
     total = time.perf_counter() - t0
-    return steps * batch / total, timer.wait / max(sum(timer.steps) + timer.wait, 1e-9)
+    return steps * a.batch / total, timer.wait / max(sum(timer.steps) + timer.wait, 1e-9), _peak_gib()
 
 
-def plain_run(ds: _Arrays, batch: int, steps: int, model: str) -> float:
+def plain_run(ds: _Arrays, a: argparse.Namespace, steps: int) -> tuple[float, float]:
     torch.manual_seed(0)
-    net = make_classifier(model, 32)
+    dev = torch.device("cuda" if CUDA else "cpu")
+    net = _net(a).to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
-    loader = DataLoader(ds, batch_size=batch, shuffle=True)
+    loader = DataLoader(ds, batch_size=a.batch, shuffle=True, pin_memory=CUDA)
+    bf16 = a.precision.startswith("bf16")
     net.train()
     done, t0 = 0, time.perf_counter()
     while done < steps:
         for b in loader:
-            use_pred = (torch.rand(b["labels"].shape[0]) < 0.5).view(-1, 1, 1)
+            b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
+            use_pred = (torch.rand(b["labels"].shape[0], device=dev) < 0.5).view(-1, 1, 1)
             labels = torch.where(use_pred, b["pred_labels"], b["labels"])
-            img, masks = random_affine(b["image"], one_hot_masks(labels))
-            loss = F.cross_entropy(net(random_intensity(img), masks, b["context"]), b["target"])
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                img, masks = random_affine(b["image"], one_hot_masks(labels))
+                loss = F.cross_entropy(net(random_intensity(img), masks, b["context"]), b["target"])
             opt.zero_grad()
             loss.backward()
             opt.step()
             done += 1
             if done >= steps:
                 break
-    return steps * batch / (time.perf_counter() - t0)
+    if CUDA:
+        torch.cuda.synchronize()
+    return steps * a.batch / (time.perf_counter() - t0), _peak_gib()
 
 
 def main() -> None:
@@ -90,15 +116,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--model", default="asc")
+    ap.add_argument("--features", type=int, default=32)
+    ap.add_argument("--backbone", default="small")
+    ap.add_argument("--shape-backbone", default="small")
+    ap.add_argument("--precision", default="auto", help="auto: bf16-mixed on CUDA, 32-true on CPU")
     a = ap.parse_args()
+    if a.precision == "auto":
+        a.precision = "bf16-mixed" if CUDA else "32-true"
     ds = _data(a.steps * a.batch, a.size)
-    plain_run(ds, a.batch, 3, a.model)                       # warm-up (allocator, kernels)
-    plain = plain_run(ds, a.batch, a.steps, a.model)
-    light, wait = lightning_run(ds, a.batch, a.steps, a.model)
-    print(f"model {a.model}, {a.size}x{a.size}, batch {a.batch}, {a.steps} steps, "
-          f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, threads {torch.get_num_threads()}")
-    print(f"plain PyTorch loop : {plain:8.1f} images/s")
-    print(f"Lightning          : {light:8.1f} images/s")
+    plain_run(ds, a, 3)                                      # warm-up (allocator, kernels)
+    plain, plain_mem = plain_run(ds, a, a.steps)
+    light, wait, light_mem = lightning_run(ds, a, a.steps)
+    device = torch.cuda.get_device_name(0) if CUDA else "cpu"
+    print(f"model {a.model} ({a.backbone}/{a.shape_backbone}, features {a.features}), {a.size}x{a.size}, "
+          f"batch {a.batch}, {a.steps} steps, device {device}, precision {a.precision}, "
+          f"threads {torch.get_num_threads()}")
+    print(f"plain PyTorch loop : {plain:8.1f} images/s   peak GPU memory {plain_mem:.2f} GiB")
+    print(f"Lightning          : {light:8.1f} images/s   peak GPU memory {light_mem:.2f} GiB")
     print(f"Lightning / plain  : {light / plain:8.3f}  (overhead {100 * (1 - light / plain):.1f}%)")
     print(f"data wait share    : {100 * wait:8.1f}% of Lightning step time")
 

@@ -43,6 +43,26 @@ class Prepared:
     def subset(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.frame["split"].to_numpy() == split)
 
+    def save(self, folder: Path, half: bool = False) -> None:
+        """Write the arrays, the rows and the failures to `folder` (float16 images if `half`:
+        half the size, for carrying a prepared cohort to a GPU worker)."""
+        import json
+
+        folder.mkdir(parents=True, exist_ok=True)
+        images = self.images.astype(np.float16) if half else self.images
+        (np.savez_compressed if half else np.savez)(folder / "arrays.npz", images=images, labels=self.labels,
+                                                    mm_per_px=self.mm_per_px)
+        self.frame.to_parquet(folder / "frame.parquet", index=False)
+        (folder / "failed.json").write_text(json.dumps(self.failed))
+
+    @classmethod
+    def load(cls, folder: Path) -> Prepared:
+        import json
+
+        arrays = np.load(folder / "arrays.npz")
+        return cls(pd.read_parquet(folder / "frame.parquet"), arrays["images"].astype(np.float32, copy=False),
+                   arrays["labels"], arrays["mm_per_px"], json.loads((folder / "failed.json").read_text()))
+
 
 def prepare(dataset: pd.DataFrame, workspace: Path, size: int, margin: float,
             progress: Callable[[int, int], None] | None = None) -> Prepared:
@@ -78,7 +98,6 @@ def prepare_cached(dataset_path: Path, workspace: Path, size: int, margin: float
     deleting it changes no result).
     """
     import hashlib
-    import json
 
     from pipelines import preprocess
 
@@ -87,16 +106,11 @@ def prepare_cached(dataset_path: Path, workspace: Path, size: int, margin: float
     h.update(f"{size}|{margin}".encode())
     entry = cache_dir / f"prepared-{h.hexdigest()[:24]}"
     if (entry / "arrays.npz").is_file():
-        arrays = np.load(entry / "arrays.npz")
-        return Prepared(pd.read_parquet(entry / "frame.parquet"), arrays["images"], arrays["labels"],
-                        arrays["mm_per_px"], json.loads((entry / "failed.json").read_text()))
+        return Prepared.load(entry)
     data = prepare(pd.read_parquet(dataset_path), workspace, size, margin, progress)
     tmp = entry.with_name(entry.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    np.savez(tmp / "arrays.npz", images=data.images, labels=data.labels, mm_per_px=data.mm_per_px)
-    data.frame.to_parquet(tmp / "frame.parquet", index=False)
-    (tmp / "failed.json").write_text(json.dumps(data.failed))
+    data.save(tmp)
     for old in cache_dir.glob("prepared-*"):           # one entry: the cache never grows
         if old != tmp:
             shutil.rmtree(old, ignore_errors=True)
