@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 ## help: list the targets
 help:
-	@grep -E '^## ' $(MAKEFILE_LIST) | sed 's/^## /  make /' | column -t -s ':'
+	@grep -E '^## ' $(MAKEFILE_LIST) | sed -E 's/^## ([a-z-]+): /  make \1|/' | column -t -s '|'
 
 ## setup: create .venv and install the project with its dev extras (no-op when up to date)
 setup: $(VENV)/.installed
@@ -42,6 +42,23 @@ browser:
 	    $$SUDO apt-get update -q > /dev/null && \
 	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium > /dev/null; }; }
 
+## postgres: Debian's PostgreSQL server, for the team servers (apt; needs root or sudo)
+postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl > /dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing Debian's postgresql (the Prefect and MLflow team servers' database)"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql > /dev/null 2>&1 || { \
+	    $$SUDO apt-get update -q > /dev/null && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql > /dev/null; }; }
+
+## servers: team servers on 127.0.0.1: PostgreSQL, a Prefect server and an MLflow server on it
+servers: setup postgres
+	@$(BIN)/cbh servers up
+
+## servers-down: stop the team servers (by PID); their data stays for the next make servers
+servers-down: setup
+	@$(BIN)/cbh servers down
+
 ## demo: synthesise a cohort and run the whole retrain flow on it (ingest .. promote)
 demo: setup ocr
 	@test -f $(DEMO_COHORT)/annotations.csv || $(BIN)/cbh synth $(DEMO_COHORT)
@@ -49,10 +66,14 @@ demo: setup ocr
 
 ## test: the fast test suite (under 10 minutes)
 test: setup ocr browser
-	$(BIN)/pytest -m "not slow" -q
+	$(BIN)/pytest -m "not slow and not servers" -q
 
-## test-full: every test, the slow ones included
-test-full: setup ocr browser
+## test-servers: the team-server test (starts PostgreSQL, Prefect and MLflow servers, retrains against them)
+test-servers: setup ocr postgres
+	$(BIN)/pytest -m servers -q
+
+## test-full: every test, the slow ones and the team servers included
+test-full: setup ocr browser postgres
 	$(BIN)/pytest -q
 
 ## ui: MLflow UI (127.0.0.1:5000) and Prefect UI (127.0.0.1:4200) in the background
@@ -82,4 +103,4 @@ lint: setup
 clean-workspace:
 	rm -rf data mlflow.db mlartifacts .prefect .dvcstore dvc.lock expectations/gx/uncommitted
 
-.PHONY: help setup ocr browser demo test test-full ui ui-down repro lint clean-workspace
+.PHONY: help setup ocr browser postgres servers servers-down demo test test-servers test-full ui ui-down repro lint clean-workspace

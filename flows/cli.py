@@ -288,6 +288,30 @@ def cmd_serve(a: argparse.Namespace, root: Path) -> int:
                             "local", "--host", "127.0.0.1", "--port", str(a.port)], cwd=root, env=env)
 
 
+def cmd_servers(a: argparse.Namespace, root: Path) -> int:
+    from flows.servers import Ports, Servers, ServersError
+
+    servers = Servers(Path(a.dir) if a.dir else root / ".cbh" / "servers")
+    try:
+        if a.action == "up":
+            state = servers.up(Ports(a.postgres_port, a.prefect_port, a.mlflow_port), a.artifacts_destination)
+            print(f"PostgreSQL  127.0.0.1:{state['postgres']['port']} (pid {state['postgres']['pid']})")
+            print(f"Prefect     {state['prefect']['url']} (pid {state['prefect']['pid']}), on PostgreSQL")
+            print(f"MLflow      {state['mlflow']['url']} (pid {state['mlflow']['pid']}), on PostgreSQL, "
+                  f"artifacts {state['mlflow']['artifacts']}")
+            print(f"point the platform at them:  source {servers.env_file}")
+            print("stop them:                   make servers-down  (or cbh servers down)")
+        elif a.action == "down":
+            stopped = servers.down(purge=a.purge)
+            print(f"stopped: {', '.join(stopped) or 'nothing was running'}"
+                  + ("; database cluster deleted" if a.purge else ""))
+        else:
+            print("\n".join(servers.status()))
+    except ServersError as exc:
+        raise CommandError(str(exc)) from exc
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -360,6 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-pool", help="run training as its own deployment on this (GPU) pool, e.g. gpu")
     s.add_argument("--list", action="store_true")
     s.set_defaults(fn=cmd_schedule)
+    s = sub.add_parser("servers", help="team servers on 127.0.0.1: PostgreSQL, a Prefect server and an MLflow "
+                       "tracking server on it (up | down | status)")
+    s.add_argument("action", choices=("up", "down", "status"))
+    s.add_argument("--dir", help="state folder (default .cbh/servers in the workspace)")
+    s.add_argument("--postgres-port", type=int, default=5433)
+    s.add_argument("--prefect-port", type=int, default=4200)
+    s.add_argument("--mlflow-port", type=int, default=5000)
+    s.add_argument("--artifacts-destination", help="MLflow's artifact root, served through the tracking server "
+                   "(a folder, or s3://bucket/path etc.; default: the state folder's mlartifacts)")
+    s.add_argument("--purge", action="store_true", help="with down: delete the database cluster and the state")
+    s.set_defaults(fn=cmd_servers)
     s = sub.add_parser("serve", help="serve the champion over REST on 127.0.0.1")
     s.add_argument("--port", type=int, default=5001)
     s.set_defaults(fn=cmd_serve)

@@ -19,10 +19,15 @@ EXPERIMENT = "cerebellar-hypoplasia"
 
 
 def setup(tracking_uri: str, artifacts: Path) -> None:
-    """Point MLflow at the workspace store (or MLFLOW_TRACKING_URI) and the experiment."""
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri)
+    """Point MLflow at the workspace store (or MLFLOW_TRACKING_URI) and the experiment.
+
+    With the embedded store, artifacts go to the workspace's folder. A tracking server keeps
+    its own artifact root and serves it (`mlflow-artifacts:`), so clients need no access to it."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
+    mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts.resolve().as_uri())
+        served = uri.startswith(("http://", "https://"))
+        mlflow.create_experiment(EXPERIMENT, artifact_location=None if served else artifacts.resolve().as_uri())
     mlflow.set_experiment(EXPERIMENT)
 
 
