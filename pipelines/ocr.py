@@ -5,18 +5,24 @@ confidence is at least `min_confidence` (speckle yields low-confidence gibberish
 text is read at 85-96 on the synthetic scanners) and it matches none of the allowed
 calibration marks and on-screen labels (DEFAULT_ALLOWED, DEFAULT_VOCABULARY).
 
-Tesseract is Debian's `tesseract-ocr` package (installed by `make ocr`), run as a command
-with the image on stdin and TSV on stdout, one OpenMP thread per call (the de-identification
-pool is the parallelism; the limit is set for that subprocess only, never for this process,
-where it would also throttle torch).
+Tesseract is Debian's `tesseract-ocr` package (installed by `make ocr`). It runs in this
+process through its C API (`libtesseract.so.5`, loaded with ctypes): the language model loads
+once per process, not once per image (starting the command costs about 0.1 s, reading a
+frame a few hundredths). One OpenMP thread: the de-identification pool is the parallelism;
+the limit is set on Debian's libgomp, which torch (with its own copy) does not use. Where the
+library cannot be loaded, the `tesseract` command is run instead, with the image on stdin,
+TSV on stdout and the thread limit for that subprocess only.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass
 
 import cv2
@@ -71,6 +77,89 @@ def available() -> bool:
     return shutil.which("tesseract") is not None
 
 
+PSM_SPARSE_TEXT, OEM_LSTM_ONLY, DPI = 11, 1, 70      # what the command uses (70 dpi: its default)
+
+
+def _parse_tsv(text: str) -> list[tuple[str, float]]:
+    words = []
+    for line in text.splitlines():
+        cols = line.split("\t")
+        if len(cols) == 12 and cols[11].strip() and cols[0] != "level":
+            words.append((cols[11].strip(), float(cols[10])))
+    return words
+
+
+class _Library:
+    """Tesseract's C API in this process: one engine, its model loaded once, one call at a time."""
+
+    def __init__(self) -> None:
+        name = ctypes.util.find_library("tesseract") or "libtesseract.so.5"
+        if _loaded("/libgomp.so"):
+            # libgomp reads its thread limit once, when it loads: already loaded here, Tesseract's
+            # parallel loops would start a thread per core in every worker process
+            raise OSError("the system OpenMP runtime is already loaded")
+        old = os.environ.get("OMP_THREAD_LIMIT")
+        os.environ["OMP_THREAD_LIMIT"] = "1"          # read by Debian's libgomp as libtesseract loads it
+        try:
+            lib = ctypes.CDLL(name)
+        finally:
+            if old is None:
+                os.environ.pop("OMP_THREAD_LIMIT", None)
+            else:
+                os.environ["OMP_THREAD_LIMIT"] = old
+        vp, cp, ci = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
+        for fn, args, res in (("TessBaseAPICreate", [], vp), ("TessBaseAPIInit2", [vp, cp, cp, ci], ci),
+                              ("TessBaseAPISetPageSegMode", [vp, ci], None),
+                              ("TessBaseAPISetImage", [vp, vp, ci, ci, ci, ci], None),
+                              ("TessBaseAPISetVariable", [vp, cp, cp], ci),
+                              ("TessBaseAPIRecognize", [vp, vp], ci), ("TessBaseAPIGetTsvText", [vp, ci], vp),
+                              ("TessDeleteText", [vp], None), ("TessBaseAPIClear", [vp], None)):
+            getattr(lib, fn).argtypes, getattr(lib, fn).restype = args, res
+        self.lib, self.api, self.lock = lib, lib.TessBaseAPICreate(), threading.Lock()
+        if not self.api or lib.TessBaseAPIInit2(self.api, None, b"eng", OEM_LSTM_ONLY) != 0:
+            raise OSError("libtesseract could not load its English model")
+        lib.TessBaseAPISetPageSegMode(self.api, PSM_SPARSE_TEXT)
+        lib.TessBaseAPISetVariable(self.api, b"user_defined_dpi", str(DPI).encode())
+        lib.TessBaseAPISetVariable(self.api, b"debug_file", os.devnull.encode())   # its notes, not stderr
+
+    def words(self, grey: np.ndarray) -> list[tuple[str, float]]:
+        grey = np.ascontiguousarray(grey, dtype=np.uint8)
+        lib = self.lib
+        with self.lock:
+            lib.TessBaseAPISetImage(self.api, grey.ctypes.data, grey.shape[1], grey.shape[0], 1, grey.strides[0])
+            if lib.TessBaseAPIRecognize(self.api, None) != 0:
+                raise OcrUnavailable("libtesseract failed to read an image")
+            ptr = lib.TessBaseAPIGetTsvText(self.api, 0)
+            try:
+                text = ctypes.string_at(ptr).decode("utf-8", errors="replace") if ptr else ""
+            finally:
+                if ptr:
+                    lib.TessDeleteText(ptr)
+                lib.TessBaseAPIClear(self.api)
+        return _parse_tsv(text)
+
+
+def _loaded(fragment: str) -> bool:
+    try:
+        with open("/proc/self/maps") as maps:
+            return any(fragment in line for line in maps)
+    except OSError:
+        return False
+
+
+_ENGINE: list = []           # [the in-process engine, or None where the library cannot be loaded]
+
+
+def engine() -> str:
+    """Which Tesseract reads images in this process: 'library' (in process) or 'command'."""
+    if not _ENGINE:
+        try:
+            _ENGINE.append(_Library())
+        except OSError:
+            _ENGINE.append(None)
+    return "library" if _ENGINE[0] is not None else "command"
+
+
 def _grey(img: np.ndarray) -> np.ndarray:
     if img.ndim == 3:
         img = cv2.cvtColor(img[..., :3], cv2.COLOR_RGB2GRAY)
@@ -80,21 +169,23 @@ def _grey(img: np.ndarray) -> np.ndarray:
     return img
 
 
-def _tesseract_words(grey: np.ndarray) -> list[tuple[str, float]]:
-    """(word, confidence) as Tesseract reads them (sparse text, LSTM engine)."""
+def _tesseract_words(grey: np.ndarray, via: str | None = None) -> list[tuple[str, float]]:
+    """(word, confidence) as Tesseract reads them (sparse text, LSTM engine), in this process
+    where the library loads (`via`: force 'library' or 'command')."""
+    if (via or engine()) == "library":
+        engine()
+        if _ENGINE[0] is None:
+            raise OcrUnavailable("libtesseract cannot be loaded")
+        return _ENGINE[0].words(grey)
     ok, png = cv2.imencode(".png", grey)
     if not ok:
         raise ValueError("image cannot be encoded for OCR")
-    res = subprocess.run(["tesseract", "stdin", "stdout", "--psm", "11", "--oem", "1", "tsv"], input=png.tobytes(),
-                         capture_output=True, env={**os.environ, "OMP_THREAD_LIMIT": "1"}, check=False)
+    res = subprocess.run(["tesseract", "stdin", "stdout", "--psm", str(PSM_SPARSE_TEXT), "--oem", str(OEM_LSTM_ONLY),
+                          "--dpi", str(DPI), "tsv"], input=png.tobytes(), capture_output=True,
+                         env={**os.environ, "OMP_THREAD_LIMIT": "1"}, check=False)
     if res.returncode:
         raise OcrUnavailable(f"tesseract failed ({res.stderr.decode(errors='replace').strip()[-200:]})")
-    words = []
-    for line in res.stdout.decode("utf-8", errors="replace").splitlines()[1:]:
-        cols = line.split("\t")
-        if len(cols) == 12 and cols[11].strip():
-            words.append((cols[11].strip(), float(cols[10])))
-    return words
+    return _parse_tsv(res.stdout.decode("utf-8", errors="replace"))
 
 
 def _crop(img: np.ndarray) -> np.ndarray | None:

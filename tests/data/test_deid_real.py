@@ -75,7 +75,8 @@ def deidentify(ds: pydicom.Dataset, tmp_path: Path, pseudo, settings: D.Settings
                patient: str | None = None) -> tuple[pydicom.Dataset, bytes]:
     out, _ = D.Deidentifier(pseudo, settings).dicom(ds, patient or str(ds.get("PatientID") or "anonymous-source"))
     path = tmp_path / "out.dcm"
-    out.save_as(path, enforce_file_format=True)
+    with path.open("wb") as fh:
+        D.write_dicom(fh, out)                                 # as cbh deid and ingest write it
     return pydicom.dcmread(path), path.read_bytes()
 
 
@@ -141,8 +142,10 @@ def test_real_ultrasound_per_syntax_and_photometric(name, syntax, photometric, p
     assert not any((el.tag.group & 0xFF00) in (0x5000, 0x6000) for el in back)     # no overlays, curves
     assert back.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian   # written losslessly
     assert back.PatientIdentityRemoved == "YES" and back.BurnedInAnnotation == "NO"
-    out = back.pixel_array
-    out = out[None] if int(back.get("NumberOfFrames", 1)) == 1 else out
+    # the colour model is kept (a palette stays a palette, YBR stays YBR), uncompressed
+    assert back.PhotometricInterpretation == {"YBR_FULL_422": "YBR_FULL", "YBR_RCT": "RGB", "YBR_ICT": "RGB"}.get(
+        photometric, photometric)
+    out, _ = D.frames_rgb_or_grey(back)                                  # what a screen shows of each
     assert out.shape == decoded.shape and out.dtype == decoded.dtype
     keep = D.region_mask(decoded.shape[1:3], boxes or [LOGIQ_KEEP])
     assert np.array_equal(out[:, keep], decoded[:, keep])                # inside the regions: untouched
@@ -150,6 +153,41 @@ def test_real_ultrasound_per_syntax_and_photometric(name, syntax, photometric, p
     assert D.pixel_spacing_mm(back) == D.pixel_spacing_mm(ds)
     if syntax in (pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEG2000):
         assert back.LossyImageCompression == "01"                        # the lossy history is kept
+
+
+def test_pixel_data_written_straight_is_what_pydicom_writes(pseudo, tmp_path):
+    """write_dicom writes the header through pydicom and the pixel bytes after it: the file is
+    byte for byte what pydicom's own writer makes (odd-length pixel data padded alike)."""
+    import io
+
+    for name in ("ultrasound-multiframe.dcm", "OBXXXX1A_rle.dcm", "gdcm-US-ALOKA-16.dcm"):
+        ds = pydicom.dcmread(real(name))
+        out, _ = D.Deidentifier(pseudo).dicom(ds, "patient")
+        ours, theirs = io.BytesIO(), io.BytesIO()
+        D.write_dicom(ours, out)
+        out.save_as(theirs, enforce_file_format=True)
+        assert ours.getvalue() == theirs.getvalue(), name
+    odd = pydicom.dcmread(real("GREYSCALE_IMAGE.dcm"))
+    out, _ = D.Deidentifier(pseudo).dicom(odd, "patient")
+    out.Rows, out.Columns, out.PixelData = 1, 3, b"\x01\x02\x03"
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    D.write_dicom(ours, out)
+    out.save_as(theirs, enforce_file_format=True)
+    assert ours.getvalue() == theirs.getvalue() and ours.getvalue().endswith(b"\x01\x02\x03\x00")
+
+
+def test_bits_above_bits_stored_are_cleared(pseudo, tmp_path):
+    """12 bits stored in 16: whatever the 4 unused high bits carry (an embedded overlay can draw
+    text there) is not copied; the stored bits are."""
+    ds = pydicom.dcmread(real("GREYSCALE_IMAGE.dcm"))
+    values = ds.pixel_array.astype(np.uint16) * 16                      # 12-bit values
+    ds.PixelData = (values | np.uint16(0xA000)).tobytes()              # garbage in bits 13 and 15
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    back, _ = deidentify(ds, tmp_path, pseudo)
+    raw = np.frombuffer(back.PixelData, "<u2").reshape(values.shape)
+    keep = D.region_mask(values.shape, D.regions(ds))
+    assert back.BitsStored == 12 and not (raw & 0xF000).any()
+    assert np.array_equal(raw[keep], values[keep])
 
 
 def test_uids_consistent_within_a_study_and_stable_across_runs(pseudo, tmp_path):

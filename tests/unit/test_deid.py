@@ -150,3 +150,35 @@ def test_header_pass_edge_cases(pseudo):
     assert actions["HeartRate"] == "X:unlisted" and actions["OverlayRows"] == "X:overlay-or-curve"
     assert actions["SequenceOfUltrasoundRegions[0].ContrastBolusAgent"].startswith("X")
     assert "MRN77" not in str(header.audit) and "Jones" not in str(header.audit)
+
+
+def test_clean_pixels_blanks_exactly_outside_the_regions():
+    """The band-by-band slicing equals the plain mask (every frame, grey and colour, boxes that
+    overlap, touch the edges or reach past them), and the fill is the given colour."""
+    rng = np.random.default_rng(3)
+    for boxes in ([(10, 5, 40, 30)], [(0, 0, 63, 47)], [(5, 5, 20, 20), (15, 10, 50, 40), (60, 0, 90, 10)],
+                  [(-3, 40, 10, 70)], []):
+        for shape, fill in (((3, 48, 64), 7), ((2, 48, 64, 3), (0, 128, 128))):
+            arr = rng.integers(1, 250, shape, dtype=np.uint8)
+            keep = D.region_mask(shape[1:3], boxes)
+            out = D.clean_pixels(arr, boxes, fill=fill)
+            expected = np.where(keep.reshape(1, *keep.shape, *([1] * (arr.ndim - 3))), arr,
+                                np.asarray(fill, np.uint8))
+            assert np.array_equal(out, expected), (boxes, shape)
+            assert not np.array_equal(arr, out) or keep.all()          # a copy unless inplace
+
+
+def test_ocr_in_process_reads_what_the_command_reads():
+    """Debian's libtesseract in this process (the model loaded once) and the tesseract command
+    read the same words with the same confidences; the process uses the library."""
+    import cv2
+
+    from pipelines import ocr
+
+    img = np.zeros((120, 520), np.uint8)
+    cv2.putText(img, "DOE JANE 12/03/2020", (10, 70), cv2.FONT_HERSHEY_SIMPLEX, 1.2, 255, 2)
+    assert ocr.engine() == "library"
+    library, command = ocr._tesseract_words(img, "library"), ocr._tesseract_words(img, "command")
+    assert library == command
+    assert {"DOE", "JANE", "12/03/2020"} <= {w for w, conf in library if conf >= 80}
+    assert ocr.residual_text(img, ocr.OcrSettings()) == ["DOE", "JANE", "12/03/2020"]
