@@ -4,7 +4,9 @@ ASC (DESIGN.md): an image branch (CNN over the ultrasound crop) and a shape bran
 over the cerebellum and cisterna magna masks as two channels); a shape-attention gate
 (one transformer-encoder layer over the shape branch's spatial tokens, linear, sigmoid)
 multiplies the image features; an MLP over [image, gated image, shape] gives two logits.
-Optional context (GA, physical scale of the crop) joins the MLP input for `asc-ga`.
+Optional context joins the MLP input: GA and the crop's physical scale for `asc-ga`, the
+scale alone for `asc-scale` (the head's size in millimetres, which the skull-normalised crop
+no longer shows and the paper's fixed-size images did; no GA).
 Networks are built from MONAI blocks (torchvision does not import beside this torch).
 """
 
@@ -71,10 +73,12 @@ class ASCNet(nn.Module):
     """Anatomically constrained classifier; `use_shape=False` gives the image-only ablation."""
 
     def __init__(self, features: int = 32, widths: tuple[int, ...] = (16, 32, 64, 64),
-                 context_dim: int = 0, use_shape: bool = True, backbone: str = "small",
+                 context_cols: tuple[int, ...] = (), use_shape: bool = True, backbone: str = "small",
                  shape_backbone: str = "small") -> None:
         super().__init__()
-        self.use_shape, self.context_dim = use_shape, context_dim
+        # context_cols: which columns of the context (GA, scale) the model sees
+        self.use_shape, self.context_cols = use_shape, tuple(context_cols)
+        self.context_dim = context_dim = len(self.context_cols)
         self.image = make_encoder(backbone, 1, features, widths)
         parts = features
         if use_shape:
@@ -104,7 +108,7 @@ class ASCNet(nn.Module):
         if self.context_dim:
             if context is None:
                 raise ValueError("this model needs context (GA, scale)")
-            feats.append(self.context(context))
+            feats.append(self.context(context[:, list(self.context_cols)]))
         return self.head(torch.cat(feats, dim=1))
 
 
@@ -124,7 +128,9 @@ def make_classifier(model: str, features: int, backbone: str = "small", shape_ba
     if model == "asc":
         return ASCNet(features, **kw)
     if model == "asc-ga":
-        return ASCNet(features, context_dim=2, **kw)
+        return ASCNet(features, context_cols=(0, 1), **kw)
+    if model == "asc-scale":
+        return ASCNet(features, context_cols=(1,), **kw)
     if model == "image-only":
         return ASCNet(features, use_shape=False, **kw)
-    raise ValueError(f"unknown model {model!r}; choose asc, asc-ga, image-only or biometry-rule")
+    raise ValueError(f"unknown model {model!r}; choose asc, asc-ga, asc-scale, image-only or biometry-rule")

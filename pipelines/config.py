@@ -152,7 +152,7 @@ class PromoteParams:
     model_name: str
 
 
-MODELS = ("asc", "asc-ga", "image-only", "biometry-rule")
+MODELS = ("asc", "asc-ga", "asc-scale", "image-only", "biometry-rule")
 
 
 @dataclass(frozen=True)

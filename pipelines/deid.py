@@ -281,10 +281,20 @@ def _native_frames(ds: Dataset) -> np.ndarray | None:
         return None
     frames, rows, cols = int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns)
     size = frames * rows * cols * spp * bits // 8
-    data = ds.PixelData
-    if not isinstance(data, bytes | bytearray) or not size <= len(data) <= size + 1:
-        return None
-    arr = np.frombuffer(data, dtype=f"<{'i' if signed else 'u'}{bits // 8}", count=size // (bits // 8)).copy()
+    dtype, count = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}"), size // (bits // 8)
+    elem = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    deferred = getattr(elem, "value", b"") is None and getattr(elem, "value_tell", None) and ds.filename
+    if deferred and meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
+        if not size <= int(elem.length) <= size + 1:       # read once, from the file straight into the array
+            return None
+        arr = np.fromfile(ds.filename, dtype=dtype, count=count, offset=int(elem.value_tell))
+        if arr.size != count:
+            return None
+    else:
+        data = ds.PixelData
+        if not isinstance(data, bytes | bytearray) or not size <= len(data) <= size + 1:
+            return None
+        arr = np.frombuffer(data, dtype=dtype, count=count).copy()
     arr = arr.reshape((frames, rows, cols, 3) if spp == 3 else (frames, rows, cols))
     if stored < bits:                       # bits above BitsStored may hold an embedded overlay
         np.bitwise_and(arr, (1 << stored) - 1, out=arr)
@@ -548,7 +558,7 @@ def _write_pixels(out: Dataset, cleaned: Cleaned, src: Dataset) -> None:
 
 PALETTE = tuple(f"{kind}{c}PaletteColorLookupTable{part}" for c in ("Red", "Green", "Blue")
                 for kind, part in (("", "Descriptor"), ("", "Data"), ("Segmented", "Data")))
-PIXEL_DATA = 0x7FE00010
+PIXEL_DATA = P.PIXEL_DATA
 
 
 def write_dicom(fh: Any, ds: Dataset) -> None:
@@ -572,10 +582,13 @@ def write_dicom(fh: Any, ds: Dataset) -> None:
         fh.write(b"\0")
 
 
+DEFER = "1 MB"   # values this large are read when used: uncompressed pixels go from the file into the array
+
+
 def read_dicom(path: Path, header_only: bool = False) -> Dataset:
     """Read a DICOM file (the header alone if asked) or raise DeidError('unreadable_dicom')."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=header_only)
+        ds = pydicom.dcmread(path, stop_before_pixels=header_only, defer_size=None if header_only else DEFER)
         ds.SOPInstanceUID  # noqa: B018 - a file without it is not an image instance
     except Exception as exc:  # boundary: record and quarantine
         raise DeidError("unreadable_dicom", f"not a readable DICOM image ({type(exc).__name__}: {exc})") from exc

@@ -81,6 +81,7 @@ PIXEL_MODULE = frozenset({
     "SegmentedBluePaletteColorLookupTableData", "PaletteColorLookupTableUID", "SmallestImagePixelValue",
     "LargestImagePixelValue", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
 })
+PIXEL_DATA = 0x7FE00010
 # Added by de-identification itself (PS3.15 E.1.1 and the US Image IOD), never copied from the input.
 WRITTEN = frozenset({"PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
                      "LongitudinalTemporalInformationModified"})
@@ -198,7 +199,10 @@ class HeaderPass:
         self.audit.append({"path": path, "tag": f"({tag.group:04X},{tag.element:04X})", "action": action})
 
     def _walk(self, src: Dataset, dst: Dataset, prefix: str) -> None:
-        for elem in src:
+        for key in sorted(src.keys()):
+            if not prefix and key == PIXEL_DATA:
+                continue            # rewritten from the cleaned pixels; never read here (it may be deferred)
+            elem = src[key]
             tag = Tag(elem.tag)
             keyword = keyword_for_tag(tag) or ""
             path = prefix + (keyword or f"({tag.group:04X},{tag.element:04X})")

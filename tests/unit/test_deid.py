@@ -1,6 +1,7 @@
 """De-identification: keyed pseudonyms, date shifts, PS3.15 Table E.1-1 with options, clean pixels."""
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import numpy as np
@@ -169,16 +170,31 @@ def test_clean_pixels_blanks_exactly_outside_the_regions():
 
 
 def test_ocr_in_process_reads_what_the_command_reads():
-    """Debian's libtesseract in this process (the model loaded once) and the tesseract command
-    read the same words with the same confidences; the process uses the library."""
-    import cv2
+    """A de-identification worker (a process without torch) reads through Debian's libtesseract,
+    its model loaded once, the same words with the same confidences as the tesseract command.
+    A process where torch has loaded its own OpenMP runtime (same soname, no thread limit) uses
+    the command instead."""
+    import subprocess
+    import sys
 
-    from pipelines import ocr
-
-    img = np.zeros((120, 520), np.uint8)
-    cv2.putText(img, "DOE JANE 12/03/2020", (10, 70), cv2.FONT_HERSHEY_SIMPLEX, 1.2, 255, 2)
-    assert ocr.engine() == "library"
-    library, command = ocr._tesseract_words(img, "library"), ocr._tesseract_words(img, "command")
+    script = """
+import json, cv2, numpy as np
+from pipelines import ocr
+img = np.zeros((120, 520), np.uint8)
+cv2.putText(img, "DOE JANE 12/03/2020", (10, 70), cv2.FONT_HERSHEY_SIMPLEX, 1.2, 255, 2)
+engine = ocr.engine()
+library, command = ocr._tesseract_words(img, "library"), ocr._tesseract_words(img, "command")
+print(json.dumps([engine, library, command, ocr.residual_text(img, ocr.OcrSettings())]))
+import torch  # noqa: E402  (after: the engine is chosen once per process)
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0, res.stderr[-2000:]
+    engine, library, command, residual = json.loads(res.stdout.strip().splitlines()[-1])
+    assert engine == "library"
     assert library == command
     assert {"DOE", "JANE", "12/03/2020"} <= {w for w, conf in library if conf >= 80}
-    assert ocr.residual_text(img, ocr.OcrSettings()) == ["DOE", "JANE", "12/03/2020"]
+    assert residual == ["DOE", "JANE", "12/03/2020"]
+    after_torch = subprocess.run([sys.executable, "-c", "import torch\nfrom pipelines import ocr\nprint(ocr.engine())"],
+                                 capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert after_torch.stdout.strip() == "command", after_torch.stderr[-2000:]
