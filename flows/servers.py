@@ -58,9 +58,14 @@ def _as_root() -> bool:
     return os.geteuid() == 0
 
 
-def _pg_cmd(args: list[str]) -> list[str]:
-    """Run a PostgreSQL program as `postgres` when we are root (the server refuses root)."""
-    return ["runuser", "-u", "postgres", "--", *args] if _as_root() else args
+def _pg_run(args: list[str]) -> subprocess.CompletedProcess:
+    """Run a PostgreSQL program, as `postgres` when we are root (the server refuses root)."""
+    argv = ["runuser", "-u", "postgres", "--", *args] if _as_root() else args
+    try:
+        return subprocess.run(argv, capture_output=True, text=True)
+    except OSError as exc:
+        raise ServersError(f"cannot run {argv[0]} ({exc.strerror or exc}); as root, PostgreSQL needs "
+                           "Debian's postgres user and runuser") from exc
 
 
 def _alive(pid: int | None) -> bool:
@@ -150,12 +155,15 @@ class Servers:
             pw.write(self._password() + "\n")
         try:
             if _as_root():
-                shutil.chown(self.pg_home, "postgres", "postgres")
-                shutil.chown(pw.name, "postgres", "postgres")
-            res = subprocess.run(_pg_cmd([str(bindir / "initdb"), "-D", str(self.pg_data), "-U", DB_USER,
-                                          f"--pwfile={pw.name}", "--auth-host=scram-sha-256",
-                                          "--auth-local=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"]),
-                                 capture_output=True, text=True)
+                try:
+                    shutil.chown(self.pg_home, "postgres", "postgres")
+                    shutil.chown(pw.name, "postgres", "postgres")
+                except LookupError as exc:
+                    raise ServersError("PostgreSQL refuses to run as root, and there is no postgres user to "
+                                       "run it as: run `make postgres` (Debian's package makes it)") from exc
+            res = _pg_run([str(bindir / "initdb"), "-D", str(self.pg_data), "-U", DB_USER, f"--pwfile={pw.name}",
+                           "--auth-host=scram-sha-256", "--auth-local=scram-sha-256", "-E", "UTF8",
+                           "--locale=C.UTF-8"])
         finally:
             os.unlink(pw.name)
         if res.returncode != 0:
@@ -170,8 +178,8 @@ class Servers:
         if not _port_free(port):
             raise ServersError(f"port {port} on 127.0.0.1 is taken: choose another with --postgres-port")
         opts = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories=''"
-        res = subprocess.run(_pg_cmd([str(bindir / "pg_ctl"), "-D", str(self.pg_data), "-l", str(self.pg_log),
-                                      "-w", "-t", "120", "-o", opts, "start"]), capture_output=True, text=True)
+        res = _pg_run([str(bindir / "pg_ctl"), "-D", str(self.pg_data), "-l", str(self.pg_log), "-w", "-t", "120",
+                       "-o", opts, "start"])
         pid = self._postmaster_pid()
         if res.returncode != 0 or not _alive(pid):
             raise ServersError(f"PostgreSQL did not start on port {port}: {res.stderr.strip()[-300:]}; "
