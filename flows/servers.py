@@ -83,6 +83,17 @@ def _alive(pid: int | None) -> bool:
         return True
 
 
+def _ours(pid: int | None, word: str) -> bool:
+    """`pid` is alive and is that server (its command line names it): a PID recorded before a
+    reboot may belong to another program now, which must never be stopped."""
+    if not _alive(pid):
+        return False
+    try:
+        return word.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True                                   # no /proc: trust the PID
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
@@ -173,7 +184,7 @@ class Servers:
         bindir = pg_bindir()
         self._init_postgres(bindir)
         pid = self._postmaster_pid()
-        if _alive(pid):
+        if _ours(pid, "postgres"):
             return pid
         if not _port_free(port):
             raise ServersError(f"port {port} on 127.0.0.1 is taken: choose another with --postgres-port")
@@ -253,14 +264,14 @@ class Servers:
         if "://" not in artifacts:
             Path(artifacts).mkdir(parents=True, exist_ok=True)
         pg = state.get("postgres", {})
-        pg_port = pg.get("port", ports.postgres) if _alive(pg.get("pid")) else ports.postgres
+        pg_port = pg.get("port", ports.postgres) if _ours(pg.get("pid"), "postgres") else ports.postgres
         state["postgres"] = {"pid": self._start_postgres(pg_port), "port": pg_port, "data": str(self.pg_data),
                              "log": str(self.pg_log)}
         self._save(state)
         for name, port, start in (("prefect", ports.prefect, lambda p: self._start_prefect(p, pg_port)),
                                   ("mlflow", ports.mlflow, lambda p: self._start_mlflow(p, pg_port, artifacts))):
             old = state.get(name, {})
-            if _alive(old.get("pid")):
+            if _ours(old.get("pid"), name):
                 continue
             if not _port_free(port):
                 raise ServersError(f"port {port} on 127.0.0.1 is taken: choose another with --{name}-port")
@@ -281,18 +292,20 @@ class Servers:
         stopped = []
         for name in ("mlflow", "prefect"):
             pid = state.get(name, {}).get("pid")
-            if _alive(pid):
+            if _ours(pid, name):
                 try:
                     os.killpg(pid, signal.SIGTERM)       # the server and the workers it started
                 except ProcessLookupError:
                     pass
                 stopped.append(name)
         pg_pid = state.get("postgres", {}).get("pid") or self._postmaster_pid()
-        if _alive(pg_pid):
+        if _ours(pg_pid, "postgres"):
             os.kill(pg_pid, signal.SIGINT)                # PostgreSQL's fast shutdown
             stopped.append("postgres")
+        else:
+            pg_pid = None
         deadline = time.monotonic() + timeout
-        pids = [state.get(n, {}).get("pid") for n in ("mlflow", "prefect")] + [pg_pid]
+        pids = [state.get(n, {}).get("pid") if n in stopped else None for n in ("mlflow", "prefect")] + [pg_pid]
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
         for pid in pids[:2]:
@@ -315,5 +328,5 @@ class Servers:
         for name in ("postgres", "prefect", "mlflow"):
             s = state.get(name, {})
             where = s.get("url") or (f"127.0.0.1:{s['port']}" if s.get("port") else "")
-            lines.append(f"{name:9s} {'running' if _alive(s.get('pid')) else 'stopped':8s} {where}")
+            lines.append(f"{name:9s} {'running' if _ours(s.get('pid'), name) else 'stopped':8s} {where}")
         return lines
