@@ -16,8 +16,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pipelines.locks import exclusive_lock
-
 log = logging.getLogger(__name__)
 LOG = Path(".cbh") / "notifications.jsonl"
 
@@ -46,9 +44,3 @@ def on_flow_failure(flow: Any, flow_run: Any, state: Any) -> None:
     root = Path(str((flow_run.parameters or {}).get("workspace", "."))).resolve()
     notify(root, "flow-failed", f"{flow.name} run {flow_run.name} ended {state.name}; the reason is in the "
            "flow run's logs (Prefect UI)", flow_run_id=flow_run.id)
-
-
-def dvc_writer(root: Path):
-    """One DVC writer per workspace at a time: DVC's own repository lock fails at once when
-    another process holds it; this one waits its turn (an exclusive flock on `.cbh/dvc-writer.lock`)."""
-    return exclusive_lock(root / ".cbh" / "dvc-writer.lock")

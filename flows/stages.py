@@ -303,11 +303,17 @@ def promote(params: Params, root: Path):
     return decision
 
 
+def dvc_writer(root: Path):
+    """One DVC writer per workspace at a time: DVC's own repository lock fails at once when
+    another process holds it; this one waits its turn (an exclusive flock on `.cbh/dvc-writer.lock`)."""
+    from pipelines.locks import exclusive_lock
+
+    return exclusive_lock(root / ".cbh" / "dvc-writer.lock")
+
+
 def dvc_commit(root: Path, stages: tuple[str, ...]) -> None:
     """Record what the flow produced in dvc.lock, as `dvc repro` would have."""
     from dvc.repo import Repo
-
-    from flows.notify import dvc_writer
 
     with dvc_writer(root), Repo(str(root)) as repo:
         for name in stages:
@@ -316,8 +322,6 @@ def dvc_commit(root: Path, stages: tuple[str, ...]) -> None:
 
 def dvc_push(root: Path) -> int:
     from dvc.repo import Repo
-
-    from flows.notify import dvc_writer
 
     with dvc_writer(root), Repo(str(root)) as repo:
         return int(repo.push() or 0)

@@ -8,10 +8,11 @@ calibration marks and on-screen labels (DEFAULT_ALLOWED, DEFAULT_VOCABULARY).
 Tesseract is Debian's `tesseract-ocr` package (installed by `make ocr`). It runs in this
 process through its C API (`libtesseract.so.5`, loaded with ctypes): the language model loads
 once per process, not once per image (starting the command costs about 0.1 s, reading a
-frame a few hundredths). One OpenMP thread: the de-identification pool is the parallelism;
-the limit is set on Debian's libgomp, which torch (with its own copy) does not use. Where the
-library cannot be loaded, the `tesseract` command is run instead, with the image on stdin,
-TSV on stdout and the thread limit for that subprocess only.
+frame a few hundredths). One OpenMP thread: the de-identification pool is the parallelism.
+The limit is given to Debian's libgomp as libtesseract loads it; a process where an OpenMP
+runtime of that soname is already loaded (torch brings its own `libgomp.so.1`) could not be
+limited, so it runs the `tesseract` command instead, as does a process where the library
+cannot be loaded: image on stdin, TSV on stdout, the thread limit for that subprocess only.
 """
 
 from __future__ import annotations
@@ -150,14 +151,19 @@ def _loaded(fragment: str) -> bool:
 _ENGINE: list = []           # [the in-process engine, or None where the library cannot be loaded]
 
 
-def engine() -> str:
-    """Which Tesseract reads images in this process: 'library' (in process) or 'command'."""
+def _library() -> _Library | None:
+    """This process's in-process engine, loaded on first use; None where it cannot be."""
     if not _ENGINE:
         try:
             _ENGINE.append(_Library())
         except OSError:
             _ENGINE.append(None)
-    return "library" if _ENGINE[0] is not None else "command"
+    return _ENGINE[0]
+
+
+def engine() -> str:
+    """Which Tesseract reads images in this process: 'library' (in process) or 'command'."""
+    return "library" if _library() is not None else "command"
 
 
 def _grey(img: np.ndarray) -> np.ndarray:
@@ -173,10 +179,9 @@ def _tesseract_words(grey: np.ndarray, via: str | None = None) -> list[tuple[str
     """(word, confidence) as Tesseract reads them (sparse text, LSTM engine), in this process
     where the library loads (`via`: force 'library' or 'command')."""
     if (via or engine()) == "library":
-        engine()
-        if _ENGINE[0] is None:
+        if (lib := _library()) is None:
             raise OcrUnavailable("libtesseract cannot be loaded")
-        return _ENGINE[0].words(grey)
+        return lib.words(grey)
     ok, png = cv2.imencode(".png", grey)
     if not ok:
         raise ValueError("image cannot be encoded for OCR")

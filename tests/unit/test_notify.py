@@ -10,7 +10,8 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
-from flows.notify import dvc_writer, notify
+from flows.notify import notify
+from flows.stages import dvc_writer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +43,7 @@ def test_notify_logs_and_posts_to_the_webhook(tmp_path, monkeypatch):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from flows.notify import dvc_writer
+from flows.stages import dvc_writer
 root = Path(sys.argv[1])
 with dvc_writer(root):
     (root / "held").write_text("1")
