@@ -415,12 +415,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*(LeafSpec|eval mode|does not have many workers).*")
     from flows.stages import StageError
     from pipelines.deid import DeidError, MissingKeyError, OcrUnavailable
+    from pipelines.deid_folder import FolderError
     from pipelines.deid_profile import OptionError
     from pipelines.ingest import CohortError
     from pipelines.preprocess import PreprocessError
 
     expected = (CommandError, ConfigError, StageError, MissingKeyError, CohortError, DeidError,
-                PreprocessError, FileNotFoundError, OcrUnavailable, OptionError)
+                PreprocessError, FileNotFoundError, OcrUnavailable, OptionError, FolderError)
     try:
         return int(args.fn(args, root) or 0)
     except expected as exc:

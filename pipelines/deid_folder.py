@@ -7,7 +7,8 @@
 - Each output's audit (attribute, path, action; no values) is written beside the run state in
   `DST/.cbh-deid/audit/` and gathered into `DST/deid-audit.jsonl`. A rerun skips outputs whose
   audit names the same settings and key (resume after a crash) and rewrites nothing else:
-  same names, same bytes.
+  same names, same bytes. One run at a time writes a destination (a lock in `DST/.cbh-deid`);
+  it first removes the temporary files a killed run left, so no partial file survives.
 - Inputs that cannot be de-identified with certainty are copied, untouched, into the
   quarantine folder on the identified side (default: `DST` + `-quarantine`, beside DST, never
   inside it) with `quarantine.csv` giving each one's reason code and sentence.
@@ -36,10 +37,15 @@ from PIL import Image
 from pydicom.dataset import Dataset
 
 from pipelines import deid as D
+from pipelines.locks import Busy, exclusive_lock
 
 T = TypeVar("T")
 STATE = ".cbh-deid"
 REPORT, AUDIT = "deid-report.json", "deid-audit.jsonl"
+
+
+class FolderError(ValueError):
+    """The folders given to `cbh deid` cannot be used as they are (one sentence naming the folder)."""
 
 
 @dataclass
@@ -327,13 +333,36 @@ def deid_folder(src: Path, dst: Path, pseudo: D.Pseudonymizer, link: Path | None
     quarantine = quarantine or default_quarantine(dst)
     for name, path in (("link file", link), ("quarantine folder", quarantine)):
         if path is not None and (dst_r == path.resolve() or dst_r in path.resolve().parents):
-            raise ValueError(f"{path}: the {name} is identified-side and must not be inside {dst}")
+            raise FolderError(f"{path}: the {name} is identified-side and must not be inside {dst}")
     if src.resolve() == dst_r or src.resolve() in dst_r.parents:
-        raise ValueError(f"{dst}: the destination must not be inside the source folder {src}")
+        raise FolderError(f"{dst}: the destination must not be inside the source folder {src}")
     if "clean_pixel_data" in settings.options and not D.ocr_available():
         raise D.OcrUnavailable("tesseract is not installed (run `make ocr`): cleaned pixels cannot be verified")
-    files = discover(src)
     dst.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(dst / STATE / "run.lock", wait=False):
+            _remove_partial(dst, quarantine)
+            return _deid_folder(src, dst, pseudo, link, progress, settings, workers, quarantine, executor,
+                                dask_address)
+    except Busy as exc:
+        raise FolderError(f"{dst}: another `cbh deid` is writing to this folder; "
+                          "run again when it has finished") from exc
+
+
+def _remove_partial(*folders: Path) -> None:
+    """The temporary files of a run killed mid-write (its outputs are redone on resume). Only
+    called under the destination's lock, so no live run owns them."""
+    for folder in folders:
+        if folder.is_dir():
+            for tmp in folder.rglob(".tmp-*"):
+                if tmp.is_file():
+                    tmp.unlink()
+
+
+def _deid_folder(src: Path, dst: Path, pseudo: D.Pseudonymizer, link: Path | None,
+                 progress: Callable[[int, int], None] | None, settings: D.Settings, workers: int,
+                 quarantine: Path, executor: str, dask_address: str) -> dict:
+    files = discover(src)
     workers = workers if workers > 0 else (os.cpu_count() or 1)
     init = (dst, pseudo.key, pseudo.max_shift_days, settings)
     results = run_steps(executor, init, workers, dask_address, lambda pmap: process(files, pmap, progress))
@@ -377,7 +406,14 @@ def _write_quarantine(folder: Path, held: list[Outcome], src: Path) -> None:
         source = Path(r.source)
         copy = files / f"{hashlib.sha256(r.source.encode()).hexdigest()[:12]}_{source.name}"
         if source.is_file() and not copy.exists():
-            shutil.copy2(source, copy)
+            fd, tmp = tempfile.mkstemp(dir=files, prefix=".tmp-")
+            os.close(fd)
+            try:
+                shutil.copy2(source, tmp)
+                os.replace(tmp, copy)                  # a killed copy never passes for the original
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
         rows.append((os.path.relpath(source, src), r.code, r.reason, copy.name))
     with (folder / "quarantine.csv").open("w", newline="") as fh:
         w = csv.writer(fh)

@@ -487,3 +487,12 @@ def test_served_champion_answers_images_and_refuses_garbage_with_400(flow_run):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_deid_into_its_own_source_is_one_sentence(tmp_path):
+    ws = _workspace(tmp_path)
+    (tmp_path / "src").mkdir()
+    res = _cbh(ws, "deid", str(tmp_path / "src"), str(tmp_path / "src" / "out"))
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == f"cbh deid: {tmp_path / 'src' / 'out'}: the destination must not be inside the " \
+                                 f"source folder {tmp_path / 'src'}"
