@@ -31,21 +31,66 @@ def random_affine(image: torch.Tensor, masks: torch.Tensor | None, generator: to
     return out, m.to(masks.dtype)
 
 
-def random_intensity(image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+AUGMENTS = ("basic", "scanner")                 # also pipelines/config.py, which checks params.yaml
+
+
+def random_intensity(image: torch.Tensor, generator: torch.Generator | None = None,
+                     augment: str = "basic") -> torch.Tensor:
     """What differs between scanners: gain (0.7-1.3), gamma (0.6-1.6, i.e. log compression
     and dynamic range), speckle grain (a Gaussian blur of 0-1.5 px on half the batch) and
-    speckle-like multiplicative noise."""
-    b = image.shape[0]
+    speckle-like multiplicative noise.
+
+    `scanner` goes further, for scanners never seen in training: the grey-level curve is also
+    bent by a random monotonic map (each vendor's post-processing map and dynamic range; it
+    keeps black at black), the grain blur reaches 2.25 px, and on half the batch the speckle noise
+    is coarse (drawn at a quarter or half the resolution), as from a wider beam."""
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment {augment!r}: choose among {', '.join(AUGMENTS)}")
+    b, scanner = image.shape[0], augment == "scanner"
     rnd = torch.rand(b, 5, generator=generator).to(image.device)
     gain = (0.7 + 0.6 * rnd[:, 0]).view(b, 1, 1, 1)
     gamma = torch.exp((rnd[:, 1] * 2 - 1) * math.log(1.6)).view(b, 1, 1, 1)
     out = image.clamp(min=0) ** gamma * gain
-    sigma = 1.5 * rnd[:, 3]
+    if scanner:
+        out = _random_curve(out, generator)
+    sigma = (2.25 if scanner else 1.5) * rnd[:, 3]
     blur = rnd[:, 4] < 0.5
     if bool(blur.any()):
         out = torch.where(blur.view(b, 1, 1, 1), _gaussian_blur(out, sigma), out)
-    noise = 1.0 + 0.15 * rnd[:, 2].view(b, 1, 1, 1) * torch.randn(image.shape, generator=generator).to(image.device)
+    noise = torch.randn(image.shape, generator=generator).to(image.device)
+    if scanner:
+        noise = torch.where((torch.rand(b, generator=generator) < 0.5).view(b, 1, 1, 1).to(image.device),
+                            _coarse_noise(image.shape, generator).to(image.device), noise)
+    noise = 1.0 + 0.15 * rnd[:, 2].view(b, 1, 1, 1) * noise
     return (out * noise).clamp(0, 1.5)
+
+
+def _random_curve(x: torch.Tensor, generator: torch.Generator | None, knots: int = 4,
+                  strength: float = 0.6) -> torch.Tensor:
+    """A random monotonic grey-level map per sample, piecewise linear through `knots` inner
+    points on [0, 1], fixing 0 and 1 (values above 1 are shifted with it), blended with the
+    identity by up to `strength`."""
+    b, dev = x.shape[0], x.device
+    steps = torch.rand(b, knots + 1, generator=generator).to(dev) + 0.2
+    ys = torch.cat([torch.zeros(b, 1, device=dev), steps.cumsum(1)], 1)
+    ys = ys / ys[:, -1:]                                               # 0 .. 1, increasing
+    xs = torch.linspace(0, 1, knots + 2, device=dev).expand(b, -1)
+    mix = strength * torch.rand(b, 1, generator=generator).to(dev)
+    ys = (1 - mix) * xs + mix * ys
+    v = x.clamp(0, 1).reshape(b, -1) * (knots + 1)
+    i = v.floor().clamp(max=knots).long()
+    lo, hi = ys.gather(1, i), ys.gather(1, i + 1)
+    mapped = (lo + (v - i) * (hi - lo)).reshape(x.shape)
+    return torch.where(x > 1, x, mapped)
+
+
+def _coarse_noise(shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
+    """Unit-variance Gaussian noise with a grain of 2 or 4 pixels (drawn small, upsampled)."""
+    b, c, h, w = shape
+    factor = 4 if float(torch.rand(1, generator=generator)) < 0.5 else 2
+    small = torch.randn(b, c, max(h // factor, 1), max(w // factor, 1), generator=generator)
+    big = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    return big / big.std().clamp(min=1e-6)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torch.Tensor:

@@ -20,9 +20,9 @@ def one_hot_masks(labels: torch.Tensor) -> torch.Tensor:
 class SegModule(L.LightningModule):
     """Cerebellum and cisterna magna segmentation with Dice + cross-entropy."""
 
-    def __init__(self, net: nn.Module, lr: float, max_epochs: int) -> None:
+    def __init__(self, net: nn.Module, lr: float, max_epochs: int, augment: str = "basic") -> None:
         super().__init__()
-        self.net, self.lr, self.max_epochs = net, lr, max(max_epochs, 1)
+        self.net, self.lr, self.max_epochs, self.augment = net, lr, max(max_epochs, 1), augment
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ class SegModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
         img, lab = random_affine(batch["image"], batch["labels"][:, None])
-        img = random_intensity(img)
+        img = random_intensity(img, augment=self.augment)
         loss = self.loss(self(img), lab.long())
         self.log("seg_train_loss", loss, prog_bar=True, on_epoch=True, on_step=False)
         return loss
@@ -54,9 +54,10 @@ class SegModule(L.LightningModule):
 class ClsModule(L.LightningModule):
     """The ASC classifier: cross-entropy, Adam, ReduceLROnPlateau on the validation loss."""
 
-    def __init__(self, net: nn.Module, lr: float, weight_decay: float, pred_mask_fraction: float) -> None:
+    def __init__(self, net: nn.Module, lr: float, weight_decay: float, pred_mask_fraction: float,
+                 augment: str = "basic") -> None:
         super().__init__()
-        self.net, self.lr, self.wd, self.p_pred = net, lr, weight_decay, pred_mask_fraction
+        self.net, self.lr, self.wd, self.p_pred, self.augment = net, lr, weight_decay, pred_mask_fraction, augment
 
     def forward(self, image: torch.Tensor, masks: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.net(image, masks, context)
@@ -69,7 +70,7 @@ class ClsModule(L.LightningModule):
         use_pred = (torch.rand(batch["labels"].shape[0], device=self.device) < self.p_pred).view(-1, 1, 1)
         labels = torch.where(use_pred, batch["pred_labels"], batch["labels"])
         img, masks = random_affine(batch["image"], one_hot_masks(labels))
-        img = random_intensity(img)
+        img = random_intensity(img, augment=self.augment)
         loss = F.cross_entropy(self(img, masks, batch["context"]), batch["target"])
         self.log("cls_train_loss", loss, prog_bar=True, on_epoch=True, on_step=False)
         return loss

@@ -111,6 +111,7 @@ class SegmentParams:
     batch_size: int
     lr: float
     channels: tuple[int, ...]
+    augment: str = "basic"      # basic | scanner (random transforms: models/augment.py)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class TrainParams:
     precision: str = "auto"
     channels_last: bool = True
     resume: bool = True
+    augment: str = "basic"
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ class PromoteParams:
     model_name: str
 
 
+AUGMENTS = ("basic", "scanner")                 # models/augment.py random_intensity
 MODELS = ("asc", "asc-ga", "asc-scale", "image-only", "biometry-rule")
 
 
@@ -238,6 +241,9 @@ def parse_params(raw: dict[str, Any]) -> Params:
     params = Params(**built, raw=raw)
     if params.train.model not in MODELS:
         raise ConfigError(f"params.yaml: train.model = {params.train.model!r}; choose one of {MODELS}")
+    for where, value in (("segment.augment", params.segment.augment), ("train.augment", params.train.augment)):
+        if value not in AUGMENTS:
+            raise ConfigError(f"params.yaml: {where} = {value!r}; choose one of {AUGMENTS}")
     if not 0 < params.split.test_fraction < 1 or not 0 < params.split.val_fraction < 1:
         raise ConfigError("params.yaml: split fractions must lie in (0, 1)")
     return params

@@ -225,7 +225,8 @@ def train_models(data: Prepared, params: Params, checkpoints: Path | None = None
         seg_log = _EpochLog()
         callbacks = [seg_log] + ([ModelCheckpoint(dirpath=ckpt, save_last=True, save_top_k=0)] if ckpt else [])
         trainer = _trainer(sp.max_epochs, tp, len(va) > 0, callbacks)
-        resumed = _fit(trainer, SegModule(seg, sp.lr, sp.max_epochs), (seg_loader, val_loader), ckpt, tp.resume)
+        module = SegModule(seg, sp.lr, sp.max_epochs, sp.augment)
+        resumed = _fit(trainer, module, (seg_loader, val_loader), ckpt, tp.resume)
         rank, world = trainer.global_rank, trainer.world_size
         info["segmenter_resumed_at_epoch"] = seg_log.first_epoch if resumed else None
     cfg = ModelConfig(tp.model, tp.features, sp.channels, params.preprocess.size,
@@ -242,7 +243,7 @@ def train_models(data: Prepared, params: Params, checkpoints: Path | None = None
     if tp.max_epochs > 0 and len(tr) and not isinstance(clf, BiometryRule):
         if cuda and tp.channels_last:
             clf = clf.to(memory_format=torch.channels_last)
-        module = ClsModule(clf, tp.lr, tp.weight_decay, tp.predicted_mask_fraction)
+        module = ClsModule(clf, tp.lr, tp.weight_decay, tp.predicted_mask_fraction, tp.augment)
         cls_log = _EpochLog()
         ckpt = checkpoints / "classifier" if checkpoints is not None else Path(tempfile.mkdtemp(prefix="cbh-ckpt-"))
         callbacks: list = [cls_log]
