@@ -267,8 +267,10 @@ KEPT_MODELS = {"MONOCHROME1": 1, "MONOCHROME2": 1, "PALETTE COLOR": 1, "RGB": 3,
 
 def _native_frames(ds: Dataset) -> np.ndarray | None:
     """Uncompressed little-endian pixels as a writable array (one copy of their bytes, none of
-    the decoder's passes), or None where the codec path is needed (planar colour, big endian,
-    signed data with unused high bits, an unexpected length)."""
+    the decoder's passes), or None where the codec path is needed (big endian, signed data with
+    unused high bits, an unexpected length). Planar colour (PlanarConfiguration 1) comes as a
+    (frames, rows, cols, 3) view of the planes as stored: cleaned in place and written back
+    planar, with no interleaving pass over a cine's tens of MB."""
     meta = getattr(ds, "file_meta", None)
     if meta is None or str(meta.get("TransferSyntaxUID", "")) not in NATIVE_SYNTAXES or "PixelData" not in ds:
         return None
@@ -277,7 +279,8 @@ def _native_frames(ds: Dataset) -> np.ndarray | None:
     stored, signed = int(ds.get("BitsStored", bits) or bits), int(ds.get("PixelRepresentation", 0) or 0) == 1
     if KEPT_MODELS.get(photometric) != spp or bits not in (8, 16) or not 0 < stored <= bits:
         return None
-    if (spp == 3 and int(ds.get("PlanarConfiguration", 0) or 0) != 0) or (signed and stored < bits):
+    planar = int(ds.get("PlanarConfiguration", 0) or 0) if spp == 3 else 0
+    if planar not in (0, 1) or (signed and stored < bits):
         return None
     frames, rows, cols = int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns)
     size = frames * rows * cols * spp * bits // 8
@@ -295,7 +298,10 @@ def _native_frames(ds: Dataset) -> np.ndarray | None:
         if not isinstance(data, bytes | bytearray) or not size <= len(data) <= size + 1:
             return None
         arr = np.frombuffer(data, dtype=dtype, count=count).copy()
-    arr = arr.reshape((frames, rows, cols, 3) if spp == 3 else (frames, rows, cols))
+    if planar:
+        arr = np.moveaxis(arr.reshape(frames, 3, rows, cols), 1, -1)
+    else:
+        arr = arr.reshape((frames, rows, cols, 3) if spp == 3 else (frames, rows, cols))
     if stored < bits:                       # bits above BitsStored may hold an embedded overlay
         np.bitwise_and(arr, (1 << stored) - 1, out=arr)
     return arr
@@ -538,8 +544,9 @@ def _write_pixels(out: Dataset, cleaned: Cleaned, src: Dataset) -> None:
     arr = cleaned.frames
     out.SamplesPerPixel = 3 if arr.ndim == 4 else 1
     out.PhotometricInterpretation = cleaned.photometric
+    planar = arr.ndim == 4 and is_planar(arr)
     if arr.ndim == 4:
-        out.PlanarConfiguration = 0
+        out.PlanarConfiguration = 1 if planar else 0
     if arr.shape[0] > 1:
         out.NumberOfFrames = arr.shape[0]
     elif "NumberOfFrames" in out:
@@ -553,7 +560,15 @@ def _write_pixels(out: Dataset, cleaned: Cleaned, src: Dataset) -> None:
         for keyword in PALETTE:
             if keyword in src:
                 out[keyword] = src[keyword]
-    out.PixelData = arr.tobytes()
+    # the cleaned array's own memory (no copy of a cine's tens of MB); write_dicom writes it as it is
+    data = np.ascontiguousarray(np.moveaxis(arr, -1, 1) if planar else arr)
+    little = data.astype(data.dtype.newbyteorder("<"), copy=False)
+    out.add_new(PIXEL_DATA, "OW" if bits > 8 else "OB", memoryview(little).cast("B"))
+
+
+def is_planar(arr: np.ndarray) -> bool:
+    """(frames, rows, cols, 3) whose memory holds the colour planes one after the other."""
+    return not arr.flags.c_contiguous and np.moveaxis(arr, -1, 1).flags.c_contiguous
 
 
 PALETTE = tuple(f"{kind}{c}PaletteColorLookupTable{part}" for c in ("Red", "Green", "Blue")
@@ -569,6 +584,8 @@ def write_dicom(fh: Any, ds: Dataset) -> None:
     fast = (meta is not None and meta.get("TransferSyntaxUID") == pydicom.uid.ExplicitVRLittleEndian
             and "PixelData" in ds and max(ds.keys()) == PIXEL_DATA)
     if not fast:
+        if isinstance(ds.get("PixelData"), memoryview):
+            ds.PixelData = ds.PixelData.tobytes()
         ds.save_as(fh, enforce_file_format=True)
         return
     header = Dataset({tag: ds[tag] for tag in ds.keys() if tag != PIXEL_DATA})
