@@ -75,6 +75,12 @@ def mean_abs_error(a: NDArray, b: NDArray) -> float:
     return float(np.nanmean(d)) if np.any(np.isfinite(d)) else float("nan")
 
 
+def mean_error(measured: NDArray, truth: NDArray) -> float:
+    """Mean signed error (measured - truth), NaN-aware: the bias of a measurement."""
+    d = np.asarray(measured, float) - np.asarray(truth, float)
+    return float(np.nanmean(d)) if np.any(np.isfinite(d)) else float("nan")
+
+
 GA_BANDS = ((0.0, 20.0, "<20w"), (20.0, 24.0, "20-24w"), (24.0, 28.0, "24-28w"), (28.0, 32.0, "28-32w"),
             (32.0, 99.0, ">=32w"))
 

@@ -320,6 +320,8 @@ def evaluate_models(predictor: Predictor, data: Prepared, params: Params) -> Eva
     meas = np.array([biometry.measure_mask(pred_labels[i], data.mm_per_px[i]) for i in te]).reshape(-1, 2)
     metrics["test_tcd_mae_mm"] = ev.mean_abs_error(meas[:, 0], data.frame["tcd_mm"].to_numpy()[te])
     metrics["test_cm_mae_mm"] = ev.mean_abs_error(meas[:, 1], data.frame["cm_mm"].to_numpy()[te])
+    # signed: a scanner whose masks come out too wide or too narrow shows as a bias, not noise
+    metrics["test_tcd_bias_mm"] = ev.mean_error(meas[:, 0], data.frame["tcd_mm"].to_numpy()[te])
     rule = biometry.tcd_zscore(meas[:, 0], data.frame["ga_weeks"].to_numpy()[te])
     metrics["test_biometry_rule_auc"] = ev.auc(y[te], -np.nan_to_num(rule, nan=0.0))
     metrics["test_ece"] = ev.expected_calibration_error(y[te], prob[te])

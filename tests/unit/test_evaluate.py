@@ -7,6 +7,8 @@ from pipelines.evaluate import (
     binary_metrics,
     dice_per_image,
     expected_calibration_error,
+    mean_abs_error,
+    mean_error,
     operating_threshold,
     subgroup_metrics,
 )
@@ -43,3 +45,12 @@ def test_subgroups_report_each_value():
     p = np.array([0.1, 0.9, 0.2, 0.8])
     rows = subgroup_metrics(y, p, 0.5, {"site": np.array(["a", "a", "b", "b"])})
     assert [(r["value"], r["n"], r["auc"]) for r in rows] == [("a", 2, 1.0), ("b", 2, 1.0)]
+
+
+def test_bias_keeps_the_sign_the_absolute_error_drops():
+    truth = np.array([40.0, 42.0, 44.0, np.nan])
+    wide = truth + np.array([1.0, 2.0, 3.0, 0.0])
+    assert mean_error(wide, truth) == pytest.approx(2.0) and mean_error(truth - 1.5, truth) == pytest.approx(-1.5)
+    mixed = truth + np.array([2.0, -2.0, 0.0, 0.0])
+    assert mean_error(mixed, truth) == pytest.approx(0.0) and mean_abs_error(mixed, truth) == pytest.approx(4 / 3)
+    assert np.isnan(mean_error(np.array([np.nan]), np.array([1.0])))
