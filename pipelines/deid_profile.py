@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -202,16 +202,19 @@ class HeaderPass:
         for key in sorted(src.keys()):
             if not prefix and key == PIXEL_DATA:
                 continue            # rewritten from the cleaned pixels; never read here (it may be deferred)
-            elem = src[key]
-            tag = Tag(elem.tag)
+            tag = Tag(key)
             keyword = keyword_for_tag(tag) or ""
             path = prefix + (keyword or f"({tag.group:04X},{tag.element:04X})")
-            action = self._action(tag, keyword, elem.VR)
+            raw = src.get_item(tag, keep_deferred=True)      # the value is parsed only if it is kept
+            action = self._action(tag, keyword, raw.VR or _dictionary_vr(tag))
             if action == "pixels" and not prefix:
                 continue                          # rewritten from the cleaned pixels by the caller
             if action == "pixels":
                 action = "X:unlisted"             # a pixel-module attribute inside a sequence
-            self._apply(elem, tag, keyword, action, dst, path)
+            if action[0] == "X":
+                self._note(path, tag, action)     # removed: its value is never read
+                continue
+            self._apply(src[tag], tag, keyword, action, dst, path)
 
     def _action(self, tag: BaseTag, keyword: str, vr: str) -> str:
         if tag.is_private:
@@ -277,6 +280,14 @@ class HeaderPass:
             dst.add_new(tag, vr, _map_values(elem.value, self.keys.uid))
             return "U"
         return "X:cleaned-by-removal"
+
+
+def _dictionary_vr(tag: BaseTag) -> str:
+    """The data dictionary's VR (implicit-VR files carry none); '' for a tag it does not know."""
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return ""
 
 
 def _map_values(value: Any, fn) -> Any:
