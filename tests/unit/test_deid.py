@@ -167,6 +167,14 @@ def test_clean_pixels_blanks_exactly_outside_the_regions():
                                 np.asarray(fill, np.uint8))
             assert np.array_equal(out, expected), (boxes, shape)
             assert not np.array_equal(arr, out) or keep.all()          # a copy unless inplace
+        # planar colour: cleaned in place through the (frames, rows, cols, 3) view of its planes
+        planes = rng.integers(1, 250, (2, 3, 48, 64), dtype=np.uint8)
+        view, before = np.moveaxis(planes, 1, -1), np.moveaxis(planes, 1, -1).copy()
+        assert D.is_planar(view) and not D.is_planar(before)
+        D.clean_pixels(view, boxes, inplace=True, fill=(0, 128, 128))
+        keep = D.region_mask((48, 64), boxes)
+        assert np.array_equal(np.moveaxis(planes, 1, -1), np.where(keep[None, ..., None], before,
+                                                                   np.array([0, 128, 128], np.uint8)))
 
 
 def test_ocr_in_process_reads_what_the_command_reads():
