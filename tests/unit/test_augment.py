@@ -48,3 +48,11 @@ def test_scanner_differs_from_basic_and_unknown_is_refused():
                            random_intensity(x, torch.Generator().manual_seed(3), "scanner"))
     with pytest.raises(ValueError, match="choose among basic, scanner"):
         random_intensity(x, augment="strong")
+
+
+def test_config_accepts_exactly_the_augmentations_there_are():
+    """pipelines.config keeps its own copy (it must not import torch): the two agree."""
+    from models.augment import AUGMENTS
+    from pipelines.config import AUGMENTS as CHECKED
+
+    assert CHECKED == AUGMENTS
