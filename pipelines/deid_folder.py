@@ -31,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 from PIL import Image
 from pydicom.dataset import Dataset
@@ -74,21 +74,29 @@ def discover(src: Path) -> list[Path]:
     return sorted(p for p in src.rglob("*") if p.is_file() and (p.suffix.lower() in D.RASTER_SUFFIXES or is_dicom(p)))
 
 
-def write_atomic(path: Path, data: bytes | Dataset) -> None:
-    """Write bytes, or a dataset as a DICOM file, via a temporary file in the same folder and a
-    rename: a crash leaves no partial file."""
+@contextmanager
+def atomic_target(path: Path) -> Iterator[str]:
+    """A temporary file (`.tmp-*`) beside `path`, renamed to `path` when the block succeeds and
+    removed when it fails: a crash leaves no partial file under the final name (what a SIGKILL
+    leaves, the next run's `_remove_partial` removes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            if isinstance(data, Dataset):
-                D.write_dicom(fh, data)
-            else:
-                fh.write(data)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, data: bytes | Dataset) -> None:
+    """Write bytes, or a dataset as a DICOM file, atomically (`atomic_target`)."""
+    with atomic_target(path) as tmp, open(tmp, "wb") as fh:
+        if isinstance(data, Dataset):
+            D.write_dicom(fh, data)
+        else:
+            fh.write(data)
 
 
 def audit_path(dst: Path, output: str) -> Path:
@@ -406,14 +414,8 @@ def _write_quarantine(folder: Path, held: list[Outcome], src: Path) -> None:
         source = Path(r.source)
         copy = files / f"{hashlib.sha256(r.source.encode()).hexdigest()[:12]}_{source.name}"
         if source.is_file() and not copy.exists():
-            fd, tmp = tempfile.mkstemp(dir=files, prefix=".tmp-")
-            os.close(fd)
-            try:
+            with atomic_target(copy) as tmp:           # a killed copy never passes for the original
                 shutil.copy2(source, tmp)
-                os.replace(tmp, copy)                  # a killed copy never passes for the original
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
         rows.append((os.path.relpath(source, src), r.code, r.reason, copy.name))
     with (folder / "quarantine.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
