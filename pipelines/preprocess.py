@@ -47,6 +47,12 @@ class Crop:
     def mm_per_px(self) -> float:
         return self.side_mm / self.size
 
+    @property
+    def axis_ratio(self) -> float:
+        """The skull's transverse over its occipito-frontal axis: with the margin, all a crop
+        needs to know where the head lies in it (`head_mask`)."""
+        return self.skull.b / self.skull.a
+
     def matrix(self) -> NDArray[np.float64]:
         """2x3 affine mapping crop pixel (u, v) to source pixel (x, y)."""
         k = self.mm_per_px
@@ -144,6 +150,24 @@ def unwarp(labels: NDArray, crop: Crop, shape: tuple[int, int]) -> NDArray:
     """Map a crop label mask back onto the source frame."""
     return cv2.warpAffine(labels, crop.matrix(), (shape[1], shape[0]), flags=cv2.INTER_NEAREST,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+# How far beyond the fitted skull ellipse (a multiple of its axes) a cerebellum may reach: the
+# ellipse follows the skull's outer edge, give or take the fit. On the 300-patient synthetic
+# cohort (507 annotated crops, three sites) the annotated cerebellum crosses 1.04 in 8 crops,
+# by a few pixels that change no TCD by more than 0.04 mm; at 1.00 it crosses in 48.
+HEAD_TOLERANCE = 1.04
+
+
+def head_mask(size: int, margin: float, axis_ratio: float, scale: float = HEAD_TOLERANCE) -> NDArray[np.bool_]:
+    """Where the head lies in a crop: inside the fitted skull ellipse (centred, long axis
+    horizontal, semi-axes size / (2 margin) and axis_ratio times that), its axes scaled by
+    `scale`. An unknown ratio (NaN: a crop prepared before the ratio was kept) is the whole crop."""
+    if not np.isfinite(axis_ratio):
+        return np.ones((size, size), bool)
+    centre, a = size / 2.0 - 0.5, scale * size / (2.0 * margin)
+    v, u = np.ogrid[0:size, 0:size]
+    return ((u - centre) / a) ** 2 + ((v - centre) / (a * axis_ratio)) ** 2 <= 1.0
 
 
 def normalise_intensity(crop: NDArray[np.float32]) -> NDArray[np.float32]:

@@ -38,6 +38,7 @@ class Prepared:
     images: np.ndarray                   # (N, 1, S, S) float32
     labels: np.ndarray                   # (N, S, S) uint8 annotated masks (0 where none)
     mm_per_px: np.ndarray                # (N,)
+    axis_ratio: np.ndarray               # (N,) the skull's axis ratio: where the head lies in the crop
     failed: dict[str, str] = field(default_factory=dict)   # image_id -> reason
 
     def subset(self, split: str) -> np.ndarray:
@@ -51,7 +52,7 @@ class Prepared:
         folder.mkdir(parents=True, exist_ok=True)
         images = self.images.astype(np.float16) if half else self.images
         (np.savez_compressed if half else np.savez)(folder / "arrays.npz", images=images, labels=self.labels,
-                                                    mm_per_px=self.mm_per_px)
+                                                    mm_per_px=self.mm_per_px, axis_ratio=self.axis_ratio)
         self.frame.to_parquet(folder / "frame.parquet", index=False)
         (folder / "failed.json").write_text(json.dumps(self.failed))
 
@@ -60,14 +61,16 @@ class Prepared:
         import json
 
         arrays = np.load(folder / "arrays.npz")
+        # crops packed before the axis ratio was kept: NaN, the anatomical prior without the head
+        ratio = arrays["axis_ratio"] if "axis_ratio" in arrays.files else np.full(len(arrays["mm_per_px"]), np.nan)
         return cls(pd.read_parquet(folder / "frame.parquet"), arrays["images"].astype(np.float32, copy=False),
-                   arrays["labels"], arrays["mm_per_px"], json.loads((folder / "failed.json").read_text()))
+                   arrays["labels"], arrays["mm_per_px"], ratio, json.loads((folder / "failed.json").read_text()))
 
 
 def prepare(dataset: pd.DataFrame, workspace: Path, size: int, margin: float,
             progress: Callable[[int, int], None] | None = None) -> Prepared:
     rows = dataset[dataset["split"].isin(["train", "val", "test"])].reset_index(drop=True)
-    images, labels, scale, keep, failed = [], [], [], [], {}
+    images, labels, scale, ratio, keep, failed = [], [], [], [], [], {}
     for i, r in enumerate(rows.itertuples(index=False)):
         try:
             grey, valid = load_frame(workspace / r.deid_path, int(r.frame))
@@ -82,11 +85,12 @@ def prepare(dataset: pd.DataFrame, workspace: Path, size: int, margin: float,
         images.append(img[None])
         labels.append(mask)
         scale.append(crop.mm_per_px)
+        ratio.append(crop.axis_ratio)
         keep.append(i)
         if progress:
             progress(i + 1, len(rows))
     return Prepared(rows.iloc[keep].reset_index(drop=True), np.stack(images).astype(np.float32),
-                    np.stack(labels), np.asarray(scale), failed)
+                    np.stack(labels), np.asarray(scale), np.asarray(ratio), failed)
 
 
 def prepare_cached(dataset_path: Path, workspace: Path, size: int, margin: float, cache_dir: Path,
@@ -233,7 +237,7 @@ def train_models(data: Prepared, params: Params, checkpoints: Path | None = None
                       params.preprocess.crop_margin, 0.5, tp.backbone, tp.shape_backbone)
     clf = make_classifier(tp.model, tp.features, tp.backbone, tp.shape_backbone)
     predictor = Predictor(seg, clf, cfg)
-    pred_labels = predictor.segment(data.images)
+    pred_labels = predictor.segment(data.images, data.axis_ratio)
     target = (data.frame["label"] == "hypoplasia").to_numpy().astype(np.int64)
     context = context_features(data.frame["ga_weeks"].to_numpy(), data.mm_per_px)
     arrays = dict(image=data.images, labels=data.labels, pred_labels=pred_labels,
@@ -279,7 +283,7 @@ def choose_operating_point(predictor: Predictor, data: Prepared, sensitivity_tar
     fitted model: the test split is never looked at)."""
     va = data.subset("val")
     y = (data.frame["label"].to_numpy()[va] == "hypoplasia").astype(int)
-    prob = predictor.probability(data.images[va], predictor.segment(data.images[va]),
+    prob = predictor.probability(data.images[va], predictor.segment(data.images[va], data.axis_ratio[va]),
                                  context_features(data.frame["ga_weeks"].to_numpy()[va], data.mm_per_px[va]))
     thr = ev.operating_threshold(y, prob, sensitivity_target)
     return Predictor(predictor.seg, predictor.cls, ModelConfig(**{**predictor.cfg.__dict__, "threshold": thr}))
@@ -301,7 +305,7 @@ def evaluate_models(predictor: Predictor, data: Prepared, params: Params) -> Eva
 
     from pipelines import plots
 
-    pred_labels = predictor.segment(data.images)
+    pred_labels = predictor.segment(data.images, data.axis_ratio)
     context = context_features(data.frame["ga_weeks"].to_numpy(), data.mm_per_px)
     prob = predictor.probability(data.images, pred_labels, context)
     y = (data.frame["label"] == "hypoplasia").to_numpy().astype(int)
