@@ -26,6 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pydicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 
@@ -567,7 +568,9 @@ def _write_pixels(out: Dataset, cleaned: Cleaned, src: Dataset) -> None:
     # the cleaned array's own memory (no copy of a cine's tens of MB); write_dicom writes it as it is
     data = np.ascontiguousarray(np.moveaxis(arr, -1, 1) if planar else arr)
     little = data.astype(data.dtype.newbyteorder("<"), copy=False)
-    out.add_new(PIXEL_DATA, "OW" if bits > 8 else "OB", memoryview(little).cast("B"))
+    # (pydicom's value check knows only bytes for OB/OW: it would log a warning for every file)
+    out[PIXEL_DATA] = DataElement(PIXEL_DATA, "OW" if bits > 8 else "OB", memoryview(little).cast("B"),
+                                  validation_mode=pydicom.config.IGNORE)
 
 
 def is_planar(arr: np.ndarray) -> bool:

@@ -82,6 +82,20 @@ def test_synthetic_export_leaves_no_identifier(small_cohort, pseudo, tmp_path):
     assert np.array_equal(back.pixel_array[y0 + 5:], ds.pixel_array[y0 + 5:])
 
 
+def test_writing_the_cleaned_pixels_warns_nothing(small_cohort, pseudo, caplog):
+    """The cleaned pixels go into Pixel Data as a view of their array; pydicom's value check
+    would log a warning for every file (it was seen once per `cbh ingest`)."""
+    import warnings
+
+    src = sorted((small_cohort / "scans").glob("*.dcm"))[0]
+    ds = pydicom.dcmread(src)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING", logger="pydicom"):
+        warnings.simplefilter("always")
+        clean, _ = D.Deidentifier(pseudo).dicom(ds, ds.PatientID)
+    assert isinstance(clean.PixelData, memoryview)
+    assert not [str(w.message) for w in caught] and not caplog.records
+
+
 def test_profile_follows_table_and_options():
     basic = P.build_profile(())
     assert len(P.table()) == 621
