@@ -49,6 +49,11 @@ STYLES: dict[str, Style] = {
                     "RLELossless", "Boreal Imaging", "BX-900"),
     "cirrus": Style("cirrus", 960, 720, 38.0, 1.2, 1.8, -2.0, 38.0, False, "top-right",
                     "DeflatedExplicitVRLittleEndian", "Cirrus Sonics", "C-Scan Pro"),
+    # a scanner outside the others' range in grain, gain and dynamic range (coarser lateral
+    # grain, darker, softer log compression): not in the default mix, kept for external
+    # validation (`cbh synth --style delta`, then split.test_site: site-west)
+    "delta": Style("delta", 800, 600, 40.0, 2.6, 3.4, -4.0, 60.0, False, "top-left",
+                   "ExplicitVRLittleEndian", "Delta Echo", "DE-Port 3"),
 }
 
 

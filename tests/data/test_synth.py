@@ -3,6 +3,7 @@
 import csv
 import hashlib
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -109,3 +110,22 @@ def _rows_of(n):
 def test_unknown_style_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown style"):
         synth_cohort(tmp_path, 1, 1, ("nope",))
+
+
+def test_the_external_validation_style_is_its_own_site(tmp_path):
+    """`delta` renders outside the default mix's grain, gain and dynamic range: a site
+    (site-west) no default cohort contains, for testing on a scanner never trained on."""
+    from pipelines.config import load_params
+    from pipelines.synth_render import STYLES
+
+    assert "delta" not in load_params(Path(__file__).resolve().parents[2] / "params.yaml").synth.styles
+    others = [s for name, s in STYLES.items() if name != "delta"]
+    delta = STYLES["delta"]
+    assert delta.grain_lateral > max(s.grain_lateral for s in others)
+    assert delta.gain_db < min(s.gain_db for s in others)
+    assert delta.dynamic_range_db > max(s.dynamic_range_db for s in others)
+    synth_cohort(tmp_path, 2, 5, ("delta",), png_fraction=0.0)
+    rows = list(csv.DictReader((tmp_path / "annotations.csv").open()))
+    assert rows and {r["site"] for r in rows} == {"site-west"}
+    ds = pydicom.dcmread(tmp_path / rows[0]["image"])
+    assert ds.Manufacturer == "Delta Echo" and (ds.Rows, ds.Columns) == (600, 800)
