@@ -72,7 +72,9 @@ def run(folder: Path, profile: str | None, sets: list[str]) -> None:
     print(f"test AUC {m['test_auc']:.3f} ({m['test_auc_ci_low']:.3f}-{m['test_auc_ci_high']:.3f}), "
           f"sensitivity {m['test_sensitivity']:.3f}, specificity {m['test_specificity']:.3f}, "
           f"Dice cerebellum {m['test_dice_cerebellum']:.3f}, cisterna {m['test_dice_cisterna']:.3f}, "
-          f"TCD MAE {m['test_tcd_mae_mm']:.2f} mm (bias {m['test_tcd_bias_mm']:+.2f}), CM MAE {m['test_cm_mae_mm']:.2f} mm, ECE {m['test_ece']:.3f}")
+          f"TCD MAE {m['test_tcd_mae_mm']:.2f} mm (bias {m['test_tcd_bias_mm']:+.2f}), "
+          f"CM MAE {m['test_cm_mae_mm']:.2f} mm, ECE {m['test_ece']:.3f}, "
+          f"cerebellum outside the skull in {m['test_cerebellum_outside_head']:.1%} of test images")
     if not np.isfinite(m["test_auc"]):
         raise SystemExit("the test rows have one class only: no AUC")
 

@@ -110,12 +110,19 @@ class Predictor:
         torch.save(self.cls.state_dict(), folder / "classifier.pt")
         self.cfg.save(folder / "config.json")
 
-    @torch.no_grad()
     def segment(self, images: NDArray[np.float32], axis_ratios: NDArray | None = None,
                 batch: int = 32) -> NDArray[np.uint8]:
         """Labels of the crops (0 background, 1 cerebellum, 2 cisterna magna). `axis_ratios`: each
         crop's skull axis ratio (Crop.axis_ratio), which places the head for the anatomical prior
         (largest_components); without them the prior is one blob per structure only."""
+        return self.segment_qc(images, axis_ratios, batch)[0]
+
+    @torch.no_grad()
+    def segment_qc(self, images: NDArray[np.float32], axis_ratios: NDArray | None = None,
+                   batch: int = 32) -> tuple[NDArray[np.uint8], NDArray[np.bool_]]:
+        """`segment`, and for each crop whether the network put cerebellum outside the head
+        before the prior cleared it: a segmenter leaving the skull, which on a new scanner is a
+        sign of drift that needs no labels to see."""
         out = []
         for i in range(0, len(images), batch):
             x = torch.from_numpy(images[i:i + batch]).to(self.device)
@@ -124,12 +131,13 @@ class Predictor:
                 prob = (prob + torch.softmax(self.seg(x.flip(-1)), 1).flip(-1)) / 2
             out.append(prob.argmax(1).to(torch.uint8).cpu().numpy())
         if not out:
-            return np.zeros((0, self.cfg.size, self.cfg.size), np.uint8)
+            return np.zeros((0, self.cfg.size, self.cfg.size), np.uint8), np.zeros(0, bool)
         labels = np.concatenate(out)
         ratios = np.full(len(labels), np.nan) if axis_ratios is None else np.asarray(axis_ratios, float)
         size, margin = labels.shape[-1], self.cfg.crop_margin
-        return np.stack([largest_components(m, head_mask(size, margin, r))
-                         for m, r in zip(labels, ratios, strict=True)])
+        heads = [head_mask(size, margin, r) for r in ratios]
+        outside = np.array([bool(((m == 1) & ~h).any()) for m, h in zip(labels, heads, strict=True)])
+        return np.stack([largest_components(m, h) for m, h in zip(labels, heads, strict=True)]), outside
 
     @torch.no_grad()
     def probability(self, images: NDArray[np.float32], labels: NDArray[np.uint8],

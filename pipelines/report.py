@@ -34,6 +34,7 @@ METRICS = (("AUC", "test_auc", "test_auc_ci_low", "test_auc_ci_high"),
            ("Dice cerebellum", "test_dice_cerebellum", None, None),
            ("Dice cisterna magna", "test_dice_cisterna", None, None),
            ("TCD abs. error (mm)", "test_tcd_mae_mm", None, None), ("CM abs. error (mm)", "test_cm_mae_mm", None, None),
+           ("Cerebellum outside the skull (share, cleared)", "test_cerebellum_outside_head", None, None),
            ("Biometry rule AUC (same masks)", "test_biometry_rule_auc", None, None),
            ("Operating threshold", "val_threshold", None, None), ("Test images", "test_n", None, None))
 LINEAGE = (("model", "model.kind"), ("git commit", "git.commit"), ("git dirty", "git.dirty"),

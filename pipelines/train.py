@@ -305,7 +305,7 @@ def evaluate_models(predictor: Predictor, data: Prepared, params: Params) -> Eva
 
     from pipelines import plots
 
-    pred_labels = predictor.segment(data.images, data.axis_ratio)
+    pred_labels, outside = predictor.segment_qc(data.images, data.axis_ratio)
     context = context_features(data.frame["ga_weeks"].to_numpy(), data.mm_per_px)
     prob = predictor.probability(data.images, pred_labels, context)
     y = (data.frame["label"] == "hypoplasia").to_numpy().astype(int)
@@ -329,6 +329,8 @@ def evaluate_models(predictor: Predictor, data: Prepared, params: Params) -> Eva
     rule = biometry.tcd_zscore(meas[:, 0], data.frame["ga_weeks"].to_numpy()[te])
     metrics["test_biometry_rule_auc"] = ev.auc(y[te], -np.nan_to_num(rule, nan=0.0))
     metrics["test_ece"] = ev.expected_calibration_error(y[te], prob[te])
+    # share of images whose predicted cerebellum left the skull (cleared by the anatomical prior)
+    metrics["test_cerebellum_outside_head"] = float(outside[te].mean()) if len(te) else float("nan")
     metrics["excluded_unfittable"] = float(len(data.failed))
     test = data.frame.iloc[te]
     groups = {"ga_band": ev.ga_band(test["ga_weeks"].to_numpy()), "site": test["site"].fillna("unknown").to_numpy()}

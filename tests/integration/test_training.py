@@ -40,6 +40,7 @@ def test_each_model_trains_and_evaluates(prepared, params, model):
     assert 0.0 <= m["test_auc"] <= 1.0 or np.isnan(m["test_auc"])
     assert 0.0 <= m["val_threshold"] <= 1.0
     assert {"test_dice_cerebellum", "test_tcd_mae_mm", "test_ece", "test_auc_ci_low"} <= set(m)
+    assert 0.0 <= m["test_cerebellum_outside_head"] <= 1.0
     assert {r["group"] for r in ev.subgroups} == {"ga_band", "site"}
     assert set(ev.figures) == {"roc", "reliability", "confusion", "overlays"}
     assert set(ev.tables) == {"roc", "reliability", "test_predictions"}

@@ -3,6 +3,7 @@
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from pipelines.inference import largest_components
 from pipelines.preprocess import head_mask, prepare_frame, warp
@@ -93,3 +94,35 @@ def test_prepared_crops_keep_the_axis_ratio(tmp_path):
     del arrays["axis_ratio"]
     np.savez(tmp_path / "old" / "arrays.npz", **arrays)
     assert np.isnan(Prepared.load(tmp_path / "old").axis_ratio).all()
+
+
+class _Painted(torch.nn.Module):
+    """A stand-in segmenter whose output is fixed label maps (logits), to test what the
+    Predictor does with a network's output, not the network."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        super().__init__()
+        self.logits = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), 3).permute(0, 3, 1, 2).float() * 9
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits[: len(x)]
+
+
+def test_the_predictor_reports_which_crops_left_the_skull():
+    from pipelines.inference import ModelConfig, Predictor
+
+    size, margin = 64, 1.15
+    inside, leaving = np.zeros((size, size), np.uint8), np.zeros((size, size), np.uint8)
+    inside[24:40, 6:14] = 1
+    leaving[24:40, 6:14] = 1
+    leaving[40:64, 8:12] = 1                               # runs out below the skull
+    cfg = ModelConfig("asc", 8, (4, 8), size, margin, 0.5)
+    pred = Predictor(_Painted(np.stack([inside, leaving])), torch.nn.Identity(), cfg)
+    images = np.zeros((2, 1, size, size), np.float32)
+    labels, outside = pred.segment_qc(images, np.array([0.8, 0.8]))
+    assert outside.tolist() == [False, True]
+    assert (labels[0] == inside).all() and labels[1].sum() < leaving.sum()
+    assert np.array_equal(pred.segment(images, np.array([0.8, 0.8])), labels)
+    # without the ratios there is no head to leave: nothing cleared, nothing reported
+    raw, none = pred.segment_qc(images)
+    assert not none.any() and np.array_equal(raw[1], leaving)
