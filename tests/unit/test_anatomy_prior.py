@@ -126,3 +126,22 @@ def test_the_predictor_reports_which_crops_left_the_skull():
     # without the ratios there is no head to leave: nothing cleared, nothing reported
     raw, none = pred.segment_qc(images)
     assert not none.any() and np.array_equal(raw[1], leaving)
+
+
+def test_cbh_predicts_path_applies_the_prior_with_each_frames_own_skull():
+    """predict_frames (behind `cbh predict` and the served model) places the head from the
+    skull it fitted on each frame."""
+    from models.networks import make_classifier
+    from pipelines.inference import ModelConfig, Predictor
+
+    grey, _ = _head()
+    size, margin = 64, 1.15
+    leaving = np.zeros((size, size), np.uint8)
+    leaving[24:40, 6:14] = 1
+    leaving[40:64, 8:12] = 1
+    cfg = ModelConfig("biometry-rule", 8, (4, 8), size, margin, 0.5)
+    pred = Predictor(_Painted(leaving[None]), make_classifier("biometry-rule", 8), cfg)
+    (row,) = pred.predict_frames([(grey, np.ones(grey.shape, bool), (0.2, 0.2), 24.0)])
+    head = head_mask(size, margin, row["_crop"].axis_ratio)
+    assert not ((row["_labels"] == 1) & ~head).any()
+    assert (row["_labels"][24:40, 6:14] == 1).all()
