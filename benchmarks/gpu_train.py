@@ -40,7 +40,7 @@ def pack(workspace: Path, out: Path, size: int | None) -> None:
           f"into {out} in {time.perf_counter() - t0:.1f} s")
 
 
-def run(folder: Path, profile: str | None, sets: list[str]) -> None:
+def run(folder: Path, profile: str | None, sets: list[str], predictions: Path | None = None) -> None:
     data = Prepared.load(folder)
     size = data.images.shape[-1]
     params = load_params("params.yaml", sets, profile)
@@ -65,8 +65,14 @@ def run(folder: Path, profile: str | None, sets: list[str]) -> None:
     t_train = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     t1 = time.perf_counter()
-    m = evaluate_models(predictor, data, params).metrics
+    evaluation = evaluate_models(predictor, data, params)
+    m = evaluation.metrics
     t_eval = time.perf_counter() - t1
+    if predictions is not None:          # per test image (pseudonymous ids): for benchmarks/commission.py
+        rows = data.frame[["image_id", "patient_pseudo", "site"]]
+        table = evaluation.tables["test_predictions"].merge(rows, on="image_id", how="left")
+        table["threshold"] = predictor.cfg.threshold
+        table.to_parquet(predictions, index=False)
     print(f"train (segmenter + classifier): {t_train:.1f} s; evaluate: {t_eval:.1f} s; "
           f"peak GPU memory allocated: {peak:.2f} GiB; world size {info.get('world_size')}")
     print(f"test AUC {m['test_auc']:.3f} ({m['test_auc_ci_low']:.3f}-{m['test_auc_ci_high']:.3f}), "
@@ -90,11 +96,12 @@ def main() -> None:
     r.add_argument("prepared", type=Path)
     r.add_argument("--profile")
     r.add_argument("--set", dest="sets", action="append", default=[])
+    r.add_argument("--predictions", type=Path, help="write the test predictions (Parquet) here")
     a = ap.parse_args()
     if a.cmd == "pack":
         pack(a.workspace, a.out, a.size)
     else:
-        run(a.prepared, a.profile, a.sets)
+        run(a.prepared, a.profile, a.sets, a.predictions)
 
 
 if __name__ == "__main__":
