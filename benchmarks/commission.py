@@ -20,12 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import load_params
-from pipelines.evaluate import operating_threshold
-
-
-def rates(y: np.ndarray, p: np.ndarray, thr: float) -> tuple[float, float]:
-    pred = p >= thr
-    return float(pred[y == 1].mean()), float((~pred[y == 0]).mean())
+from pipelines.evaluate import operating_threshold, sensitivity_specificity
 
 
 def commission(table: pd.DataFrame, sizes: tuple[int, ...], draws: int, target: float, seed: int,
@@ -36,7 +31,7 @@ def commission(table: pd.DataFrame, sizes: tuple[int, ...], draws: int, target: 
     p = table["probability"].to_numpy()
     patients = table["patient_pseudo"].to_numpy()
     ids = np.unique(patients)
-    sens, spec = rates(y, p, float(table["threshold"].iloc[0]))
+    sens, spec = sensitivity_specificity(y, p, float(table["threshold"].iloc[0]))
     out = [{"k": 0, "n_draws": 1, "sens_median": sens, "sens_p5": sens, "spec_median": spec, "spec_p5": spec,
             "share_sens_ge_0.90": float(sens >= 0.90)}]
     rng = np.random.default_rng(seed)
@@ -49,7 +44,7 @@ def commission(table: pd.DataFrame, sizes: tuple[int, ...], draws: int, target: 
             thr = operating_threshold(y[chosen], p[chosen], target)
             if lower_only:
                 thr = min(thr, float(table["threshold"].iloc[0]))
-            s, c = rates(y[~chosen], p[~chosen], thr)
+            s, c = sensitivity_specificity(y[~chosen], p[~chosen], thr)
             s_list.append(s)
             c_list.append(c)
         s_arr, c_arr = np.array(s_list), np.array(c_list)

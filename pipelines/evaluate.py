@@ -49,12 +49,18 @@ def auc_ci(y: NDArray, p: NDArray, n_boot: int, seed: int) -> tuple[float, float
     return float(lo), float(hi)
 
 
-def binary_metrics(y: NDArray, p: NDArray, threshold: float) -> dict[str, float]:
+def sensitivity_specificity(y: NDArray, p: NDArray, threshold: float) -> tuple[float, float]:
+    """At `threshold` (a score at or above it is called hypoplasia); NaN for a class absent."""
     pred = p >= threshold
     tp, tn = int(np.sum(pred & (y == 1))), int(np.sum(~pred & (y == 0)))
     pos, neg = int(np.sum(y == 1)), int(np.sum(y == 0))
-    sens = tp / pos if pos else float("nan")
-    spec = tn / neg if neg else float("nan")
+    return (tp / pos if pos else float("nan")), (tn / neg if neg else float("nan"))
+
+
+def binary_metrics(y: NDArray, p: NDArray, threshold: float) -> dict[str, float]:
+    pred = p >= threshold
+    pos = int(np.sum(y == 1))
+    sens, spec = sensitivity_specificity(y, p, threshold)
     return {"auc": auc(y, p), "sensitivity": sens, "specificity": spec,
             "accuracy": float(np.mean(pred == (y == 1))) if len(y) else float("nan"),
             "balanced_accuracy": (sens + spec) / 2, "brier": float(np.mean((p - y) ** 2)),
