@@ -7,6 +7,10 @@ multiplies the image features; an MLP over [image, gated image, shape] gives two
 Optional context joins the MLP input: GA and the crop's physical scale for `asc-ga`, the
 scale alone for `asc-scale` (the head's size in millimetres, which the skull-normalised crop
 no longer shows and the paper's fixed-size images did; no GA).
+With `image_norm="equalise"` the image branch sees the crop histogram-equalised: each imaged
+pixel replaced by its rank among the crop's imaged pixels. The image branch is then invariant
+to any increasing grey-level map (gain, dynamic range, each vendor's post-processing curve);
+what a scanner changes beyond that (grain, resolution) it must still learn from augmentation.
 Networks are built from MONAI blocks (torchvision does not import beside this torch).
 """
 
@@ -69,13 +73,31 @@ def make_encoder(name: str, in_channels: int, features: int, widths: tuple[int, 
     return nn.Sequential(body, nn.ReLU(), Convolution(2, width, features, kernel_size=1, norm="batch", act="relu"))
 
 
+IMAGE_NORMS = ("none", "equalise")            # also pipelines/config.py, which checks params.yaml
+
+
+def equalise(image: torch.Tensor) -> torch.Tensor:
+    """Histogram equalisation per image (B, C, H, W): an imaged pixel (> 0) becomes the share of
+    the image's imaged pixels darker than it, in [0, 1); blank pixels (0, outside the sector or
+    the frame) stay 0. Unchanged by any increasing map of the grey levels that keeps 0 at 0."""
+    flat = image.reshape(image.shape[0], -1).float()
+    ordered = torch.sort(flat, dim=1).values
+    blank = (flat <= 0).sum(dim=1, keepdim=True)
+    darker = torch.searchsorted(ordered, flat) - blank          # imaged pixels strictly darker
+    rank = darker.clamp(min=0).float() / (flat.shape[1] - blank).clamp(min=1).float()
+    return torch.where(flat > 0, rank, torch.zeros_like(rank)).reshape(image.shape).to(image.dtype)
+
+
 class ASCNet(nn.Module):
     """Anatomically constrained classifier; `use_shape=False` gives the image-only ablation."""
 
     def __init__(self, features: int = 32, widths: tuple[int, ...] = (16, 32, 64, 64),
                  context_cols: tuple[int, ...] = (), use_shape: bool = True, backbone: str = "small",
-                 shape_backbone: str = "small") -> None:
+                 shape_backbone: str = "small", image_norm: str = "none") -> None:
         super().__init__()
+        if image_norm not in IMAGE_NORMS:
+            raise ValueError(f"image_norm {image_norm!r}: choose one of {IMAGE_NORMS}")
+        self.equalise = image_norm == "equalise"
         # context_cols: which columns of the context (GA, scale) the model sees
         self.use_shape, self.context_cols = use_shape, tuple(context_cols)
         self.context_dim = context_dim = len(self.context_cols)
@@ -95,7 +117,7 @@ class ASCNet(nn.Module):
 
     def forward(self, image: torch.Tensor, masks: torch.Tensor | None = None,
                 context: torch.Tensor | None = None) -> torch.Tensor:
-        img = self.image(image).mean(dim=(2, 3))
+        img = self.image(equalise(image) if self.equalise else image).mean(dim=(2, 3))
         feats = [img]
         if self.use_shape:
             if masks is None:
@@ -120,9 +142,10 @@ class BiometryRule(nn.Module):
         raise RuntimeError("BiometryRule is evaluated from measurements, not called on tensors")
 
 
-def make_classifier(model: str, features: int, backbone: str = "small", shape_backbone: str = "small") -> nn.Module:
+def make_classifier(model: str, features: int, backbone: str = "small", shape_backbone: str = "small",
+                    image_norm: str = "none") -> nn.Module:
     """The comparison models selectable by `cbh train --model`."""
-    kw = {"backbone": backbone, "shape_backbone": shape_backbone}
+    kw = {"backbone": backbone, "shape_backbone": shape_backbone, "image_norm": image_norm}
     if model == "biometry-rule":
         return BiometryRule()
     if model == "asc":

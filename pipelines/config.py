@@ -136,6 +136,7 @@ class TrainParams:
     channels_last: bool = True
     resume: bool = True
     augment: str = "basic"
+    image_norm: str = "none"    # none | equalise (the classifier's image branch: models/networks.py)
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ class PromoteParams:
 
 
 AUGMENTS = ("basic", "scanner")                 # models/augment.py random_intensity
+IMAGE_NORMS = ("none", "equalise")              # models/networks.py ASCNet
 MODELS = ("asc", "asc-ga", "asc-scale", "image-only", "biometry-rule")
 
 
@@ -244,6 +246,8 @@ def parse_params(raw: dict[str, Any]) -> Params:
     for where, value in (("segment.augment", params.segment.augment), ("train.augment", params.train.augment)):
         if value not in AUGMENTS:
             raise ConfigError(f"params.yaml: {where} = {value!r}; choose one of {AUGMENTS}")
+    if params.train.image_norm not in IMAGE_NORMS:
+        raise ConfigError(f"params.yaml: train.image_norm = {params.train.image_norm!r}; choose one of {IMAGE_NORMS}")
     if not 0 < params.split.test_fraction < 1 or not 0 < params.split.val_fraction < 1:
         raise ConfigError("params.yaml: split fractions must lie in (0, 1)")
     return params

@@ -43,6 +43,7 @@ class ModelConfig:
     threshold: float
     backbone: str = "small"
     shape_backbone: str = "small"
+    image_norm: str = "none"       # a model saved before this option saw its crops as they are
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -98,7 +99,7 @@ class Predictor:
     def load(cls, folder: Path, device: str = "cpu") -> "Predictor":
         cfg = ModelConfig.load(folder / "config.json")
         seg = make_segmenter(cfg.seg_channels)
-        clf = make_classifier(cfg.model, cfg.features, cfg.backbone, cfg.shape_backbone)
+        clf = make_classifier(cfg.model, cfg.features, cfg.backbone, cfg.shape_backbone, cfg.image_norm)
         seg.load_state_dict(torch.load(folder / "segmenter.pt", map_location=device, weights_only=True))
         clf.load_state_dict(torch.load(folder / "classifier.pt", map_location=device, weights_only=True))
         # (a BiometryRule has an empty state dict: nothing to load, nothing learnt)

@@ -234,8 +234,8 @@ def train_models(data: Prepared, params: Params, checkpoints: Path | None = None
         rank, world = trainer.global_rank, trainer.world_size
         info["segmenter_resumed_at_epoch"] = seg_log.first_epoch if resumed else None
     cfg = ModelConfig(tp.model, tp.features, sp.channels, params.preprocess.size,
-                      params.preprocess.crop_margin, 0.5, tp.backbone, tp.shape_backbone)
-    clf = make_classifier(tp.model, tp.features, tp.backbone, tp.shape_backbone)
+                      params.preprocess.crop_margin, 0.5, tp.backbone, tp.shape_backbone, tp.image_norm)
+    clf = make_classifier(tp.model, tp.features, tp.backbone, tp.shape_backbone, tp.image_norm)
     predictor = Predictor(seg, clf, cfg)
     pred_labels = predictor.segment(data.images, data.axis_ratio)
     target = (data.frame["label"] == "hypoplasia").to_numpy().astype(np.int64)

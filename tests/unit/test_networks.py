@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models.lightning import one_hot_masks
-from models.networks import BACKBONES, make_classifier, make_segmenter
+from models.networks import BACKBONES, equalise, make_classifier, make_segmenter
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -47,3 +47,57 @@ def test_asc_scale_sees_the_scale_and_never_the_ga():
             base, ga, scale = (net(image, masks, c) for c in (ctx, other_ga, other_scale))
         assert torch.allclose(base, ga) != reads_ga, model
         assert not torch.allclose(base, scale), model
+
+
+def _sector_batch(seed: int = 0) -> torch.Tensor:
+    """Crops as preprocessing gives them: imaged pixels in (0, 1.2], a blank (0) border."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(3, 1, 48, 48, generator=g) * 1.2 + 1e-3
+    image[..., :6, :] = 0.0
+    image[..., :, -5:] = 0.0
+    return image
+
+
+def test_equalised_image_is_the_rank_of_each_imaged_pixel():
+    image = torch.tensor([[[[0.0, 0.3, 0.1], [0.3, 0.0, 0.9]]]])
+    # imaged pixels 0.3, 0.1, 0.3, 0.9: darker than each = 1, 0, 1, 3, out of 4
+    expected = torch.tensor([[[[0.0, 0.25, 0.0], [0.25, 0.0, 0.75]]]])
+    assert torch.equal(equalise(image), expected)
+    assert torch.equal(equalise(torch.zeros(1, 1, 4, 4)), torch.zeros(1, 1, 4, 4))   # all blank
+
+
+def test_equalised_classifier_ignores_gain_and_grey_curve_and_the_plain_one_does_not():
+    """A scanner's gain, dynamic range and post-processing curve are increasing grey-level maps
+    that keep black black: with `image_norm: equalise` the classifier's output does not move
+    with them; without it, it does (so the check can fail)."""
+    image = _sector_batch()
+    other_scanner = 0.8 * image ** 1.6 + 0.05 * torch.sqrt(image)       # increasing, 0 -> 0
+    masks = one_hot_masks(torch.randint(0, 3, (3, 48, 48), generator=torch.Generator().manual_seed(1)))
+    ctx = torch.randn(3, 2, generator=torch.Generator().manual_seed(2))
+    for norm, invariant in (("equalise", True), ("none", False)):
+        torch.manual_seed(0)
+        net = make_classifier("asc-ga", 16, image_norm=norm).eval()
+        with torch.no_grad():
+            same = torch.equal(net(image, masks, ctx), net(other_scanner, masks, ctx))
+        assert same == invariant, norm
+    with pytest.raises(ValueError, match="image_norm"):
+        make_classifier("asc", 16, image_norm="clahe")
+
+
+def test_a_saved_model_keeps_its_image_norm_and_older_models_load_without_it(tmp_path):
+    """The option travels in the model's config.json, so `cbh predict` and the served model
+    equalise exactly when training did; a model saved before the option existed loads as `none`."""
+    import json
+
+    from pipelines.inference import ModelConfig, Predictor
+
+    torch.manual_seed(0)
+    cfg = ModelConfig("asc-ga", 16, (8, 16, 32), 48, 1.15, 0.5, image_norm="equalise")
+    clf = make_classifier("asc-ga", 16, image_norm="equalise")
+    Predictor(make_segmenter(cfg.seg_channels), clf, cfg).save(tmp_path)
+    assert Predictor.load(tmp_path).cls.equalise
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["image_norm"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    old = Predictor.load(tmp_path)
+    assert old.cfg.image_norm == "none" and not old.cls.equalise
