@@ -26,7 +26,8 @@ from pipelines import biometry
 from pipelines.synth_render import STYLES, Sector, Style, burn_banner, make_anatomy, render
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
-SITES = {"aurora": "site-north", "boreal": "site-east", "cirrus": "site-south", "delta": "site-west"}
+SITES = {"aurora": "site-north", "boreal": "site-east", "cirrus": "site-south", "delta": "site-west",
+         "ember": "site-central"}
 FIRST = ["Jane", "Maria", "Aisha", "Li", "Olga", "Fatima", "Sofia", "Chloe", "Amara", "Ingrid",
          "Priya", "Yuki", "Elena", "Nadia", "Grace", "Leila", "Hana", "Rosa", "Mei", "Zara"]
 LAST = ["Doe", "Garcia", "Okafor", "Nguyen", "Ivanova", "Haddad", "Rossi", "Martin", "Mensah",

@@ -54,6 +54,11 @@ STYLES: dict[str, Style] = {
     # validation (`cbh synth --style delta`, then split.test_site: site-west)
     "delta": Style("delta", 800, 600, 40.0, 2.6, 3.4, -4.0, 60.0, False, "top-left",
                    "ExplicitVRLittleEndian", "Delta Echo", "DE-Port 3"),
+    # a fifth scanner, outside all four in the other directions: the finest axial and the
+    # coarsest lateral grain, the brightest gain, the softest log compression; not in the
+    # default mix, kept for a second external validation (`--style ember`, site-central)
+    "ember": Style("ember", 1024, 768, 45.0, 1.0, 3.6, 5.0, 70.0, True, "top-split",
+                   "ExplicitVRLittleEndian", "Ember Diagnostics", "EM-5"),
 }
 
 

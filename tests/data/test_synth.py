@@ -119,7 +119,7 @@ def test_the_external_validation_style_is_its_own_site(tmp_path):
     from pipelines.synth_render import STYLES
 
     assert "delta" not in load_params(Path(__file__).resolve().parents[2] / "params.yaml").synth.styles
-    others = [s for name, s in STYLES.items() if name != "delta"]
+    others = [s for name, s in STYLES.items() if name not in ("delta", "ember")]   # the default mix
     delta = STYLES["delta"]
     assert delta.grain_lateral > max(s.grain_lateral for s in others)
     assert delta.gain_db < min(s.gain_db for s in others)
@@ -129,3 +129,23 @@ def test_the_external_validation_style_is_its_own_site(tmp_path):
     assert rows and {r["site"] for r in rows} == {"site-west"}
     ds = pydicom.dcmread(tmp_path / rows[0]["image"])
     assert ds.Manufacturer == "Delta Echo" and (ds.Rows, ds.Columns) == (600, 800)
+
+
+def test_the_second_external_validation_style_lies_outside_all_four(tmp_path):
+    """`ember` (site-central) is outside every other style in axial and lateral grain, gain and
+    dynamic range, and no default cohort contains it."""
+    from pipelines.config import load_params
+    from pipelines.synth_render import STYLES
+
+    assert "ember" not in load_params(Path(__file__).resolve().parents[2] / "params.yaml").synth.styles
+    others = [s for name, s in STYLES.items() if name != "ember"]
+    ember = STYLES["ember"]
+    assert ember.grain_axial < min(s.grain_axial for s in others)
+    assert ember.grain_lateral > max(s.grain_lateral for s in others)
+    assert ember.gain_db > max(s.gain_db for s in others)
+    assert ember.dynamic_range_db > max(s.dynamic_range_db for s in others)
+    synth_cohort(tmp_path, 2, 5, ("ember",), png_fraction=0.0)
+    rows = list(csv.DictReader((tmp_path / "annotations.csv").open()))
+    assert rows and {r["site"] for r in rows} == {"site-central"}
+    ds = pydicom.dcmread(tmp_path / rows[0]["image"])
+    assert ds.Manufacturer == "Ember Diagnostics" and ds.PhotometricInterpretation == "RGB"
