@@ -88,13 +88,42 @@ def load_frame(path: Path, frame: int) -> tuple[NDArray[np.float32], NDArray[np.
     return grey, region_mask(grey.shape, regions(ds))
 
 
-def fit_skull(grey: NDArray[np.float32], valid: NDArray[np.bool_], spacing: tuple[float, float]) -> Skull:
-    """Fit the head: the large echogenic ellipse (skull and brain) surrounded by dark fluid.
+MAX_HEAD_SEMI_AXIS_MM = 70.0   # an occipito-frontal diameter of 140 mm: above any fetal head at term
+MIN_HEAD_SEMI_AXIS_MM = 8.0
+FILL_GOOD = 0.97               # a component filling its fitted ellipse this well is an ellipse
 
-    The frame is smoothed at ~2 mm, thresholded (Otsu within the ultrasound region), and each
-    large component has its holes filled; the component that an ellipse fits best (filled
-    area close to the ellipse's area) is taken, and the ellipse is fitted to its outer
-    contour, so structures inside the head cannot bias it.
+
+def _ellipse_mm(cnt: NDArray, f: int, spacing: tuple[float, float]) -> tuple:
+    """The ellipse fitted to a contour of the downsampled frame, in millimetres."""
+    sr, sc = spacing
+    outer = cnt.reshape(-1, 2).astype(np.float64)
+    pts = np.stack([(outer[:, 0] + 0.5) * f * sc, (outer[:, 1] + 0.5) * f * sr], 1).astype(np.float32)
+    return cv2.fitEllipse(pts)
+
+
+def _plausible(ellipse: tuple) -> bool:
+    (_, _), (w, h), _ = ellipse
+    long_axis, short_axis = max(w, h) / 2.0, min(w, h) / 2.0
+    return (0.45 < short_axis / max(long_axis, 1e-6) <= 1.0
+            and MIN_HEAD_SEMI_AXIS_MM <= long_axis <= MAX_HEAD_SEMI_AXIS_MM)
+
+
+def fit_skull(grey: NDArray[np.float32], valid: NDArray[np.bool_], spacing: tuple[float, float]) -> Skull:
+    """Fit the head: the large echogenic ellipse (skull and brain) surrounded by darker tissue
+    and fluid.
+
+    The frame is smoothed at ~2 mm and thresholded (Otsu within the ultrasound region); each
+    large component is filled, and the one an ellipse fits best (filled area close to the
+    ellipse's area, weighted by its size) is taken; the ellipse is fitted to its outer contour,
+    so structures inside the head cannot bias it. Only a head-sized ellipse counts (long
+    semi-axis 8-70 mm, axis ratio above 0.45).
+
+    A bright scanner shows the tissue around the head in grey: at Otsu's level it merges with
+    the head into one blob (the head and the fan's apex, or the whole fan), which no ellipse
+    fits well. So where the best component fills its ellipse by less than FILL_GOOD, the
+    levels above are tried (Otsu's level among the brighter pixels, twice), where the tissue
+    drops out and the skull stays; a component there is taken if it fills its ellipse by at
+    least FILL_GOOD and better than the first one did.
     """
     sr, sc = spacing
     f = max(1, int(math.ceil(max(grey.shape) / 320)))
@@ -108,30 +137,41 @@ def fit_skull(grey: NDArray[np.float32], valid: NDArray[np.bool_], spacing: tupl
     if values.size < 100 or float(values.max()) <= 0:
         raise PreprocessError("no ultrasound content to fit a skull to")
     scaled = np.clip(blur / float(values.max()) * 255, 0, 255).astype(np.uint8)
-    thr, _ = cv2.threshold(scaled[vs][:, None], 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    binary = ((scaled > thr) & vs).astype(np.uint8)
     k = max(3, int(round(3.0 / px_mm)) | 1)
-    binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
-    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    best: tuple[float, tuple] | None = None
-    for cnt in sorted(contours, key=cv2.contourArea, reverse=True)[:4]:
-        if len(cnt) < 20:
-            continue
-        ell = cv2.fitEllipse(cnt.astype(np.float32))
-        ell_area = math.pi * ell[1][0] * ell[1][1] / 4.0
-        fit = cv2.contourArea(cnt) / max(ell_area, 1e-6)
-        score = cv2.contourArea(cnt) * max(0.0, 1.0 - abs(1.0 - fit)) ** 2
-        if best is None or score > best[0]:
-            best = (score, cnt)
-    if best is None:
-        raise PreprocessError("no skull-like structure found")
-    outer = best[1].reshape(-1, 2).astype(np.float64)
-    pts = np.stack([(outer[:, 0] + 0.5) * f * sc, (outer[:, 1] + 0.5) * f * sr], 1).astype(np.float32)
-    (cx, cy), (w, h), ang = cv2.fitEllipse(pts)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    imaged = scaled[vs]
+    chosen: tuple[float, tuple] | None = None        # (fill, ellipse in mm)
+    found_shape = False
+    for level in range(3):                           # Otsu's level, then the levels above it
+        if imaged.size < 100:
+            break
+        thr, _ = cv2.threshold(imaged[:, None], 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        binary = cv2.morphologyEx(((scaled > thr) & vs).astype(np.uint8), cv2.MORPH_OPEN, kernel)
+        contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        best: tuple[float, float, tuple] | None = None
+        for cnt in sorted(contours, key=cv2.contourArea, reverse=True)[:4]:
+            if len(cnt) < 20:
+                continue
+            found_shape = True
+            ell = cv2.fitEllipse(cnt.astype(np.float32))
+            fill = cv2.contourArea(cnt) / max(math.pi * ell[1][0] * ell[1][1] / 4.0, 1e-6)
+            score = cv2.contourArea(cnt) * max(0.0, 1.0 - abs(1.0 - fill)) ** 2
+            ellipse = _ellipse_mm(cnt, f, spacing)
+            if _plausible(ellipse) and (best is None or score > best[0]):
+                best = (score, fill, ellipse)
+        if level == 0:
+            chosen = best[1:] if best is not None else None
+            if chosen is not None and chosen[0] >= FILL_GOOD:
+                break
+        elif best is not None and best[1] >= FILL_GOOD and (chosen is None or best[1] > chosen[0]):
+            chosen = best[1:]
+            break
+        imaged = imaged[imaged > thr]
+    if chosen is None:
+        raise PreprocessError("fitted skull ellipse is implausible" if found_shape else "no skull-like structure found")
+    (cx, cy), (w, h), ang = chosen[1]
     long_axis, short_axis = max(w, h) / 2.0, min(w, h) / 2.0
     angle = math.radians(ang if w >= h else ang + 90.0)
-    if not (0.45 < short_axis / max(long_axis, 1e-6) <= 1.0) or long_axis < 8.0:
-        raise PreprocessError("fitted skull ellipse is implausible")
     return Skull(float(cx), float(cy), float(long_axis), float(short_axis), angle)
 
 
