@@ -31,7 +31,7 @@ def random_affine(image: torch.Tensor, masks: torch.Tensor | None, generator: to
     return out, m.to(masks.dtype)
 
 
-AUGMENTS = ("basic", "scanner", "beam")         # also pipelines/config.py, which checks params.yaml
+AUGMENTS = ("basic", "scanner")                 # also pipelines/config.py, which checks params.yaml
 
 
 def random_intensity(image: torch.Tensor, generator: torch.Generator | None = None,
@@ -43,16 +43,10 @@ def random_intensity(image: torch.Tensor, generator: torch.Generator | None = No
     `scanner` goes further, for scanners never seen in training: the grey-level curve is also
     bent by a random monotonic map (each vendor's post-processing map and dynamic range; it
     keeps black at black), the grain blur reaches 2.25 px, and on half the batch the speckle noise
-    is coarse (drawn at a quarter or half the resolution), as from a wider beam.
-
-    `beam` is `scanner` with anisotropic grain: a probe's lateral resolution (beam width) and
-    axial resolution (pulse length) differ, so speckle is longer across than along the beam,
-    by a ratio that differs between scanners. The blur and the coarse noise get their own
-    size along each image axis (the crops are rotated at random first, so every direction
-    occurs)."""
+    is coarse (drawn at a quarter or half the resolution), as from a wider beam."""
     if augment not in AUGMENTS:
         raise ValueError(f"augment {augment!r}: choose among {', '.join(AUGMENTS)}")
-    b, scanner, beam = image.shape[0], augment in ("scanner", "beam"), augment == "beam"
+    b, scanner = image.shape[0], augment == "scanner"
     rnd = torch.rand(b, 5, generator=generator).to(image.device)
     gain = (0.7 + 0.6 * rnd[:, 0]).view(b, 1, 1, 1)
     gamma = torch.exp((rnd[:, 1] * 2 - 1) * math.log(1.6)).view(b, 1, 1, 1)
@@ -60,14 +54,13 @@ def random_intensity(image: torch.Tensor, generator: torch.Generator | None = No
     if scanner:
         out = _random_curve(out, generator)
     sigma = (2.25 if scanner else 1.5) * rnd[:, 3]
-    sigma_y = 2.25 * torch.rand(b, generator=generator).to(image.device) if beam else None
     blur = rnd[:, 4] < 0.5
     if bool(blur.any()):
-        out = torch.where(blur.view(b, 1, 1, 1), _gaussian_blur(out, sigma, sigma_y=sigma_y), out)
+        out = torch.where(blur.view(b, 1, 1, 1), _gaussian_blur(out, sigma), out)
     noise = torch.randn(image.shape, generator=generator).to(image.device)
     if scanner:
         noise = torch.where((torch.rand(b, generator=generator) < 0.5).view(b, 1, 1, 1).to(image.device),
-                            _coarse_noise(image.shape, generator, anisotropic=beam).to(image.device), noise)
+                            _coarse_noise(image.shape, generator).to(image.device), noise)
     noise = 1.0 + 0.15 * rnd[:, 2].view(b, 1, 1, 1) * noise
     return (out * noise).clamp(0, 1.5)
 
@@ -91,33 +84,22 @@ def _random_curve(x: torch.Tensor, generator: torch.Generator | None, knots: int
     return torch.where(x > 1, x, mapped)
 
 
-def _coarse_noise(shape: torch.Size, generator: torch.Generator | None, anisotropic: bool = False) -> torch.Tensor:
-    """Unit-variance Gaussian noise with a grain of 2 or 4 pixels (drawn small, upsampled);
-    `anisotropic`: a grain of 1, 2 or 4 pixels along each axis on its own."""
+def _coarse_noise(shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
+    """Unit-variance Gaussian noise with a grain of 2 or 4 pixels (drawn small, upsampled)."""
     b, c, h, w = shape
     factor = 4 if float(torch.rand(1, generator=generator)) < 0.5 else 2
-    fy = fx = factor
-    if anisotropic:
-        fy, fx = (int(2 ** int(v)) for v in torch.randint(0, 3, (2,), generator=generator))
-    small = torch.randn(b, c, max(h // fy, 1), max(w // fx, 1), generator=generator)
+    small = torch.randn(b, c, max(h // factor, 1), max(w // factor, 1), generator=generator)
     big = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
     return big / big.std().clamp(min=1e-6)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 3,
-                   sigma_y: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample separable Gaussian blur of (B, C, H, W) with standard deviations sigma (B,)
-    (along the rows, and the columns too unless `sigma_y` is given)."""
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torch.Tensor:
+    """Per-sample separable Gaussian blur of (B, C, H, W) with standard deviations sigma (B,)."""
     b, c = x.shape[:2]
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-
-    def kernel(s: torch.Tensor) -> torch.Tensor:
-        k = torch.exp(-(t[None, :] ** 2) / (2 * s.clamp(min=1e-3)[:, None] ** 2))
-        return (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)      # (B*C, 2r+1)
-
-    kx = kernel(sigma)
-    ky = kx if sigma_y is None else kernel(sigma_y)
+    k = torch.exp(-(t[None, :] ** 2) / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)            # (B*C, 2r+1)
     y = x.reshape(1, b * c, *x.shape[2:])
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), kx[:, None, None, :], groups=b * c)
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), ky[:, None, :, None], groups=b * c)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k[:, None, None, :], groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k[:, None, :, None], groups=b * c)
     return y.reshape(x.shape)

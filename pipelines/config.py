@@ -155,7 +155,7 @@ class PromoteParams:
     model_name: str
 
 
-AUGMENTS = ("basic", "scanner", "beam")         # models/augment.py random_intensity
+AUGMENTS = ("basic", "scanner")                 # models/augment.py random_intensity
 IMAGE_NORMS = ("none", "equalise")              # models/networks.py ASCNet
 MODELS = ("asc", "asc-ga", "asc-scale", "image-only", "biometry-rule")
 
