@@ -70,3 +70,20 @@ def _close_figures():
     yield
     import matplotlib.pyplot as plt
     plt.close("all")
+
+
+def test_an_equalised_classifier_trains_and_its_predictor_equalises(prepared, params, tmp_path):
+    """`train.image_norm=equalise` reaches the trained network and the saved model, which then
+    gives the same probability for a crop and for its gain-and-gamma-changed copy."""
+    from pipelines.inference import Predictor, context_features
+
+    p = replace(params, SHRUNK + ["train.image_norm=equalise"])
+    predictor = train_models(prepared, p)
+    assert predictor.cfg.image_norm == "equalise" and predictor.cls.equalise
+    predictor.save(tmp_path)
+    loaded = Predictor.load(tmp_path)
+    images = prepared.images[:4]
+    labels = loaded.segment(images, prepared.axis_ratio[:4])
+    ctx = context_features(prepared.frame["ga_weeks"].to_numpy()[:4], prepared.mm_per_px[:4])
+    brighter = (1.3 * np.clip(images, 0, None) ** 0.7).astype(np.float32)
+    assert np.allclose(loaded.probability(images, labels, ctx), loaded.probability(brighter, labels, ctx), atol=1e-6)
