@@ -64,9 +64,9 @@ demo: setup ocr
 	@test -f $(DEMO_COHORT)/annotations.csv || $(BIN)/cbh synth $(DEMO_COHORT)
 	@CBH_DEMO=1 $(BIN)/cbh retrain --cohort $(DEMO_COHORT)
 
-## test: the fast test suite (under 10 minutes)
+## test: the fast test suite (under 10 minutes), two test files at a time (pytest-xdist)
 test: setup ocr browser
-	$(BIN)/pytest -m "not slow and not servers" -q
+	$(BIN)/pytest -m "not slow and not servers" -q -n 2 --dist loadfile
 
 ## test-servers: the team-server test (starts PostgreSQL, Prefect and MLflow servers, retrains against them)
 test-servers: setup ocr postgres

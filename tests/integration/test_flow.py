@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import TEST_KEY
 from tests.integration.workspace import cbh as _cbh
-from tests.integration.workspace import commit_workspace, registry, set_params
+from tests.integration.workspace import cbh_side_by_side, commit_workspace, registry, set_params
 from tests.integration.workspace import make_workspace as _workspace
 
 TINY_PARAMS = {"segment.max_epochs": 3, "train.max_epochs": 3, "preprocess.size": 64, "evaluate.bootstrap": 50}
@@ -333,15 +333,16 @@ def test_predict_on_a_dicom_file_a_png_and_a_folder(flow_run, tmp_path):
     assert res.returncode == 0
     dcm = sorted(cohort.glob("scans/*.dcm"))[0]
     png = sorted(cohort.glob("scans/*.png"))[0]
-    for inp in (dcm, png, cohort / "scans"):
-        out = tmp_path / f"{inp.stem}.csv"
-        pr = _cbh(ws, "predict", str(inp), "--out", str(out), "--ga-weeks", "24")
+    inputs = (dcm, png, cohort / "scans")
+    *runs, no_ga = cbh_side_by_side(
+        ws, *[("predict", str(inp), "--out", str(tmp_path / f"{inp.stem}.csv"), "--ga-weeks", "24") for inp in inputs],
+        ("predict", str(dcm), "--out", str(tmp_path / "x.csv")))
+    for inp, pr in zip(inputs, runs, strict=True):
         assert pr.returncode == 0, pr.stderr[-2000:]
-        rows = list(csv.DictReader(out.open()))
+        rows = list(csv.DictReader((tmp_path / f"{inp.stem}.csv").open()))
         expected = 1 if inp.is_file() else len(list(inp.glob("*.dcm"))) + len(list(inp.glob("*.png")))
         assert len(rows) == expected
         assert all(r["prediction"] in ("normal", "hypoplasia") for r in rows), rows[0]["prediction"]
-    no_ga = _cbh(ws, "predict", str(dcm), "--out", str(tmp_path / "x.csv"))
     assert no_ga.returncode == 1 and "--ga-weeks" in no_ga.stderr
 
 

@@ -55,14 +55,31 @@ def set_params(ws: Path, values: dict[str, object]) -> None:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def cbh(ws: Path, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def _cbh_env(ws: Path, env_extra: dict | None) -> dict:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)           # mlflow.set_tracking_uri in a test sets it: the workspace's own
     env.update(CBH_DEID_KEY=TEST_KEY, CBH_WORKSPACE=str(ws), **(env_extra or {}))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])   # cbh for dvc repro
     env.pop("CBH_DEMO", None)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ws, env=env,
+    return env
+
+
+def cbh(ws: Path, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ws, env=_cbh_env(ws, env_extra),
                           capture_output=True, text=True, timeout=600)
+
+
+def cbh_side_by_side(ws: Path, *commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """Independent read-only `cbh` commands (predictions) run at the same time: each spends
+    most of its time starting up (torch, MLflow) on one core."""
+    env = _cbh_env(ws, None)
+    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ws, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in commands]
+    done = []
+    for args, proc in zip(commands, procs, strict=True):
+        out, err = proc.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess([sys.executable, "-m", "flows.cli", *args], proc.returncode, out, err))
+    return done
 
 
 def registry(ws: Path):
