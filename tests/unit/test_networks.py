@@ -109,3 +109,11 @@ def test_a_saved_model_keeps_its_image_norm_and_older_models_load_without_it(tmp
     (tmp_path / "config.json").write_text(json.dumps(raw))
     old = Predictor.load(tmp_path)
     assert old.cfg.image_norm == "none" and not old.cls.equalise
+
+
+def test_config_accepts_exactly_the_image_norms_there_are():
+    """pipelines.config keeps its own copy (it must not import torch): the two agree."""
+    from models.networks import IMAGE_NORMS
+    from pipelines.config import IMAGE_NORMS as CHECKED
+
+    assert CHECKED == IMAGE_NORMS
