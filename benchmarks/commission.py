@@ -31,7 +31,8 @@ def commission(table: pd.DataFrame, sizes: tuple[int, ...], draws: int, target: 
     p = table["probability"].to_numpy()
     patients = table["patient_pseudo"].to_numpy()
     ids = np.unique(patients)
-    sens, spec = sensitivity_specificity(y, p, float(table["threshold"].iloc[0]))
+    trained = float(table["threshold"].iloc[0])
+    sens, spec = sensitivity_specificity(y, p, trained)
     out = [{"k": 0, "n_draws": 1, "sens_median": sens, "sens_p5": sens, "spec_median": spec, "spec_p5": spec,
             "share_sens_ge_0.90": float(sens >= 0.90)}]
     rng = np.random.default_rng(seed)
@@ -43,7 +44,7 @@ def commission(table: pd.DataFrame, sizes: tuple[int, ...], draws: int, target: 
                 continue                     # no positive to set a sensitivity on: this draw cannot commission
             thr = operating_threshold(y[chosen], p[chosen], target)
             if lower_only:
-                thr = min(thr, float(table["threshold"].iloc[0]))
+                thr = min(thr, trained)
             s, c = sensitivity_specificity(y[~chosen], p[~chosen], thr)
             s_list.append(s)
             c_list.append(c)

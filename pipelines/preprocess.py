@@ -149,13 +149,13 @@ def fit_skull(grey: NDArray[np.float32], valid: NDArray[np.bool_], spacing: tupl
         binary = cv2.morphologyEx(((scaled > thr) & vs).astype(np.uint8), cv2.MORPH_OPEN, kernel)
         contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         best: tuple[float, float, tuple] | None = None
-        for cnt in sorted(contours, key=cv2.contourArea, reverse=True)[:4]:
+        for area, cnt in sorted(((cv2.contourArea(c), c) for c in contours), key=lambda ac: ac[0], reverse=True)[:4]:
             if len(cnt) < 20:
                 continue
             found_shape = True
             ell = cv2.fitEllipse(cnt.astype(np.float32))
-            fill = cv2.contourArea(cnt) / max(math.pi * ell[1][0] * ell[1][1] / 4.0, 1e-6)
-            score = cv2.contourArea(cnt) * max(0.0, 1.0 - abs(1.0 - fill)) ** 2
+            fill = area / max(math.pi * ell[1][0] * ell[1][1] / 4.0, 1e-6)
+            score = area * max(0.0, 1.0 - abs(1.0 - fill)) ** 2
             ellipse = _ellipse_mm(cnt, f, spacing)
             if _plausible(ellipse) and (best is None or score > best[0]):
                 best = (score, fill, ellipse)

@@ -75,11 +75,9 @@ def cbh_side_by_side(ws: Path, *commands: tuple[str, ...]) -> list[subprocess.Co
     env = _cbh_env(ws, None)
     procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ws, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in commands]
-    done = []
-    for args, proc in zip(commands, procs, strict=True):
-        out, err = proc.communicate(timeout=600)
-        done.append(subprocess.CompletedProcess([sys.executable, "-m", "flows.cli", *args], proc.returncode, out, err))
-    return done
+    outputs = [proc.communicate(timeout=600) for proc in procs]        # waits: returncode is set after
+    return [subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+            for proc, (out, err) in zip(procs, outputs, strict=True)]
 
 
 def registry(ws: Path):
