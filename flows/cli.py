@@ -221,8 +221,58 @@ def cmd_predict(a: argparse.Namespace, root: Path) -> int:
     params = _params(root)
     tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
     uri = a.model_uri or f"models:/{params.promote.model_name}@champion"
-    n, errors = predict_path(Path(a.input), Path(a.out), uri, a.use_masks, a.ga_weeks, tta=a.tta)
-    print(f"{n} predictions written to {a.out} with {uri}" + (f"; {errors} could not be read" if errors else ""))
+    threshold, note = None, ""
+    if a.site:
+        from pipelines.commission import check_site, registered_version, site_threshold, version_tags
+
+        name, version = registered_version(uri)
+        threshold = site_threshold(version_tags(name, version), check_site(a.site))
+        if threshold is None:
+            raise CommandError(f"{name} version {version} has no threshold commissioned for site {a.site!r}; "
+                               f"run `cbh commission COHORT --site {a.site}` on labelled scans of that site")
+        note = f"; operating threshold {threshold:.4f}, commissioned for site {a.site} on version {version}"
+    n, errors = predict_path(Path(a.input), Path(a.out), uri, a.use_masks, a.ga_weeks, tta=a.tta, threshold=threshold)
+    print(f"{n} predictions written to {a.out} with {uri}" + (f"; {errors} could not be read" if errors else "")
+          + note)
+    return 0
+
+
+def cmd_commission(a: argparse.Namespace, root: Path) -> int:
+    from pipelines import commission, tracking
+
+    params = _params(root, a.set)
+    p = params.commission
+    tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
+    cohort = Path(a.cohort)
+    if not (cohort / "annotations.csv").is_file():
+        raise CommandError(f"{cohort}: no annotations.csv; commissioning needs a labelled cohort of the site")
+    site = commission.check_site(a.site)
+    uri = a.model_uri or f"models:/{params.promote.model_name}@champion"
+    name, version = commission.registered_version(uri)
+    patients, y, prob, counts, thr = commission.score_cohort(cohort, site, f"models:/{name}/{version}")
+    r = commission.commission(patients, y, prob, thr, site, p.min_sensitivity, p.confidence)
+    left = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if k != "rows" and v)
+    print(f"site {site}, {name} version {version}: {r.images} images of {r.patients} patients scored "
+          f"({r.hypoplasia_patients} with hypoplasia, {r.normal_patients} without)"
+          + (f"; left out: {left}" if left else ""))
+    print(f"  trained threshold {r.trained_threshold:.4f}: {r.trained_patient_sensitivity:.1%} of hypoplasia "
+          f"patients detected on every image (one-sided {r.confidence:.0%} lower bound "
+          f"{r.trained_patient_sensitivity_low:.1%}); image sensitivity {r.trained_image_sensitivity:.3f}, "
+          f"specificity {r.trained_image_specificity:.3f}")
+    if a.json:
+        figures = {k: (None if isinstance(v, float) and v != v else v) for k, v in r.__dict__.items()}
+        Path(a.json).write_text(json.dumps(figures | {"counts": counts}, indent=2) + "\n")
+    if r.threshold is None:
+        raise CommandError(f"site {site}: {r.reason}; nothing recorded (the trained threshold stays in use)")
+    print(f"  commissioned threshold {r.threshold:.4f} ({r.reason}): P(sensitivity < {r.min_sensitivity:.2f}) "
+          f"= {r.violation_probability:.3f}; on these scans sensitivity {r.image_sensitivity:.3f}, "
+          f"specificity {r.image_specificity:.3f}")
+    if a.dry_run:
+        print("dry run: nothing recorded")
+        return 0
+    commission.record(name, version, r, root / params.paths.audit)
+    print(f"recorded on {name} version {version} (tags {commission.TAG_PREFIX}{site}.*) and in the audit trail; "
+          f"`cbh predict INPUT --site {site}` uses it")
     return 0
 
 
@@ -373,7 +423,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--use-masks", action="store_true", help="use the cohort's annotated masks (as in the paper)")
     s.add_argument("--ga-weeks", type=float, help="GA for inputs that are not a cohort")
     s.add_argument("--tta", action="store_true", help="test-time augmentation: average with the mirrored crop")
+    s.add_argument("--site", help="use the operating threshold commissioned for this site on the model version")
     s.set_defaults(fn=cmd_predict)
+    s = sub.add_parser("commission", help="set a site's operating threshold on its own labelled scans "
+                       "(sensitivity guaranteed with stated confidence) and record it on the model version")
+    s.add_argument("cohort", help="a labelled cohort of the site (annotations.csv, scans): its labels are used")
+    s.add_argument("--site", required=True, help="the scanner group's label (annotations.csv's site column)")
+    s.add_argument("--model-uri", help="a registered version (default: models:/cerebellar-hypoplasia@champion)")
+    s.add_argument("--dry-run", action="store_true", help="report only: record nothing")
+    s.add_argument("--json", help="also write the figures (counts, thresholds, no identifiers) to this file")
+    _add_overrides(s)
+    s.set_defaults(fn=cmd_commission)
     s = sub.add_parser("retrain", help="the whole Prefect flow: ingest, validate, split, train, evaluate, "
                        "version (DVC), promote, review report; reads params.yaml as it is")
     s.add_argument("--cohort", help="a hospital export to add to the data store first")
@@ -429,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAIL
     except Exception as exc:  # boundary: known library failures become one sentence
         name = type(exc).__name__
-        if name in ("MlflowException", "PromotionError", "InputError", "RestException", "PredictInputError"):
+        if name in ("MlflowException", "PromotionError", "InputError", "RestException", "PredictInputError",
+                    "CommissionError"):
             print(f"cbh {args.command}: {exc}", file=sys.stderr)
             return EXIT_FAIL
         raise

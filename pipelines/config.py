@@ -146,6 +146,12 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class CommissionParams:
+    min_sensitivity: float      # a site's threshold keeps sensitivity at or above this ...
+    confidence: float           # ... with this probability (pipelines/commission.py)
+
+
+@dataclass(frozen=True)
 class PromoteParams:
     min_auc: float
     min_sensitivity: float
@@ -172,6 +178,7 @@ class Params:
     train: TrainParams
     evaluate: EvaluateParams
     promote: PromoteParams
+    commission: CommissionParams
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def flat(self) -> dict[str, Any]:
@@ -248,6 +255,8 @@ def parse_params(raw: dict[str, Any]) -> Params:
             raise ConfigError(f"params.yaml: {where} = {value!r}; choose one of {AUGMENTS}")
     if params.train.image_norm not in IMAGE_NORMS:
         raise ConfigError(f"params.yaml: train.image_norm = {params.train.image_norm!r}; choose one of {IMAGE_NORMS}")
+    if not (0 < params.commission.min_sensitivity < 1 and 0 < params.commission.confidence < 1):
+        raise ConfigError("params.yaml: commission.min_sensitivity and commission.confidence must lie in (0, 1)")
     if not 0 < params.split.test_fraction < 1 or not 0 < params.split.val_fraction < 1:
         raise ConfigError("params.yaml: split fractions must lie in (0, 1)")
     return params

@@ -8,6 +8,7 @@ the header or the pixels' burned-in text is copied out.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from pathlib import Path
 
@@ -53,18 +54,27 @@ def _inputs(inp: Path, ga_default: float | None, use_masks: bool) -> list[tuple[
     return [(f, str(f.relative_to(base)), 0, ga_default, None) for f in files]
 
 
-def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = False,
-                 ga_weeks: float | None = None, tta: bool = False, batch: int = 16) -> tuple[int, int]:
-    """Write predictions and overlays, `batch` frames per forward pass; returns (rows written,
-    rows that failed). `tta` averages each prediction with that of the mirrored crop."""
-    if not inp.exists():
-        raise FileNotFoundError(f"{inp}: input not found")
+Item = tuple[Path, str, int, float, "Path | None"]     # file, display name, frame, GA, mask
+
+
+def load_model(model_uri: str, tta: bool = False, threshold: float | None = None):
+    """The registered pyfunc's Python model; `threshold` replaces the operating point chosen on
+    validation (a site's commissioned one, `pipelines.commission`)."""
     model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     model.model_uri = model_uri
     model.predictor.tta = tta
-    items = _inputs(inp, ga_weeks, use_masks)
-    overlay_dir = out_csv.parent / (out_csv.stem + "-overlays")
-    overlay_dir.mkdir(parents=True, exist_ok=True)
+    if threshold is not None:
+        model.predictor.cfg = dataclasses.replace(model.predictor.cfg, threshold=float(threshold))
+    return model
+
+
+def predict_items(items: list[Item], model, overlay_dir: Path | None, use_masks: bool = False,
+                  batch: int = 16) -> tuple[list[dict], int]:
+    """One row per item (an unreadable one gets `prediction` "error: ..."), overlays into
+    `overlay_dir` when given; returns (rows, rows that failed)."""
+    model_uri = model.model_uri
+    if overlay_dir is not None:
+        overlay_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict | None] = [None] * len(items)
     errors = 0
     pending: list[tuple[int, str, int, tuple, np.ndarray | None]] = []
@@ -78,15 +88,15 @@ def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = Fal
                                      [fi for _, _, fi, _, _ in pending], masks)
         for (k, _name, _fi, (grey, valid, _sp, _ga), _m), res in zip(pending, results, strict=True):
             overlay = ""
-            if res.get("_labels") is not None:
+            if res.get("_labels") is None:
+                errors += 1
+            elif overlay_dir is not None:
                 overlay_path = overlay_dir / f"{k:05d}.png"
                 crop = res["_crop"]
                 footprint = unwarp(np.ones((crop.size, crop.size), np.uint8), crop, grey.shape) > 0
                 _draw_overlay(np.where(valid & footprint, grey, 0), footprint,
                               unwarp(res["_labels"], crop, grey.shape), overlay_path)
                 overlay = str(overlay_path)
-            else:
-                errors += 1
             rows[k] = {c: res.get(c) for c in OUTPUT_COLUMNS} | {"overlay": overlay}
         pending.clear()
 
@@ -106,12 +116,26 @@ def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = Fal
         if len(pending) == batch:
             flush()
     flush()
+    return [r or {} for r in rows], errors
+
+
+def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = False,
+                 ga_weeks: float | None = None, tta: bool = False, batch: int = 16,
+                 threshold: float | None = None) -> tuple[int, int]:
+    """Write predictions and overlays, `batch` frames per forward pass; returns (rows written,
+    rows that failed). `tta` averages each prediction with that of the mirrored crop;
+    `threshold` replaces the model's operating point (a commissioned site's)."""
+    if not inp.exists():
+        raise FileNotFoundError(f"{inp}: input not found")
+    model = load_model(model_uri, tta, threshold)
+    items = _inputs(inp, ga_weeks, use_masks)
+    rows, errors = predict_items(items, model, out_csv.parent / (out_csv.stem + "-overlays"), use_masks, batch)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with out_csv.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in (r or {}).items()})
+            w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
     return len(rows), errors
 
 

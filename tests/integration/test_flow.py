@@ -497,3 +497,64 @@ def test_deid_into_its_own_source_is_one_sentence(tmp_path):
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip() == f"cbh deid: {tmp_path / 'src' / 'out'}: the destination must not be inside the " \
                                  f"source folder {tmp_path / 'src'}"
+
+
+def test_commission_a_site_threshold_then_predict_with_it(flow_run, tmp_path):
+    """`cbh commission` on a site's labelled scans: refused (nothing recorded) when they are too
+    few for the guarantee of params.yaml, recorded on the champion's version when they suffice;
+    `cbh predict --site` then calls hypoplasia exactly at that threshold. No identifier of the
+    scans reaches the output, the JSON figures, the version's tags or the audit trail."""
+    import shutil
+
+    ws, cohort, res, _ = flow_run
+    assert res.returncode == 0
+    site = tmp_path / "site"
+    shutil.copytree(cohort, site)
+    with (site / "annotations.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        r["site"] = "site-local"
+    with (site / "annotations.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    client = registry(ws)
+    champion = client.get_model_version_by_alias("cerebellar-hypoplasia", "champion").version
+
+    refused = _cbh(ws, "commission", str(site), "--site", "site-local")
+    assert refused.returncode == 1, refused.stdout + refused.stderr[-2000:]
+    assert "needs at least 29" in refused.stderr and "nothing recorded" in refused.stderr
+    assert "left out: 1 unreadable" in refused.stdout            # the row whose scan is missing
+    tags = client.get_model_version("cerebellar-hypoplasia", champion).tags
+    assert not any(k.startswith("commission.") for k in tags)
+
+    loose = ["--set", "commission.min_sensitivity=0.6", "--set", "commission.confidence=0.6"]   # needs 2
+    figures = tmp_path / "commission.json"
+    done = _cbh(ws, "commission", str(site), "--site", "site-local", "--json", str(figures), *loose)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    tags = client.get_model_version("cerebellar-hypoplasia", champion).tags
+    threshold = float(tags["commission.site-local.threshold"])
+    assert int(tags["commission.site-local.images"]) == len(rows) - 1
+    assert json.loads(figures.read_text())["threshold"] == pytest.approx(threshold, rel=1e-5)
+
+    out = tmp_path / "pred.csv"
+    pr, other = cbh_side_by_side(ws, ("predict", str(site), "--out", str(out), "--site", "site-local"),
+                                 ("predict", str(site), "--out", str(tmp_path / "x.csv"), "--site", "site-far"))
+    assert pr.returncode == 0, pr.stderr[-2000:]
+    assert f"operating threshold {threshold:.4f}" in pr.stdout
+    scored = [r for r in csv.DictReader(out.open()) if r["hypoplasia_probability"]]
+    assert len(scored) == len(rows) - 1
+    for r in scored:
+        assert r["prediction"] == ("hypoplasia" if float(r["hypoplasia_probability"]) >= threshold else "normal")
+    assert other.returncode == 1 and "no threshold commissioned for site 'site-far'" in other.stderr
+
+    hist = _cbh(ws, "promote", "--history")
+    assert hist.returncode == 0 and "commission" in hist.stdout and "hash chain intact" in hist.stdout
+    trail = (ws / "data" / "audit" / "promotions.jsonl").read_text()
+    assert '"action": "commission"' in trail
+    said = done.stdout + figures.read_text() + json.dumps(tags) + trail
+    for dcm in sorted(site.glob("scans/*.dcm")):
+        ds = pydicom.dcmread(dcm, stop_before_pixels=True)
+        assert ds.PatientID not in said and str(ds.PatientName).split("^")[0] not in said
+    for r in rows:
+        assert not r["patient_id"] or r["patient_id"] not in said

@@ -1,0 +1,262 @@
+"""Commissioning a site's operating point: a threshold for one scanner group, set on its own
+labelled scans, with a stated guarantee, recorded on the model version it belongs to.
+
+The threshold chosen on validation data does not transfer between scanners (README,
+held-out sites: specificity 0.13 on one, sensitivity 0.87 on another). Re-choosing it with
+the validation rule on a few local patients repairs the median but leaves one draw in four
+under 0.90 sensitivity at 40 patients (`benchmarks/commission.py`). So the local threshold is
+set with the Neyman-Pearson umbrella rule (Tong, Feng and Li, Science Advances 2018), which
+needs no assumption about the score distribution: over the n hypoplasia patients, sorted
+by their lowest image probability s(1) <= ... <= s(n), the threshold s(k) leaves a new
+patient's lowest image under it with probability F(s(k)) ~ Beta(k, n - k + 1), so
+
+    P(sensitivity < m) = P(Beta(k, n - k + 1) > 1 - m) = P(Binomial(n, 1 - m) < k)
+
+and the largest k with that probability <= 1 - confidence is taken. With none, even k = 1
+(below every local positive) is not safe enough: the cohort is too small, and nothing is
+recorded. For m = 0.90 at 95% confidence that takes 29 hypoplasia patients.
+
+Patients, not images, are the independent units: a patient's images share anatomy and exam.
+Each patient counts with its lowest-scoring image, so a guarantee on patients' worst images
+holds for any of their images.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.stats import beta, binom
+
+from pipelines.evaluate import sensitivity_specificity
+
+SITE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+TAG_PREFIX = "commission."
+
+
+class CommissionError(ValueError):
+    """The local scans cannot set a threshold with the guarantee asked for (too few, one class)."""
+
+
+def check_site(site: str) -> str:
+    """A site is a scanner-group label (as in annotations.csv's `site`), used in registry tag
+    keys: letters, digits, '-', '_', '.', at most 64 characters."""
+    if not SITE_PATTERN.match(site or ""):
+        raise CommissionError(f"site {site!r} is not a label of letters, digits, '-', '_' or '.' "
+                              f"(at most 64 characters); use the scanner group's label, not a hospital's name")
+    return site
+
+
+def min_positives(min_sensitivity: float, confidence: float) -> int:
+    """Hypoplasia patients needed before any local threshold carries the guarantee: the
+    smallest n with m^n <= 1 - confidence (k = 1: the threshold under every local positive)."""
+    if not (0 < min_sensitivity < 1 and 0 < confidence < 1):
+        raise CommissionError("min_sensitivity and confidence must lie in (0, 1)")
+    return int(math.ceil(math.log(1 - confidence) / math.log(min_sensitivity) - 1e-12))
+
+
+def violation_probability(n: int, k: int, min_sensitivity: float) -> float:
+    """P(true sensitivity < m) when the threshold is the k-th lowest of n positive scores."""
+    return float(binom.cdf(k - 1, n, 1 - min_sensitivity))
+
+
+def umbrella_threshold(positive_scores: NDArray, min_sensitivity: float, confidence: float) -> tuple[float, int]:
+    """The Neyman-Pearson umbrella threshold and its rank k (1-based) among the sorted scores:
+    the highest order statistic whose chance of a sensitivity under `min_sensitivity` is at
+    most 1 - confidence. Scores at or above it are called hypoplasia."""
+    s = np.sort(np.asarray(positive_scores, float))
+    n = s.size
+    need = min_positives(min_sensitivity, confidence)
+    if n < need:
+        raise CommissionError(f"{n} patients with hypoplasia; a threshold that keeps sensitivity >= "
+                              f"{min_sensitivity:.2f} with {confidence:.0%} confidence needs at least {need}")
+    ks = np.arange(1, n + 1)
+    ok = binom.cdf(ks - 1, n, 1 - min_sensitivity) <= 1 - confidence
+    k = int(ks[ok].max())
+    return float(s[k - 1]), k
+
+
+def clopper_pearson(x: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact two-sided interval of a proportion x/n (NaN when n = 0)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    a = 1 - confidence
+    lo = 0.0 if x == 0 else float(beta.ppf(a / 2, x, n - x + 1))
+    hi = 1.0 if x == n else float(beta.ppf(1 - a / 2, x + 1, n - x))
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class Commissioning:
+    site: str
+    images: int
+    patients: int
+    hypoplasia_patients: int
+    normal_patients: int
+    min_sensitivity: float
+    confidence: float
+    needed_hypoplasia_patients: int
+    trained_threshold: float
+    trained_patient_sensitivity: float          # share of hypoplasia patients whose every image is called
+    trained_patient_sensitivity_low: float      # its exact one-sided lower bound at `confidence`
+    trained_image_sensitivity: float
+    trained_image_specificity: float
+    threshold: float | None                     # the umbrella threshold; None when the cohort is too small
+    rank: int | None
+    violation_probability: float | None
+    image_sensitivity: float | None             # at `threshold`, on the same (commissioning) scans
+    image_specificity: float | None
+    reason: str
+
+    def tags(self) -> dict[str, str]:
+        """Registry tags (counts and thresholds only: no patient, file or date)."""
+        d = asdict(self)
+        site = d.pop("site")
+        return {f"{TAG_PREFIX}{site}.{k}": ("" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v)))
+                for k, v in d.items()}
+
+
+def commission(patients: NDArray, y: NDArray, p: NDArray, trained_threshold: float, site: str,
+               min_sensitivity: float, confidence: float) -> Commissioning:
+    """Per image: patient key (any hashable, held in memory only), label (1 hypoplasia),
+    probability. Returns the check of the trained threshold and the umbrella threshold."""
+    patients, y, p = np.asarray(patients), np.asarray(y).astype(int), np.asarray(p, float)
+    check_site(site)
+    if y.size == 0:
+        raise CommissionError("no labelled image could be scored")
+    ids = np.unique(patients)
+    pos_ids = np.unique(patients[y == 1])
+    neg_ids = np.setdiff1d(ids, pos_ids)
+    worst = np.array([p[(patients == i) & (y == 1)].min() for i in pos_ids])
+    detected = int(np.sum(worst >= trained_threshold))
+    lo, _ = clopper_pearson(detected, len(pos_ids), 2 * confidence - 1)     # one-sided at `confidence`
+    sens_t, spec_t = sensitivity_specificity(y, p, trained_threshold)
+    need = min_positives(min_sensitivity, confidence)
+    base: dict[str, Any] = dict(
+        site=site, images=int(y.size), patients=int(ids.size), hypoplasia_patients=int(pos_ids.size),
+        normal_patients=int(neg_ids.size), min_sensitivity=min_sensitivity, confidence=confidence,
+        needed_hypoplasia_patients=need, trained_threshold=float(trained_threshold),
+        trained_patient_sensitivity=detected / len(pos_ids) if len(pos_ids) else float("nan"),
+        trained_patient_sensitivity_low=lo, trained_image_sensitivity=sens_t, trained_image_specificity=spec_t)
+    if neg_ids.size == 0:
+        return Commissioning(**base, threshold=None, rank=None, violation_probability=None, image_sensitivity=None,
+                             image_specificity=None, reason="no normal patient: specificity cannot be checked")
+    try:
+        thr, k = umbrella_threshold(worst, min_sensitivity, confidence)
+    except CommissionError as exc:
+        return Commissioning(**base, threshold=None, rank=None, violation_probability=None, image_sensitivity=None,
+                             image_specificity=None, reason=str(exc))
+    sens, spec = sensitivity_specificity(y, p, thr)
+    return Commissioning(**base, threshold=thr, rank=k,
+                         violation_probability=violation_probability(len(worst), k, min_sensitivity),
+                         image_sensitivity=sens, image_specificity=spec,
+                         reason=f"rank {k} among the lowest image scores of {len(worst)} hypoplasia patients")
+
+
+def site_threshold(tags: dict[str, str], site: str) -> float | None:
+    """The commissioned threshold of `site` among a model version's tags, or None."""
+    value = tags.get(f"{TAG_PREFIX}{site}.threshold", "")
+    return float(value) if value else None
+
+
+__all__ = ["Commissioning", "CommissionError", "check_site", "clopper_pearson", "commission", "min_positives",
+           "site_threshold", "umbrella_threshold", "violation_probability"]
+
+
+# -- the command's work: score a labelled local cohort, record on the model version ---------
+
+def registered_version(model_uri: str) -> tuple[str, str]:
+    """(name, version) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`: a commissioned
+    threshold belongs to one registered version, so other URIs cannot carry one."""
+    from mlflow import MlflowClient
+
+    m = re.match(r"^models:/([^/@]+)(?:@([^/]+)|/(\d+))$", model_uri)
+    if not m:
+        raise CommissionError(f"{model_uri}: a site threshold belongs to a registered model version; "
+                              f"use models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, alias, version = m.groups()
+    if alias:
+        version = MlflowClient().get_model_version_by_alias(name, alias).version
+    return name, str(version)
+
+
+def version_tags(name: str, version: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return dict(MlflowClient().get_model_version(name, version).tags)
+
+
+def score_cohort(cohort, site: str, model_uri: str) -> tuple[NDArray, NDArray, NDArray, dict, float]:
+    """Predict on a labelled cohort folder (CONTRACT.md section 1) with the model's own
+    inference, masks predicted; rows of other sites are left out when the cohort names sites.
+    Returns per scored image (patient key, label, probability), counts of what was left
+    out, and the model's trained threshold. Patient keys stay in memory: the caller reduces
+    them to counts."""
+    import pydicom
+
+    from pipelines.ingest import read_annotations
+    from pipelines.predict import _inputs, load_model, predict_items
+
+    rows = read_annotations(cohort)
+    items = _inputs(cohort, None, False)
+    sites = {(r.get("site") or "").strip() for r in rows}
+    keep = [i for i, r in enumerate(rows) if (r.get("site") or "").strip() == site] if sites - {""} else \
+        list(range(len(rows)))
+    if not keep:
+        raise CommissionError(f"{cohort}: no row of annotations.csv has site {site!r} "
+                              f"(sites there: {', '.join(sorted(sites - {''}))})")
+    counts = {"rows": len(keep), "other_sites": len(rows) - len(keep), "unlabelled": 0, "unreadable": 0}
+    labelled = [i for i in keep if (rows[i].get("label") or "").strip() in ("normal", "hypoplasia")]
+    counts["unlabelled"] = len(keep) - len(labelled)
+    model = load_model(model_uri)
+    preds, _ = predict_items([items[i] for i in labelled], model, None)
+    patients, y, p = [], [], []
+    for i, pred in zip(labelled, preds, strict=True):
+        prob = pred.get("hypoplasia_probability")
+        if prob is None or prob == "" or (isinstance(prob, float) and math.isnan(prob)):
+            counts["unreadable"] += 1
+            continue
+        pid = (rows[i].get("patient_id") or "").strip()
+        if not pid:
+            pid = str(pydicom.dcmread(items[i][0], stop_before_pixels=True).get("PatientID", "") or "").strip()
+        if not pid:
+            counts["unreadable"] += 1          # a patient cannot be told apart: not an independent unit
+            continue
+        patients.append(pid)
+        y.append(1 if rows[i]["label"].strip() == "hypoplasia" else 0)
+        p.append(float(prob))
+    return (np.array(patients, dtype=object), np.array(y, int), np.array(p, float), counts,
+            float(model.predictor.cfg.threshold))
+
+
+def record(name: str, version: str, result: Commissioning, audit) -> None:
+    """Tags on the model version, and a record in the promotion audit trail (hash-chained)."""
+    import datetime as dt
+    import getpass
+
+    from mlflow import MlflowClient
+
+    from pipelines.locks import exclusive_lock
+    from pipelines.promote import Decision, _record
+
+    if result.threshold is None:
+        raise CommissionError(f"site {result.site}: {result.reason}; nothing recorded")
+    client = MlflowClient()
+    with exclusive_lock(audit.with_suffix(".lock")):
+        for key, value in result.tags().items():
+            client.set_model_version_tag(name, version, key, value)
+        _record(audit, Decision(
+            time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), user=getpass.getuser(),
+            action="commission", decision="commissioned",
+            reason=f"site {result.site}, version {version}: {result.reason}; "
+                   f"sensitivity >= {result.min_sensitivity:.2f} with {result.confidence:.0%} confidence",
+            challenger=version, previous_champion=None,
+            champion=None, model=name,
+            metrics={"hypoplasia_patients": float(result.hypoplasia_patients),
+                     "normal_patients": float(result.normal_patients),
+                     "image_specificity": float(result.image_specificity)},
+            thresholds={"trained": result.trained_threshold, result.site: float(result.threshold)}))
