@@ -231,10 +231,36 @@ def cmd_predict(a: argparse.Namespace, root: Path) -> int:
             raise CommandError(f"{name} version {version} has no threshold commissioned for site {a.site!r}; "
                                f"run `cbh commission COHORT --site {a.site}` on labelled scans of that site")
         note = f"; operating threshold {threshold:.4f}, commissioned for site {a.site} on version {version}"
-    n, errors = predict_path(Path(a.input), Path(a.out), uri, a.use_masks, a.ga_weeks, tta=a.tta, threshold=threshold)
+        tags = version_tags(name, version)
+        if tags.get(f"commission.{a.site}.biometry_ok") == "False":
+            print(f"cbh predict: warning: on site {a.site} the TCD error was "
+                  f"{float(tags[f'commission.{a.site}.tcd_mae_mm']):.2f} mm at commissioning: its TCD, CM and "
+                  f"centiles are not reliable", file=sys.stderr)
+    n, errors, outside = predict_path(Path(a.input), Path(a.out), uri, a.use_masks, a.ga_weeks, tta=a.tta,
+                                      threshold=threshold)
     print(f"{n} predictions written to {a.out} with {uri}" + (f"; {errors} could not be read" if errors else "")
           + note)
+    scored = n - errors
+    if scored:
+        _segmenter_check(uri, outside, scored)
     return 0
+
+
+def _segmenter_check(uri: str, outside: int, scored: int) -> None:
+    """The label-free drift signal: how often the segmenter put cerebellum outside the skull,
+    against the model's own test set; a significant excess is a warning (stderr)."""
+    from pipelines.commission import excess, registered_version, version_metric
+
+    try:
+        ref = version_metric(*registered_version(uri), "test_cerebellum_outside_head")
+    except Exception:  # boundary: a runs:/ or file URI has no registered test set to compare with
+        ref = float("nan")
+    print(f"segmenter check: cerebellum outside the skull in {outside} of {scored} images ({outside / scored:.1%})"
+          + (f"; the model's test set: {ref:.1%}" if ref == ref else ""))
+    if excess(outside, scored, ref):
+        print(f"cbh predict: warning: the segmenter left the skull significantly more often than on its test set "
+              f"({outside / scored:.1%} against {ref:.1%}): this scanner may be outside what it learnt; check its "
+              f"masks, and commission the site (`cbh commission`)", file=sys.stderr)
 
 
 def cmd_commission(a: argparse.Namespace, root: Path) -> int:
@@ -249,12 +275,26 @@ def cmd_commission(a: argparse.Namespace, root: Path) -> int:
     site = commission.check_site(a.site)
     uri = a.model_uri or f"models:/{params.promote.model_name}@champion"
     name, version = commission.registered_version(uri)
-    patients, y, prob, counts, thr = commission.score_cohort(cohort, site, f"models:/{name}/{version}")
-    r = commission.commission(patients, y, prob, thr, site, p.min_sensitivity, p.confidence)
+    scored = commission.score_cohort(cohort, site, f"models:/{name}/{version}")
+    counts = scored["counts"]
+    seg = commission.segmentation_check(
+        scored["outside"], commission.version_metric(name, version, "test_cerebellum_outside_head"),
+        scored["tcd_pred"], scored["tcd_ref"], p.max_tcd_error_mm)
+    r = commission.commission(scored["patients"], scored["y"], scored["p"], scored["threshold"], site,
+                              p.min_sensitivity, p.confidence, seg)
+    del scored
     left = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if k != "rows" and v)
     print(f"site {site}, {name} version {version}: {r.images} images of {r.patients} patients scored "
           f"({r.hypoplasia_patients} with hypoplasia, {r.normal_patients} without)"
           + (f"; left out: {left}" if left else ""))
+    print(f"  segmenter: cerebellum outside the skull in {r.outside_share:.1%} of images (the model's test set: "
+          f"{r.test_outside_share:.1%})" + ("; significantly more: this scanner may defeat it" if r.outside_excess
+                                              else "")
+          + (f"; TCD error {r.tcd_mae_mm:.2f} mm (bias {r.tcd_bias_mm:+.2f}) on {r.tcd_images} images against "
+             f"the sonographers' tcd_mm" if r.tcd_images else "; no sonographer TCD to check the biometry against"))
+    if r.biometry_ok is False:
+        print(f"  warning: TCD error above {p.max_tcd_error_mm:.2f} mm on this site: its TCD, CM and centiles are "
+              f"not reliable (recorded; `cbh predict --site {site}` repeats this)", file=sys.stderr)
     print(f"  trained threshold {r.trained_threshold:.4f}: {r.trained_patient_sensitivity:.1%} of hypoplasia "
           f"patients detected on every image (one-sided {r.confidence:.0%} lower bound "
           f"{r.trained_patient_sensitivity_low:.1%}); image sensitivity {r.trained_image_sensitivity:.3f}, "

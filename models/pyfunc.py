@@ -84,7 +84,7 @@ class CBHModel(mlflow.pyfunc.PythonModel):
             row.update(image=name, frame=fi, model_uri=self.model_uri)
             if "error" in res:
                 row["prediction"] = "error: " + res["error"]
-            row["_labels"], row["_crop"] = res.get("_labels"), res.get("_crop")
+            row["_labels"], row["_crop"], row["_outside"] = res.get("_labels"), res.get("_crop"), res.get("_outside")
             out.append(row)
         return out
 

@@ -111,6 +111,14 @@ class Commissioning:
     image_sensitivity: float | None             # at `threshold`, on the same (commissioning) scans
     image_specificity: float | None
     reason: str
+    # the segmenter on this site (no threshold depends on these; the biometry does)
+    outside_share: float = float("nan")         # images whose cerebellum left the skull (label-free)
+    test_outside_share: float = float("nan")    # the same on the model's frozen test set
+    outside_excess: bool = False                # significantly above it (one-sided binomial, p < 0.01)
+    tcd_images: int = 0                         # images with a sonographer's TCD (annotations' tcd_mm)
+    tcd_mae_mm: float = float("nan")
+    tcd_bias_mm: float = float("nan")           # predicted minus measured
+    biometry_ok: bool | None = None             # TCD error within commission.max_tcd_error_mm (None: unmeasured)
 
     def tags(self) -> dict[str, str]:
         """Registry tags (counts and thresholds only: no patient, file or date)."""
@@ -121,9 +129,10 @@ class Commissioning:
 
 
 def commission(patients: NDArray, y: NDArray, p: NDArray, trained_threshold: float, site: str,
-               min_sensitivity: float, confidence: float) -> Commissioning:
+               min_sensitivity: float, confidence: float, segmentation: dict[str, Any] | None = None) -> Commissioning:
     """Per image: patient key (any hashable, held in memory only), label (1 hypoplasia),
-    probability. Returns the check of the trained threshold and the umbrella threshold."""
+    probability. Returns the check of the trained threshold and the umbrella threshold, with
+    `segmentation` (`segmentation_check`) alongside."""
     patients, y, p = np.asarray(patients), np.asarray(y).astype(int), np.asarray(p, float)
     check_site(site)
     if y.size == 0:
@@ -141,7 +150,8 @@ def commission(patients: NDArray, y: NDArray, p: NDArray, trained_threshold: flo
         normal_patients=int(neg_ids.size), min_sensitivity=min_sensitivity, confidence=confidence,
         needed_hypoplasia_patients=need, trained_threshold=float(trained_threshold),
         trained_patient_sensitivity=detected / len(pos_ids) if len(pos_ids) else float("nan"),
-        trained_patient_sensitivity_low=lo, trained_image_sensitivity=sens_t, trained_image_specificity=spec_t)
+        trained_patient_sensitivity_low=lo, trained_image_sensitivity=sens_t, trained_image_specificity=spec_t,
+        **(segmentation or {}))
     if neg_ids.size == 0:
         return Commissioning(**base, threshold=None, rank=None, violation_probability=None, image_sensitivity=None,
                              image_specificity=None, reason="no normal patient: specificity cannot be checked")
@@ -157,14 +167,34 @@ def commission(patients: NDArray, y: NDArray, p: NDArray, trained_threshold: flo
                          reason=f"rank {k} among the lowest image scores of {len(worst)} hypoplasia patients")
 
 
+def excess(k: int, n: int, p0: float, alpha: float = 0.01) -> bool:
+    """Is k of n significantly more than the rate p0 (one-sided exact binomial test)? p0 is
+    floored at 0.01: a test set that never saw the event still allows it now and then."""
+    if n == 0 or not np.isfinite(p0):
+        return False
+    return bool(binom.sf(k - 1, n, max(p0, 0.01)) < alpha)
+
+
+def segmentation_check(outside: NDArray, test_outside: float, tcd_pred: NDArray, tcd_ref: NDArray,
+                       max_tcd_error: float, min_images: int = 10) -> dict[str, Any]:
+    """The site's segmenter QC: the share of images whose cerebellum left the skull against the
+    model's test set, and the TCD error against the sonographers' own measurements."""
+    outside = np.asarray(outside, bool)
+    both = np.isfinite(np.asarray(tcd_pred, float)) & np.isfinite(np.asarray(tcd_ref, float))
+    diff = np.asarray(tcd_pred, float)[both] - np.asarray(tcd_ref, float)[both]
+    mae = float(np.abs(diff).mean()) if diff.size else float("nan")
+    return {"outside_share": float(outside.mean()) if outside.size else float("nan"),
+            "test_outside_share": float(test_outside),
+            "outside_excess": excess(int(outside.sum()), int(outside.size), test_outside),
+            "tcd_images": int(diff.size), "tcd_mae_mm": mae,
+            "tcd_bias_mm": float(diff.mean()) if diff.size else float("nan"),
+            "biometry_ok": bool(mae <= max_tcd_error) if diff.size >= min_images else None}
+
+
 def site_threshold(tags: dict[str, str], site: str) -> float | None:
     """The commissioned threshold of `site` among a model version's tags, or None."""
     value = tags.get(f"{TAG_PREFIX}{site}.threshold", "")
     return float(value) if value else None
-
-
-__all__ = ["Commissioning", "CommissionError", "check_site", "clopper_pearson", "commission", "min_positives",
-           "site_threshold", "umbrella_threshold", "violation_probability"]
 
 
 # -- the command's work: score a labelled local cohort, record on the model version ---------
@@ -190,12 +220,13 @@ def version_tags(name: str, version: str) -> dict[str, str]:
     return dict(MlflowClient().get_model_version(name, version).tags)
 
 
-def score_cohort(cohort, site: str, model_uri: str) -> tuple[NDArray, NDArray, NDArray, dict, float]:
+def score_cohort(cohort, site: str, model_uri: str) -> dict[str, Any]:
     """Predict on a labelled cohort folder (CONTRACT.md section 1) with the model's own
     inference, masks predicted; rows of other sites are left out when the cohort names sites.
-    Returns per scored image (patient key, label, probability), counts of what was left
-    out, and the model's trained threshold. Patient keys stay in memory: the caller reduces
-    them to counts."""
+    Returns, per scored image, `patients` (keys), `y` (1 hypoplasia), `p` (probability),
+    `outside` (segmenter QC), `tcd_pred` and `tcd_ref` (the annotation's tcd_mm, NaN where
+    none); `counts` of what was left out; the model's trained `threshold`. Patient keys stay
+    in memory: the caller reduces them to counts."""
     import pydicom
 
     from pipelines.ingest import read_annotations
@@ -214,7 +245,7 @@ def score_cohort(cohort, site: str, model_uri: str) -> tuple[NDArray, NDArray, N
     counts["unlabelled"] = len(keep) - len(labelled)
     model = load_model(model_uri)
     preds, _ = predict_items([items[i] for i in labelled], model, None)
-    patients, y, p = [], [], []
+    patients, y, p, outside, tcd_pred, tcd_ref = [], [], [], [], [], []
     for i, pred in zip(labelled, preds, strict=True):
         prob = pred.get("hypoplasia_probability")
         if prob is None or prob == "" or (isinstance(prob, float) and math.isnan(prob)):
@@ -229,8 +260,23 @@ def score_cohort(cohort, site: str, model_uri: str) -> tuple[NDArray, NDArray, N
         patients.append(pid)
         y.append(1 if rows[i]["label"].strip() == "hypoplasia" else 0)
         p.append(float(prob))
-    return (np.array(patients, dtype=object), np.array(y, int), np.array(p, float), counts,
-            float(model.predictor.cfg.threshold))
+        outside.append(bool(pred.get("_outside")))
+        tcd_pred.append(float(pred["tcd_mm"]) if pred.get("tcd_mm") is not None else float("nan"))
+        try:
+            tcd_ref.append(float(rows[i].get("tcd_mm") or "nan"))
+        except ValueError:
+            tcd_ref.append(float("nan"))
+    return {"patients": np.array(patients, dtype=object), "y": np.array(y, int), "p": np.array(p, float),
+            "outside": np.array(outside, bool), "tcd_pred": np.array(tcd_pred, float),
+            "tcd_ref": np.array(tcd_ref, float), "counts": counts, "threshold": float(model.predictor.cfg.threshold)}
+
+
+def version_metric(name: str, version: str, key: str) -> float:
+    """A metric of the run that registered the version (NaN when absent)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    return float(client.get_run(client.get_model_version(name, version).run_id).data.metrics.get(key, float("nan")))
 
 
 def record(name: str, version: str, result: Commissioning, audit) -> None:
@@ -260,3 +306,8 @@ def record(name: str, version: str, result: Commissioning, audit) -> None:
                      "normal_patients": float(result.normal_patients),
                      "image_specificity": float(result.image_specificity)},
             thresholds={"trained": result.trained_threshold, result.site: float(result.threshold)}))
+
+
+__all__ = ["Commissioning", "CommissionError", "check_site", "clopper_pearson", "commission", "excess",
+           "min_positives", "segmentation_check", "site_threshold", "umbrella_threshold", "violation_probability",
+           "registered_version", "version_tags", "version_metric", "score_cohort", "record"]

@@ -149,6 +149,7 @@ class EvaluateParams:
 class CommissionParams:
     min_sensitivity: float      # a site's threshold keeps sensitivity at or above this ...
     confidence: float           # ... with this probability (pipelines/commission.py)
+    max_tcd_error_mm: float     # a site's biometry is trusted when its TCD error is within this
 
 
 @dataclass(frozen=True)

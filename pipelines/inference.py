@@ -175,7 +175,7 @@ class Predictor:
         if not images:
             return rows
         x = np.stack(images).astype(np.float32)
-        labels = self.segment(x, [c.axis_ratio for c in crops])
+        labels, outside = self.segment_qc(x, [c.axis_ratio for c in crops])
         if masks is not None:
             for j, i in enumerate(ok):
                 if masks[i] is not None:
@@ -191,6 +191,7 @@ class Predictor:
                 "tcd_centile": float(biometry.tcd_centile(tcd, ga[j])),
                 "cm_mm": cm, "cm_centile": float(biometry.cm_centile(cm, ga[j])),
                 "ga_weeks": float(ga[j]), "_labels": labels[j], "_crop": crop,
+                "_outside": bool(outside[j]),    # segmenter QC: it put cerebellum outside the skull
             }
         return rows
 

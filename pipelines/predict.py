@@ -71,7 +71,8 @@ def load_model(model_uri: str, tta: bool = False, threshold: float | None = None
 def predict_items(items: list[Item], model, overlay_dir: Path | None, use_masks: bool = False,
                   batch: int = 16) -> tuple[list[dict], int]:
     """One row per item (an unreadable one gets `prediction` "error: ..."), overlays into
-    `overlay_dir` when given; returns (rows, rows that failed)."""
+    `overlay_dir` when given; returns (rows, rows that failed). A row's `_outside` (not
+    written out) says whether the segmenter put cerebellum outside the skull."""
     model_uri = model.model_uri
     if overlay_dir is not None:
         overlay_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +98,7 @@ def predict_items(items: list[Item], model, overlay_dir: Path | None, use_masks:
                 _draw_overlay(np.where(valid & footprint, grey, 0), footprint,
                               unwarp(res["_labels"], crop, grey.shape), overlay_path)
                 overlay = str(overlay_path)
-            rows[k] = {c: res.get(c) for c in OUTPUT_COLUMNS} | {"overlay": overlay}
+            rows[k] = {c: res.get(c) for c in OUTPUT_COLUMNS} | {"overlay": overlay, "_outside": res.get("_outside")}
         pending.clear()
 
     for k, (path, name, frame, ga, mask_path) in enumerate(items):
@@ -121,9 +122,10 @@ def predict_items(items: list[Item], model, overlay_dir: Path | None, use_masks:
 
 def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = False,
                  ga_weeks: float | None = None, tta: bool = False, batch: int = 16,
-                 threshold: float | None = None) -> tuple[int, int]:
+                 threshold: float | None = None) -> tuple[int, int, int]:
     """Write predictions and overlays, `batch` frames per forward pass; returns (rows written,
-    rows that failed). `tta` averages each prediction with that of the mirrored crop;
+    rows that failed, rows whose segmentation left the skull: the label-free drift signal).
+    `tta` averages each prediction with that of the mirrored crop;
     `threshold` replaces the model's operating point (a commissioned site's)."""
     if not inp.exists():
         raise FileNotFoundError(f"{inp}: input not found")
@@ -135,8 +137,9 @@ def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = Fal
         w = csv.DictWriter(fh, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
-    return len(rows), errors
+            w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()
+                        if not k.startswith("_")})
+    return len(rows), errors, sum(bool(r.get("_outside")) for r in rows)
 
 
 def _draw_overlay(grey: np.ndarray, footprint: np.ndarray, labels: np.ndarray, path: Path) -> None:

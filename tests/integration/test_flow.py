@@ -536,12 +536,19 @@ def test_commission_a_site_threshold_then_predict_with_it(flow_run, tmp_path):
     threshold = float(tags["commission.site-local.threshold"])
     assert int(tags["commission.site-local.images"]) == len(rows) - 1
     assert json.loads(figures.read_text())["threshold"] == pytest.approx(threshold, rel=1e-5)
+    # the segmenter on the site: TCD against the sonographers' tcd_mm, the label-free QC share
+    with_tcd = sum(1 for r in rows[:-1] if r["tcd_mm"])
+    assert 0 < int(tags["commission.site-local.tcd_images"]) <= with_tcd
+    assert "segmenter: cerebellum outside the skull in" in done.stdout
+    biometry_ok = tags["commission.site-local.biometry_ok"]
+    assert biometry_ok == str(float(tags["commission.site-local.tcd_mae_mm"]) <= 1.0)
 
     out = tmp_path / "pred.csv"
     pr, other = cbh_side_by_side(ws, ("predict", str(site), "--out", str(out), "--site", "site-local"),
                                  ("predict", str(site), "--out", str(tmp_path / "x.csv"), "--site", "site-far"))
     assert pr.returncode == 0, pr.stderr[-2000:]
-    assert f"operating threshold {threshold:.4f}" in pr.stdout
+    assert f"operating threshold {threshold:.4f}" in pr.stdout and "segmenter check: cerebellum outside" in pr.stdout
+    assert ("TCD, CM and centiles are not reliable" in pr.stderr) == (biometry_ok == "False")
     scored = [r for r in csv.DictReader(out.open()) if r["hypoplasia_probability"]]
     assert len(scored) == len(rows) - 1
     for r in scored:

@@ -134,3 +134,29 @@ def test_a_site_is_a_plain_label(bad):
     with pytest.raises(CommissionError, match="label"):
         check_site(bad)
     assert check_site("site-west") == "site-west"
+
+
+def test_excess_is_an_exact_one_sided_binomial_test():
+    from pipelines.commission import excess
+
+    assert excess(39, 168, 0.05)                   # 23% against 5%: the ember site's drift signal
+    assert not excess(12, 168, 0.05)               # 7%: within chance of 5% (p = 0.13)
+    assert not excess(2, 100, 0.0)                 # a test set without the event: floored at 1%
+    assert excess(6, 100, 0.0)                     # P(>= 6 | n = 100, 1%) = 0.0005
+    assert not excess(5, 0, 0.05) and not excess(3, 10, float("nan"))
+
+
+def test_segmentation_check_measures_the_tcd_against_the_sonographers():
+    from pipelines.commission import segmentation_check
+
+    ref = np.array([40.0, 42.0, 38.0, 30.0, np.nan] * 4)
+    pred = ref - 2.0
+    pred[3] = np.nan                                # a mask the segmenter missed: no TCD
+    out = segmentation_check(np.zeros(20, bool), 0.05, pred, ref, 1.0)
+    assert out["tcd_images"] == 15 and out["tcd_mae_mm"] == pytest.approx(2.0) and out["tcd_bias_mm"] == -2.0
+    assert out["biometry_ok"] is False and out["outside_excess"] is False and out["outside_share"] == 0.0
+    assert segmentation_check(np.zeros(20, bool), 0.05, ref + 0.5, ref, 1.0)["biometry_ok"] is True
+    assert segmentation_check(np.zeros(5, bool), 0.05, ref[:5] + 3, ref[:5], 1.0)["biometry_ok"] is None   # < 10
+    r = commission(*_cohort(40, 60), 0.5, "site-west", 0.90, 0.95, out)
+    assert r.tags()["commission.site-west.biometry_ok"] == "False"
+    assert r.tags()["commission.site-west.tcd_mae_mm"] == "2"
