@@ -281,7 +281,7 @@ def cmd_commission(a: argparse.Namespace, root: Path) -> int:
         scored["outside"], commission.version_metric(name, version, "test_cerebellum_outside_head"),
         scored["tcd_pred"], scored["tcd_ref"], p.max_tcd_error_mm)
     r = commission.commission(scored["patients"], scored["y"], scored["p"], scored["threshold"], site,
-                              p.min_sensitivity, p.confidence, seg)
+                              p.min_sensitivity, p.confidence, seg, p.seed)
     del scored
     left = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if k != "rows" and v)
     print(f"site {site}, {name} version {version}: {r.images} images of {r.patients} patients scored "

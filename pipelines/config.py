@@ -150,6 +150,7 @@ class CommissionParams:
     min_sensitivity: float      # a site's threshold keeps sensitivity at or above this ...
     confidence: float           # ... with this probability (pipelines/commission.py)
     max_tcd_error_mm: float     # a site's biometry is trusted when its TCD error is within this
+    seed: int                   # draws the one image per hypoplasia patient the rule counts
 
 
 @dataclass(frozen=True)
