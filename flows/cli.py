@@ -269,20 +269,10 @@ def cmd_commission(a: argparse.Namespace, root: Path) -> int:
     params = _params(root, a.set)
     p = params.commission
     tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
-    cohort = Path(a.cohort)
-    if not (cohort / "annotations.csv").is_file():
-        raise CommandError(f"{cohort}: no annotations.csv; commissioning needs a labelled cohort of the site")
     site = commission.check_site(a.site)
     uri = a.model_uri or f"models:/{params.promote.model_name}@champion"
     name, version = commission.registered_version(uri)
-    scored = commission.score_cohort(cohort, site, f"models:/{name}/{version}")
-    counts = scored["counts"]
-    seg = commission.segmentation_check(
-        scored["outside"], commission.version_metric(name, version, "test_cerebellum_outside_head"),
-        scored["tcd_pred"], scored["tcd_ref"], p.max_tcd_error_mm)
-    r = commission.commission(scored["patients"], scored["y"], scored["p"], scored["threshold"], site,
-                              p.min_sensitivity, p.confidence, seg, p.seed)
-    del scored
+    r, counts = commission.commission_site(Path(a.cohort), site, name, version, p)
     left = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if k != "rows" and v)
     print(f"site {site}, {name} version {version}: {r.images} images of {r.patients} patients scored "
           f"({r.hypoplasia_patients} with hypoplasia, {r.normal_patients} without)"
@@ -339,6 +329,8 @@ def _print_summary(s: dict, params: Params, seconds: float) -> None:
         ("promote", f"{s['promotion']['decision']}: {s['promotion']['reason']}",
          f"models:/{params.promote.model_name}@champion (v{s['promotion']['champion']})"),
     ]
+    for site, what in (s.get("commission") or {}).items():
+        rows.append(("commission", f"{site}: {what}", f"tags commission.{site}.*"))
     width = max(len(r[1]) for r in rows)
     print(f"\ncbh retrain finished in {seconds:.0f} s")
     for stage, what, where in rows:

@@ -99,6 +99,17 @@ def promote_task(params: Params, root: Path) -> dict[str, Any]:
     return {"decision": d.decision, "reason": d.reason, "champion": d.champion}
 
 
+@task(name="commission")
+def commission_task(params: Params, root: Path, version: str) -> dict[str, str]:
+    """The sites of `commission.cohorts` get their thresholds on the champion (a new one has none)."""
+    from pipelines.commission import recommission
+
+    out = recommission(params.promote.model_name, version, params.commission, root / params.paths.audit)
+    for site, what in out.items():
+        get_run_logger().info("site %s: %s", site, what)
+    return out
+
+
 @task(name="review-report", retries=1, retry_delay_seconds=5)
 def report_task(params: Params, root: Path, run_id: str) -> str:
     """The reviewer report (latest run of each model, promotion history), attached to the
@@ -167,10 +178,12 @@ def retrain_flow(workspace: str = ".", cohort: str | None = None,
     version_task(root, ("evaluate",))
     pushed = push_task(root)
     decision = promote_task(params, root)
+    sites = commission_task(params, root, str(decision["champion"])) \
+        if params.commission.cohorts and decision["champion"] else {}
     report = report_task(params, root, outcome.run_id)
     summary = {"ingest": ingest_rep, "contract": contract, "split": split_summary,
                "run_id": outcome.run_id, "version": outcome.version, "metrics": outcome.metrics,
-               "promotion": decision, "dvc_pushed": pushed, "report": report}
+               "promotion": decision, "commission": sites, "dvc_pushed": pushed, "report": report}
     create_markdown_artifact(key="retrain-summary", description="cbh retrain",
                              markdown="```json\n" + json.dumps(summary, indent=2, default=str) + "\n```")
     return summary

@@ -151,6 +151,7 @@ class CommissionParams:
     confidence: float           # ... with this probability (pipelines/commission.py)
     max_tcd_error_mm: float     # a site's biometry is trusted when its TCD error is within this
     seed: int                   # draws the one image per hypoplasia patient the rule counts
+    cohorts: dict               # site -> its labelled cohort: `cbh retrain` commissions each new champion
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,8 @@ def parse_params(raw: dict[str, Any]) -> Params:
             raise ConfigError(f"params.yaml: {where} = {value!r}; choose one of {AUGMENTS}")
     if params.train.image_norm not in IMAGE_NORMS:
         raise ConfigError(f"params.yaml: train.image_norm = {params.train.image_norm!r}; choose one of {IMAGE_NORMS}")
+    if not isinstance(params.commission.cohorts, dict):
+        raise ConfigError("params.yaml: commission.cohorts must map site labels to cohort folders (or be {})")
     if not (0 < params.commission.min_sensitivity < 1 and 0 < params.commission.confidence < 1):
         raise ConfigError("params.yaml: commission.min_sensitivity and commission.confidence must lie in (0, 1)")
     if not 0 < params.split.test_fraction < 1 or not 0 < params.split.val_fraction < 1:

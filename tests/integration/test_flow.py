@@ -32,6 +32,8 @@ def flow_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("flow")
     ws = _workspace(tmp)
     set_params(ws, TINY_PARAMS)
+    # every new champion is commissioned on the export's north site (too few patients: refused)
+    set_params(ws, {"commission.cohorts": {"site-north": str(tmp / "export")}})
     commit = commit_workspace(ws)
     cohort = tmp / "export"
     synth_cohort(cohort, 26, 21, ("aurora", "boreal", "cirrus"))
@@ -51,6 +53,8 @@ def test_retrain_flow_runs_end_to_end(flow_run):
     ws, _, res, _ = flow_run
     assert res.returncode == 0, res.stderr[-3000:]
     assert "cbh retrain finished" in res.stdout and "test AUC" in res.stdout
+    commissioned = next(line for line in res.stdout.splitlines() if line.strip().startswith("commission"))
+    assert "site-north: not commissioned:" in commissioned and "needs at least 29" in commissioned, commissioned
     import pyarrow.parquet as pq
     manifest = pq.read_table(ws / "data/manifest.parquet")
     assert manifest.num_rows > 20
@@ -554,6 +558,14 @@ def test_commission_a_site_threshold_then_predict_with_it(flow_run, tmp_path):
     for r in scored:
         assert r["prediction"] == ("hypoplasia" if float(r["hypoplasia_probability"]) >= threshold else "normal")
     assert other.returncode == 1 and "no threshold commissioned for site 'site-far'" in other.stderr
+
+    from pipelines.commission import recommission
+    from pipelines.config import load_params
+
+    p = load_params(ws / "params.yaml", ["commission.cohorts={site-local: " + str(site) + "}"]).commission
+    audit = ws / "data" / "audit" / "promotions.jsonl"
+    assert recommission("cerebellar-hypoplasia", champion, p, audit) == {
+        "site-local": f"already commissioned on version {champion}"}
 
     hist = _cbh(ws, "promote", "--history")
     assert hist.returncode == 0 and "commission" in hist.stdout and "hash chain intact" in hist.stdout
