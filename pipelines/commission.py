@@ -266,7 +266,10 @@ def score_cohort(cohort, site: str, model_uri: str) -> dict[str, Any]:
             continue
         pid = (rows[i].get("patient_id") or "").strip()
         if not pid:
-            pid = str(pydicom.dcmread(items[i][0], stop_before_pixels=True).get("PatientID", "") or "").strip()
+            try:
+                pid = str(pydicom.dcmread(items[i][0], stop_before_pixels=True).get("PatientID", "") or "").strip()
+            except Exception:  # boundary: its header cannot be read again; its path may name the patient
+                pid = ""
         if not pid:
             counts["unreadable"] += 1          # a patient cannot be told apart: not an independent unit
             continue
@@ -358,8 +361,11 @@ def recommission(name: str, version: str, p, audit) -> dict[str, str]:
             record(name, version, result, audit)
             out[site] = (f"commissioned at {result.threshold:.4f} on version {version}"
                          + ("; biometry unreliable there" if result.biometry_ok is False else ""))
-        except (CommissionError, OSError, ValueError) as exc:
+        except CommissionError as exc:                 # our own sentences: counts and the configured folder
             out[site] = f"not commissioned: {exc}"
+        except Exception as exc:  # boundary: the flow goes on; a library's message may quote a file name
+            out[site] = f"not commissioned: {type(exc).__name__} while scoring its cohort (run `cbh commission " \
+                        f"COHORT --site {site}` to see it)"
     return out
 
 
