@@ -158,7 +158,8 @@ def _history(audit: Path | None, limit: int = 20) -> tuple[list[str], list[list[
 
     head = ["time (UTC)", "action", "decision", "challenger", "champion after", "reason", "user"]
     recs = history(audit)[-limit:] if audit else []
-    return head, [[r["time"], r["action"], r["decision"], str(r["challenger"]), str(r["champion"]),
+    # a commission record names the version it set a site's threshold on, and moves no alias
+    return head, [[r["time"], r["action"], r["decision"], str(r["challenger"] or "-"), str(r["champion"] or "-"),
                    r["reason"], r["user"]] for r in reversed(recs)]
 
 

@@ -12,6 +12,9 @@ import yaml
 
 from tests.conftest import ROOT, TEST_KEY
 
+# a tiny training run: what the integration tests train with (also as `cbh train --set`)
+TINY_PARAMS = {"segment.max_epochs": 3, "train.max_epochs": 3, "preprocess.size": 64, "evaluate.bootstrap": 50}
+
 
 def make_workspace(tmp: Path, tiny: bool = True) -> Path:
     """A fresh workspace: the project's code and config, no data, its own git and DVC."""
