@@ -226,12 +226,13 @@ def cmd_predict(a: argparse.Namespace, root: Path) -> int:
         from pipelines.commission import check_site, registered_version, site_threshold, version_tags
 
         name, version = registered_version(uri)
-        threshold = site_threshold(version_tags(name, version), check_site(a.site))
+        uri = f"models:/{name}/{version}"        # the version the threshold belongs to, should an alias move
+        tags = version_tags(name, version)
+        threshold = site_threshold(tags, check_site(a.site))
         if threshold is None:
             raise CommandError(f"{name} version {version} has no threshold commissioned for site {a.site!r}; "
                                f"run `cbh commission COHORT --site {a.site}` on labelled scans of that site")
         note = f"; operating threshold {threshold:.4f}, commissioned for site {a.site} on version {version}"
-        tags = version_tags(name, version)
         if tags.get(f"commission.{a.site}.biometry_ok") == "False":
             print(f"cbh predict: warning: on site {a.site} the TCD error was "
                   f"{float(tags[f'commission.{a.site}.tcd_mae_mm']):.2f} mm at commissioning: its TCD, CM and "
@@ -284,7 +285,7 @@ def cmd_commission(a: argparse.Namespace, root: Path) -> int:
              f"the sonographers' tcd_mm" if r.tcd_images else "; no sonographer TCD to check the biometry against"))
     if r.biometry_ok is False:
         print(f"  warning: TCD error above {p.max_tcd_error_mm:.2f} mm on this site: its TCD, CM and centiles are "
-              f"not reliable (recorded; `cbh predict --site {site}` repeats this)", file=sys.stderr)
+              f"not reliable (kept with the site's threshold; `cbh predict --site {site}` repeats it)", file=sys.stderr)
     print(f"  trained threshold {r.trained_threshold:.4f}: {r.trained_patient_sensitivity:.1%} of hypoplasia "
           f"patients detected on every image (one-sided {r.confidence:.0%} lower bound "
           f"{r.trained_patient_sensitivity_low:.1%}); image sensitivity {r.trained_image_sensitivity:.3f}, "
