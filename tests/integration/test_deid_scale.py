@@ -51,6 +51,7 @@ print(json.dumps({"manifest": res.manifest, "quarantine": res.quarantine, "ocr":
 """
 
 
+@pytest.mark.slow          # three ingests (about a minute): `cbh deid --executor dask` above stays in make test
 def test_ingest_is_the_same_serial_in_a_pool_and_on_dask(small_cohort, tmp_path):
     """The cohort ingested in this process, by two pool workers and on a two-worker LocalCluster."""
     outs = {}
