@@ -40,9 +40,14 @@ def _inputs(inp: Path, ga_default: float | None, use_masks: bool) -> list[tuple[
     if (inp / "annotations.csv").is_file():
         from pipelines.ingest import read_annotations
         out = []
-        for row in read_annotations(inp):
+        for n, row in enumerate(read_annotations(inp), 1):
             mask = inp / row["mask"] if use_masks and (row.get("mask") or "").strip() else None
-            out.append((inp / row["image"], row["image"], int(row.get("frame") or 0), float(row["ga_weeks"]), mask))
+            try:
+                frame, ga = int(row.get("frame") or 0), float(row["ga_weeks"])
+            except (TypeError, ValueError, KeyError):
+                raise PredictInputError(f"{inp / 'annotations.csv'}: data row {n}: frame {row.get('frame')!r} or "
+                                        f"ga_weeks {row.get('ga_weeks')!r} is not a number") from None
+            out.append((inp / row["image"], row["image"], frame, ga, mask))
         return out
     if ga_default is None:
         raise PredictInputError("--ga-weeks is required when INPUT is not a cohort folder with annotations.csv")

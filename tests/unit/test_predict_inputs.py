@@ -1,0 +1,33 @@
+"""`cbh predict` and `cbh commission` read a cohort's annotations.csv: a row they cannot use is
+one sentence naming the file and the row, not a traceback."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from pipelines.predict import PredictInputError, _inputs
+
+
+def _cohort(tmp_path, ga: str):
+    with (tmp_path / "annotations.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["image", "patient_id", "exam_date", "ga_weeks", "label"])
+        w.writeheader()
+        w.writerow({"image": "scans/a.png", "patient_id": "P1", "exam_date": "2024-01-02", "ga_weeks": "22.5",
+                    "label": "normal"})
+        w.writerow({"image": "scans/b.png", "patient_id": "P2", "exam_date": "2024-01-03", "ga_weeks": ga,
+                    "label": "normal"})
+    return tmp_path
+
+
+def test_cohort_rows_become_items(tmp_path):
+    items = _inputs(_cohort(tmp_path, "30"), None, False)
+    assert [(name, frame, ga) for _, name, frame, ga, _ in items] == [("scans/a.png", 0, 22.5),
+                                                                        ("scans/b.png", 0, 30.0)]
+
+
+@pytest.mark.parametrize("ga", ["", "about 30"])
+def test_a_row_without_a_numeric_ga_is_one_sentence(tmp_path, ga):
+    with pytest.raises(PredictInputError, match=r"annotations.csv: data row 2: .*ga_weeks"):
+        _inputs(_cohort(tmp_path, ga), None, False)
