@@ -48,6 +48,7 @@ def _versions(ws: Path) -> list[str]:
     return sorted(str(v.version) for v in registry(ws).search_model_versions("name='cerebellar-hypoplasia'"))
 
 
+@pytest.mark.slow          # two training processes on two cores (about 80 s of CPU): make test-full
 def test_ddp_with_two_cpu_processes(split_workspace, tmp_path):
     ws = _copy(split_workspace, tmp_path)
     res = cbh(ws, "train", "--set", "train.strategy=ddp", "--set", "train.devices=2")
