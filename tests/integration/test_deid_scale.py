@@ -25,6 +25,7 @@ def _deid(src: Path, dst: Path, tmp: Path, *extra: str) -> dict:
     return json.loads((dst / "deid-report.json").read_text())
 
 
+@pytest.mark.slow          # a Dask LocalCluster of two workers beside the pool run (about a minute): make test-full
 def test_dask_executor_gives_the_same_outputs(small_cohort, tmp_path):
     pool = _deid(small_cohort / "scans", tmp_path / "pool", tmp_path, "--workers", "2")
     dask = _deid(small_cohort / "scans", tmp_path / "dask", tmp_path, "--executor", "dask", "--workers", "2")
@@ -51,7 +52,7 @@ print(json.dumps({"manifest": res.manifest, "quarantine": res.quarantine, "ocr":
 """
 
 
-@pytest.mark.slow          # three ingests (about a minute): `cbh deid --executor dask` above stays in make test
+@pytest.mark.slow          # three ingests (about a minute): make test-full
 def test_ingest_is_the_same_serial_in_a_pool_and_on_dask(small_cohort, tmp_path):
     """The cohort ingested in this process, by two pool workers and on a two-worker LocalCluster."""
     outs = {}
