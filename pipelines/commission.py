@@ -127,7 +127,9 @@ class Commissioning:
         """Registry tags (counts and thresholds only: no patient, file or date)."""
         d = asdict(self)
         site = d.pop("site")
-        return {f"{TAG_PREFIX}{site}.{k}": ("" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v)))
+        # thresholds exactly (repr round-trips): a rounded-up threshold would miss the very image it is set at
+        return {f"{TAG_PREFIX}{site}.{k}": ("" if v is None else (repr(v) if k.endswith("threshold") else
+                                                                   f"{v:.6g}" if isinstance(v, float) else str(v)))
                 for k, v in d.items()}
 
 
