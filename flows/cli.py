@@ -223,7 +223,7 @@ def cmd_predict(a: argparse.Namespace, root: Path) -> int:
     uri = a.model_uri or f"models:/{params.promote.model_name}@champion"
     threshold, note = None, ""
     if a.site:
-        from pipelines.commission import check_site, registered_version, site_threshold, version_tags
+        from pipelines.commission import check_site, registered_version, site_tag, site_threshold, version_tags
 
         name, version = registered_version(uri)
         uri = f"models:/{name}/{version}"        # the version the threshold belongs to, should an alias move
@@ -233,9 +233,9 @@ def cmd_predict(a: argparse.Namespace, root: Path) -> int:
             raise CommandError(f"{name} version {version} has no threshold commissioned for site {a.site!r}; "
                                f"run `cbh commission COHORT --site {a.site}` on labelled scans of that site")
         note = f"; operating threshold {threshold:.4f}, commissioned for site {a.site} on version {version}"
-        if tags.get(f"commission.{a.site}.biometry_ok") == "False":
+        if site_tag(tags, a.site, "biometry_ok") == "False":
             print(f"cbh predict: warning: on site {a.site} the TCD error was "
-                  f"{float(tags[f'commission.{a.site}.tcd_mae_mm']):.2f} mm at commissioning: its TCD, CM and "
+                  f"{float(site_tag(tags, a.site, 'tcd_mae_mm')):.2f} mm at commissioning: its TCD, CM and "
                   f"centiles are not reliable", file=sys.stderr)
     n, errors, outside = predict_path(Path(a.input), Path(a.out), uri, a.use_masks, a.ga_weeks, tta=a.tta,
                                       threshold=threshold)

@@ -206,9 +206,15 @@ def segmentation_check(outside: NDArray, test_outside: float, tcd_pred: NDArray,
             "biometry_ok": bool(mae <= max_tcd_error) if diff.size >= min_images else None}
 
 
+def site_tag(tags: dict[str, str], site: str, key: str) -> str:
+    """One of `site`'s commissioning figures among a model version's tags ("" when absent):
+    the one place that knows how `Commissioning.tags` names them."""
+    return tags.get(f"{TAG_PREFIX}{site}.{key}", "")
+
+
 def site_threshold(tags: dict[str, str], site: str) -> float | None:
     """The commissioned threshold of `site` among a model version's tags, or None."""
-    value = tags.get(f"{TAG_PREFIX}{site}.threshold", "")
+    value = site_tag(tags, site, "threshold")
     return float(value) if value else None
 
 
@@ -373,5 +379,5 @@ def recommission(name: str, version: str, p, audit) -> dict[str, str]:
 
 __all__ = ["Commissioning", "CommissionError", "check_site", "clopper_pearson", "commission", "commission_site",
            "excess", "min_positives", "one_image_per_patient", "recommission", "record", "registered_version",
-           "score_cohort", "segmentation_check", "site_threshold", "umbrella_threshold", "version_metric",
+           "score_cohort", "segmentation_check", "site_tag", "site_threshold", "umbrella_threshold", "version_metric",
            "version_tags", "violation_probability"]
