@@ -223,20 +223,13 @@ def cmd_predict(a: argparse.Namespace, root: Path) -> int:
     uri = a.model_uri or f"models:/{params.promote.model_name}@champion"
     threshold, note = None, ""
     if a.site:
-        from pipelines.commission import check_site, registered_version, site_tag, site_threshold, version_tags
+        from pipelines.commission import operating_point
 
-        name, version = registered_version(uri)
-        uri = f"models:/{name}/{version}"        # the version the threshold belongs to, should an alias move
-        tags = version_tags(name, version)
-        threshold = site_threshold(tags, check_site(a.site))
-        if threshold is None:
-            raise CommandError(f"{name} version {version} has no threshold commissioned for site {a.site!r}; "
-                               f"run `cbh commission COHORT --site {a.site}` on labelled scans of that site")
-        note = f"; operating threshold {threshold:.4f}, commissioned for site {a.site} on version {version}"
-        if site_tag(tags, a.site, "biometry_ok") == "False":
-            print(f"cbh predict: warning: on site {a.site} the TCD error was "
-                  f"{float(site_tag(tags, a.site, 'tcd_mae_mm')):.2f} mm at commissioning: its TCD, CM and "
-                  f"centiles are not reliable", file=sys.stderr)
+        point = operating_point(uri, a.site)
+        uri, threshold = point.uri, point.threshold
+        note = f"; operating threshold {threshold:.4f}, commissioned for site {a.site} on version {point.version}"
+        if point.biometry_warning:
+            print(f"cbh predict: warning: {point.biometry_warning}", file=sys.stderr)
     n, errors, outside = predict_path(Path(a.input), Path(a.out), uri, a.use_masks, a.ga_weeks, tta=a.tta,
                                       threshold=threshold)
     print(f"{n} predictions written to {a.out} with {uri}" + (f"; {errors} could not be read" if errors else "")
@@ -365,8 +358,22 @@ def cmd_serve(a: argparse.Namespace, root: Path) -> int:
     env = dict(os.environ, MLFLOW_TRACKING_URI=os.environ.get("MLFLOW_TRACKING_URI", params.paths.mlflow_uri))
     # mlflow starts uvicorn by name: the environment's own scripts must come first on PATH
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    uri = f"models:/{params.promote.model_name}@champion"
-    print(f"serving {uri} on http://127.0.0.1:{a.port}/invocations", flush=True)
+    uri, note = f"models:/{params.promote.model_name}@champion", ""
+    if a.site:
+        import json
+
+        from mlflow.pyfunc.scoring_server import SERVING_MODEL_CONFIG
+
+        from pipelines import commission, tracking
+
+        tracking.setup(env["MLFLOW_TRACKING_URI"], root / params.paths.mlflow_artifacts)
+        point = commission.operating_point(uri, a.site)
+        # read by MLflow's scoring server as it loads the model: the pyfunc's model_config
+        env[SERVING_MODEL_CONFIG] = json.dumps(commission.serving_config(point))
+        uri, note = point.uri, f" at the threshold {point.threshold:.4f} commissioned for site {a.site}"
+        if point.biometry_warning:
+            print(f"cbh serve: warning: {point.biometry_warning}", file=sys.stderr)
+    print(f"serving {uri} on http://127.0.0.1:{a.port}/invocations{note}", flush=True)
     return subprocess.call([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
                             "local", "--host", "127.0.0.1", "--port", str(a.port)], cwd=root, env=env)
 
@@ -490,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_servers)
     s = sub.add_parser("serve", help="serve the champion over REST on 127.0.0.1")
     s.add_argument("--port", type=int, default=5001)
+    s.add_argument("--site", help="serve the champion's version at the threshold commissioned for this site")
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("stage", help="run one dvc.yaml stage (what `dvc repro` calls)")
     s.add_argument("name", choices=["ingest", "validate", "split", "train", "evaluate"])

@@ -73,7 +73,11 @@ class CBHModel(mlflow.pyfunc.PythonModel):
         from pipelines.inference import Predictor
 
         self.predictor = Predictor.load(Path(context.artifacts["weights"]))
-        self.model_uri = (context.model_config or {}).get("model_uri", "")
+        config = context.model_config or {}
+        self.model_uri = config.get("model_uri", "")
+        # `cbh serve --site` sets a commissioned site's threshold through the model_config
+        if config.get("threshold") is not None:
+            self.predictor.with_threshold(float(config["threshold"]))
 
     def predict_rows(self, frames: list[tuple], names: list[str], frame_idx: list[int],
                      masks: list | None = None) -> list[dict[str, Any]]:

@@ -241,6 +241,53 @@ def version_tags(name: str, version: str) -> dict[str, str]:
     return dict(MlflowClient().get_model_version(name, version).tags)
 
 
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A site's commissioned threshold on the model version it belongs to."""
+
+    uri: str                  # models:/NAME/VERSION: fixed, should an alias move meanwhile
+    name: str
+    version: str
+    site: str
+    threshold: float
+    tags: dict[str, str]
+
+    @property
+    def biometry_warning(self) -> str:
+        """A sentence when the site's TCD error exceeded the limit at commissioning, else ""."""
+        if site_tag(self.tags, self.site, "biometry_ok") != "False":
+            return ""
+        return (f"on site {self.site} the TCD error was {float(site_tag(self.tags, self.site, 'tcd_mae_mm')):.2f} "
+                f"mm at commissioning: its TCD, CM and centiles are not reliable")
+
+
+def operating_point(model_uri: str, site: str) -> OperatingPoint:
+    """The threshold commissioned for `site` on the version `model_uri` names now; a version
+    without one is refused in one sentence."""
+    name, version = registered_version(model_uri)
+    tags = version_tags(name, version)
+    threshold = site_threshold(tags, check_site(site))
+    if threshold is None:
+        raise CommissionError(f"{name} version {version} has no threshold commissioned for site {site!r}; "
+                              f"run `cbh commission COHORT --site {site}` on labelled scans of that site")
+    return OperatingPoint(f"models:/{name}/{version}", name, version, site, threshold, tags)
+
+
+def serving_config(point: OperatingPoint) -> dict[str, Any]:
+    """The pyfunc `model_config` that makes a served version call hypoplasia at the site's
+    threshold (MLflow's scoring server reads it from SERVING_MODEL_CONFIG). A version logged
+    before its model_config had the key would silently ignore it, so it is refused."""
+    from mlflow.models import get_model_info
+    from mlflow.models.model import MODEL_CONFIG
+
+    logged = get_model_info(point.uri).flavors.get("python_function", {}).get(MODEL_CONFIG) or {}
+    if "threshold" not in logged:
+        raise CommissionError(f"{point.name} version {point.version} was registered before served models "
+                              f"could take a site's threshold; serve it without --site and apply the "
+                              f"threshold {point.threshold!r} to hypoplasia_probability, or retrain")
+    return {"threshold": point.threshold, "site": point.site}
+
+
 def score_cohort(cohort, site: str, model_uri: str) -> dict[str, Any]:
     """Predict on a labelled cohort folder (CONTRACT.md section 1) with the model's own
     inference, masks predicted; rows of other sites are left out when the cohort names sites.

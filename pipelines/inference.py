@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,11 @@ class Predictor:
         # test-time augmentation: average the prediction with that of the left-right mirrored
         # crop (the skull-aligned crop is symmetric about its occipito-frontal axis)
         self.tta = tta
+
+    def with_threshold(self, threshold: float) -> None:
+        """Call hypoplasia at `threshold` instead of the operating point chosen on validation
+        (a site's commissioned one, `pipelines.commission`)."""
+        self.cfg = replace(self.cfg, threshold=float(threshold))
 
     @classmethod
     def load(cls, folder: Path, device: str = "cpu") -> "Predictor":

@@ -8,7 +8,6 @@ the header or the pixels' burned-in text is copied out.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 from pathlib import Path
 
@@ -69,7 +68,7 @@ def load_model(model_uri: str, tta: bool = False, threshold: float | None = None
     model.model_uri = model_uri
     model.predictor.tta = tta
     if threshold is not None:
-        model.predictor.cfg = dataclasses.replace(model.predictor.cfg, threshold=float(threshold))
+        model.predictor.with_threshold(threshold)
     return model
 
 

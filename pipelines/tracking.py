@@ -31,6 +31,11 @@ def setup(tracking_uri: str, artifacts: Path) -> None:
     mlflow.set_experiment(EXPERIMENT)
 
 
+# what the served pyfunc's model_config may carry; only keys logged here can be set when it is
+# loaded (`cbh serve --site` sets the site's threshold; None: the trained operating point)
+MODEL_CONFIG: dict[str, Any] = {"model_uri": "", "site": None, "threshold": None}
+
+
 def signature() -> ModelSignature:
     inputs = Schema([ColSpec("string", "image"), ColSpec("double", "ga_weeks"),
                      ColSpec("double", "pixel_spacing_mm", required=False)])
@@ -92,7 +97,7 @@ def log_training_run(*, params_flat: dict[str, Any], metrics: dict[str, float], 
         uri = f"runs:/{run.info.run_id}/model"
         info = mlflow.pyfunc.log_model(
             name="model", python_model=CBHModel(), artifacts={"weights": str(weights_dir)},
-            signature=signature(), model_config={"model_uri": uri}, input_example=input_example,
+            signature=signature(), model_config=MODEL_CONFIG | {"model_uri": uri}, input_example=input_example,
             registered_model_name=model_name, pip_requirements=_requirements())
         version = str(info.registered_model_version)
         # the registered version's logged model carries the same lineage, and its test metrics
