@@ -27,7 +27,7 @@ from pipelines.synth_render import STYLES, Sector, Style, burn_banner, make_anat
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 SITES = {"aurora": "site-north", "boreal": "site-east", "cirrus": "site-south", "delta": "site-west",
-         "ember": "site-central"}
+         "ember": "site-central", "fjord": "site-coast"}
 FIRST = ["Jane", "Maria", "Aisha", "Li", "Olga", "Fatima", "Sofia", "Chloe", "Amara", "Ingrid",
          "Priya", "Yuki", "Elena", "Nadia", "Grace", "Leila", "Hana", "Rosa", "Mei", "Zara"]
 LAST = ["Doe", "Garcia", "Okafor", "Nguyen", "Ivanova", "Haddad", "Rossi", "Martin", "Mensah",

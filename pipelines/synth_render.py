@@ -59,6 +59,11 @@ STYLES: dict[str, Style] = {
     # default mix, kept for a second external validation (`--style ember`, site-central)
     "ember": Style("ember", 1024, 768, 45.0, 1.0, 3.6, 5.0, 70.0, True, "top-split",
                    "ExplicitVRLittleEndian", "Ember Diagnostics", "EM-5"),
+    # a sixth, fixed before any model saw it (2026-11-27), for a first look at a wide dynamic
+    # range after `segment.augment: floor` was developed on `ember`: between delta and ember in
+    # dynamic range, moderate gain and grain (`--style fjord`, site-coast)
+    "fjord": Style("fjord", 960, 720, 41.0, 1.8, 2.6, 2.0, 62.0, False, "top-right",
+                   "ExplicitVRLittleEndian", "Fjord Medical", "FM-60"),
 }
 
 

@@ -118,8 +118,9 @@ def test_the_external_validation_style_is_its_own_site(tmp_path):
     from pipelines.config import load_params
     from pipelines.synth_render import STYLES
 
-    assert "delta" not in load_params(Path(__file__).resolve().parents[2] / "params.yaml").synth.styles
-    others = [s for name, s in STYLES.items() if name not in ("delta", "ember")]   # the default mix
+    mix = load_params(Path(__file__).resolve().parents[2] / "params.yaml").synth.styles
+    assert "delta" not in mix
+    others = [STYLES[name] for name in mix]                                      # the default mix
     delta = STYLES["delta"]
     assert delta.grain_lateral > max(s.grain_lateral for s in others)
     assert delta.gain_db < min(s.gain_db for s in others)
@@ -149,3 +150,18 @@ def test_the_second_external_validation_style_lies_outside_all_four(tmp_path):
     assert rows and {r["site"] for r in rows} == {"site-central"}
     ds = pydicom.dcmread(tmp_path / rows[0]["image"])
     assert ds.Manufacturer == "Ember Diagnostics" and ds.PhotometricInterpretation == "RGB"
+
+
+def test_the_sixth_style_is_its_own_site_outside_the_default_mix(tmp_path):
+    """`fjord` (site-coast), fixed before any model saw it: a wider dynamic range than the
+    default mix, for a first look after the noise-floor augmentation was developed on `ember`."""
+    from pipelines.config import load_params
+    from pipelines.synth_render import STYLES
+
+    mix = load_params(Path(__file__).resolve().parents[2] / "params.yaml").synth.styles
+    assert "fjord" not in mix
+    assert STYLES["fjord"].dynamic_range_db > max(STYLES[name].dynamic_range_db for name in mix)
+    synth_cohort(tmp_path, 2, 5, ("fjord",), png_fraction=0.0)
+    rows = list(csv.DictReader((tmp_path / "annotations.csv").open()))
+    assert rows and {r["site"] for r in rows} == {"site-coast"}
+    assert pydicom.dcmread(tmp_path / rows[0]["image"]).Manufacturer == "Fjord Medical"
