@@ -98,16 +98,26 @@ def ga_band(ga_weeks: NDArray) -> NDArray:
     return out
 
 
-def subgroup_metrics(y: NDArray, p: NDArray, threshold: float,
-                     groups: dict[str, NDArray]) -> list[dict[str, object]]:
-    """Metrics per subgroup (GA band, site...): a subgroup's AUC is NaN when it has one class."""
+SEGMENTATION_SUBGROUP_KEYS = ("dice_cerebellum", "dice_cisterna", "tcd_mae_mm", "tcd_bias_mm")
+
+
+def subgroup_metrics(y: NDArray, p: NDArray, threshold: float, groups: dict[str, NDArray],
+                     per_image: dict[str, NDArray] | None = None) -> list[dict[str, object]]:
+    """Metrics per subgroup (GA band, site...): a subgroup's AUC is NaN when it has one class.
+    `per_image`: further per-image values (Dice, signed TCD error...), averaged over the
+    subgroup's images where known; a key ending in `_mae_mm` averages the absolute values."""
     rows: list[dict[str, object]] = []
     for kind, values in groups.items():
         for value in sorted({str(v) for v in values}):
             idx = np.array([str(v) == value for v in values])
             m = binary_metrics(y[idx], p[idx], threshold)
-            rows.append({"group": kind, "value": value, "n": int(idx.sum()), "n_positive": int(m["n_positive"]),
-                         "auc": m["auc"], "sensitivity": m["sensitivity"], "specificity": m["specificity"]})
+            row = {"group": kind, "value": value, "n": int(idx.sum()), "n_positive": int(m["n_positive"]),
+                   "auc": m["auc"], "sensitivity": m["sensitivity"], "specificity": m["specificity"]}
+            for name, per in (per_image or {}).items():
+                v = np.asarray(per, float)[idx]
+                v = np.abs(v) if name.endswith("_mae_mm") else v
+                row[name] = float(np.nanmean(v)) if np.any(np.isfinite(v)) else float("nan")
+            rows.append(row)
     return rows
 
 

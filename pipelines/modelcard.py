@@ -44,11 +44,17 @@ def markdown(meta: dict[str, Any]) -> str:
              f"- Brier {f('test_brier')}, expected calibration error {f('test_ece')}",
              f"- Dice cerebellum {f('test_dice_cerebellum')}, cisterna magna {f('test_dice_cisterna')}",
              f"- TCD error {f('test_tcd_mae_mm')} mm, CM error {f('test_cm_mae_mm')} mm", "",
-             "## Subgroups", "| group | value | n | positives | AUC | sensitivity | specificity |",
-             "|---|---|---|---|---|---|---|"]
+             "## Subgroups", "| group | value | n | positives | AUC | sensitivity | specificity | Dice cerebellum "
+             "| Dice cisterna | TCD error (mm) |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(r: dict[str, Any], key: str, digits: int = 3) -> str:
+        v = r.get(key)
+        return "-" if v is None or v != v else f"{v:.{digits}f}"
+
     for r in meta["subgroups"]:
-        lines.append(f"| {r['group']} | {r['value']} | {r['n']} | {r['n_positive']} | {r['auc']:.3f} | "
-                     f"{r['sensitivity']:.3f} | {r['specificity']:.3f} |")
+        lines.append(f"| {r['group']} | {r['value']} | {r['n']} | {r['n_positive']} | {cell(r, 'auc')} | "
+                     f"{cell(r, 'sensitivity')} | {cell(r, 'specificity')} | {cell(r, 'dice_cerebellum')} | "
+                     f"{cell(r, 'dice_cisterna')} | {cell(r, 'tcd_mae_mm', 2)} |")
     lines += ["", "## Training data (images per split and label)"]
     lines += [f"- {k}: {v}" for k, v in meta["training_data"]["images_per_split_and_label"].items()]
     lines += ["", "## Lineage"] + [f"- {k}: {v}" for k, v in meta["lineage"].items()]

@@ -142,14 +142,16 @@ def _metric_rows(runs: list) -> list[tuple[str, list[str]]]:
 
 
 def _subgroups(runs: list) -> tuple[list[str], list[list[str]]]:
-    head = ["run", "group", "value", "n", "positives", "AUC", "sensitivity", "specificity"]
+    head = ["run", "group", "value", "n", "positives", "AUC", "sensitivity", "specificity", "Dice cerebellum",
+            "Dice cisterna", "TCD error (mm)"]
     body = []
     for run in runs:
         raw = _artifact(run.info.run_id, "summary.json")
-        for g in (json.loads(raw).get("subgroups", []) if raw else []):
+        for g in (json.loads(raw).get("subgroups", []) if raw else []):   # runs before Dice per subgroup: "-"
             body.append([_label(run), g["group"], str(g["value"]), str(g["n"]), str(g["n_positive"])]
-                        + [("-" if v is None or v != v else f"{v:.3f}") for v in (g["auc"], g["sensitivity"],
-                                                                                 g["specificity"])])
+                        + [("-" if v is None or v != v else f"{v:.3f}") for v in (
+                            g.get("auc"), g.get("sensitivity"), g.get("specificity"), g.get("dice_cerebellum"),
+                            g.get("dice_cisterna"), g.get("tcd_mae_mm"))])
     return head, body
 
 

@@ -319,8 +319,11 @@ def evaluate_models(predictor: Predictor, data: Prepared, params: Params) -> Eva
     metrics["test_auc_ci_low"], metrics["test_auc_ci_high"] = lo, hi
     has_mask = data.labels[te].reshape(len(te), -1).max(1) > 0 if len(te) else np.zeros(0, bool)
     t_idx = te[has_mask]
-    metrics["test_dice_cerebellum"] = float(np.nanmean(ev.dice_per_image(pred_labels[t_idx], data.labels[t_idx], 1)))
-    metrics["test_dice_cisterna"] = float(np.nanmean(ev.dice_per_image(pred_labels[t_idx], data.labels[t_idx], 2)))
+    # per test image (NaN: no annotated mask), for the overall figures and for each subgroup
+    dice = {k: np.full(len(te), np.nan) for k in ("dice_cerebellum", "dice_cisterna")}
+    for cls, key in ((1, "dice_cerebellum"), (2, "dice_cisterna")):
+        dice[key][has_mask] = ev.dice_per_image(pred_labels[t_idx], data.labels[t_idx], cls)
+        metrics[f"test_{key}"] = float(np.nanmean(dice[key][has_mask])) if has_mask.any() else float("nan")
     meas = np.array([biometry.measure_mask(pred_labels[i], data.mm_per_px[i]) for i in te]).reshape(-1, 2)
     metrics["test_tcd_mae_mm"] = ev.mean_abs_error(meas[:, 0], data.frame["tcd_mm"].to_numpy()[te])
     metrics["test_cm_mae_mm"] = ev.mean_abs_error(meas[:, 1], data.frame["cm_mm"].to_numpy()[te])
@@ -334,7 +337,9 @@ def evaluate_models(predictor: Predictor, data: Prepared, params: Params) -> Eva
     metrics["excluded_unfittable"] = float(len(data.failed))
     test = data.frame.iloc[te]
     groups = {"ga_band": ev.ga_band(test["ga_weeks"].to_numpy()), "site": test["site"].fillna("unknown").to_numpy()}
-    subgroups = ev.subgroup_metrics(y[te], prob[te], thr, groups)
+    tcd_error = meas[:, 0] - data.frame["tcd_mm"].to_numpy(dtype=float)[te]
+    subgroups = ev.subgroup_metrics(y[te], prob[te], thr, groups,
+                                    {**dice, "tcd_mae_mm": tcd_error, "tcd_bias_mm": tcd_error})
     title = params.train.model
     figures = {"roc": plots.roc(y[te], prob[te], f"{title}: test ROC"),
                "reliability": plots.reliability_diagram(y[te], prob[te], f"{title}: calibration"),

@@ -42,6 +42,11 @@ def test_each_model_trains_and_evaluates(prepared, params, model):
     assert {"test_dice_cerebellum", "test_tcd_mae_mm", "test_ece", "test_auc_ci_low"} <= set(m)
     assert 0.0 <= m["test_cerebellum_outside_head"] <= 1.0
     assert {r["group"] for r in ev.subgroups} == {"ga_band", "site"}
+    sites = [r for r in ev.subgroups if r["group"] == "site"]      # segmentation per site, too
+    assert all({"dice_cerebellum", "dice_cisterna", "tcd_mae_mm", "tcd_bias_mm"} <= set(r) for r in sites)
+    if len(sites) == 1 and np.isfinite(m["test_dice_cerebellum"]):
+        assert sites[0]["dice_cerebellum"] == pytest.approx(m["test_dice_cerebellum"])
+        assert sites[0]["tcd_mae_mm"] == pytest.approx(m["test_tcd_mae_mm"], nan_ok=True)
     assert set(ev.figures) == {"roc", "reliability", "confusion", "overlays"}
     assert set(ev.tables) == {"roc", "reliability", "test_predictions"}
     preds = ev.tables["test_predictions"]

@@ -47,6 +47,19 @@ def test_subgroups_report_each_value():
     assert [(r["value"], r["n"], r["auc"]) for r in rows] == [("a", 2, 1.0), ("b", 2, 1.0)]
 
 
+def test_subgroups_average_per_image_values_where_known():
+    """Dice and TCD error per site: NaN (no annotated mask) is left out, `_mae_mm` keys average
+    absolute values, others keep the sign (a bias)."""
+    y, p = np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8])
+    error = np.array([1.0, -3.0, np.nan, np.nan])
+    rows = subgroup_metrics(y, p, 0.5, {"site": np.array(["a", "a", "b", "b"])},
+                            {"dice_cerebellum": np.array([0.8, np.nan, 0.6, 0.7]),
+                             "tcd_mae_mm": error, "tcd_bias_mm": error})
+    a, b = rows
+    assert (a["dice_cerebellum"], a["tcd_mae_mm"], a["tcd_bias_mm"]) == (0.8, 2.0, -1.0)
+    assert b["dice_cerebellum"] == pytest.approx(0.65) and np.isnan(b["tcd_mae_mm"])
+
+
 def test_bias_keeps_the_sign_the_absolute_error_drops():
     truth = np.array([40.0, 42.0, 44.0, np.nan])
     wide = truth + np.array([1.0, 2.0, 3.0, 0.0])
