@@ -31,7 +31,7 @@ def random_affine(image: torch.Tensor, masks: torch.Tensor | None, generator: to
     return out, m.to(masks.dtype)
 
 
-AUGMENTS = ("basic", "scanner")                 # also pipelines/config.py, which checks params.yaml
+AUGMENTS = ("basic", "scanner", "floor")        # also pipelines/config.py, which checks params.yaml
 
 
 def random_intensity(image: torch.Tensor, generator: torch.Generator | None = None,
@@ -43,10 +43,13 @@ def random_intensity(image: torch.Tensor, generator: torch.Generator | None = No
     `scanner` goes further, for scanners never seen in training: the grey-level curve is also
     bent by a random monotonic map (each vendor's post-processing map and dynamic range; it
     keeps black at black), the grain blur reaches 2.25 px, and on half the batch the speckle noise
-    is coarse (drawn at a quarter or half the resolution), as from a wider beam."""
+    is coarse (drawn at a quarter or half the resolution), as from a wider beam.
+
+    `floor` is `scanner` plus a raised noise floor on half the batch (`_noise_floor`): what a
+    scanner with a wider dynamic range or more gain shows where the others show black."""
     if augment not in AUGMENTS:
         raise ValueError(f"augment {augment!r}: choose among {', '.join(AUGMENTS)}")
-    b, scanner = image.shape[0], augment == "scanner"
+    b, scanner = image.shape[0], augment in ("scanner", "floor")
     rnd = torch.rand(b, 5, generator=generator).to(image.device)
     gain = (0.7 + 0.6 * rnd[:, 0]).view(b, 1, 1, 1)
     gamma = torch.exp((rnd[:, 1] * 2 - 1) * math.log(1.6)).view(b, 1, 1, 1)
@@ -57,6 +60,8 @@ def random_intensity(image: torch.Tensor, generator: torch.Generator | None = No
     blur = rnd[:, 4] < 0.5
     if bool(blur.any()):
         out = torch.where(blur.view(b, 1, 1, 1), _gaussian_blur(out, sigma), out)
+    if augment == "floor":
+        out = _noise_floor(out, generator)
     noise = torch.randn(image.shape, generator=generator).to(image.device)
     if scanner:
         noise = torch.where((torch.rand(b, generator=generator) < 0.5).view(b, 1, 1, 1).to(image.device),
@@ -82,6 +87,21 @@ def _random_curve(x: torch.Tensor, generator: torch.Generator | None, knots: int
     lo, hi = ys.gather(1, i), ys.gather(1, i + 1)
     mapped = (lo + (v - i) * (hi - lo)).reshape(x.shape)
     return torch.where(x > 1, x, mapped)
+
+
+def _noise_floor(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """On half the batch, the black level raised to a textured grey: x -> L R + (1 - L) x with
+    L in 0.05-0.35 and R speckle-like (Rayleigh, mean 1, grain of 1, 2 or 4 px). Fluid that
+    the training scanners clip to black (cisterna magna: 0.01 of the crop's range) shows as
+    grey speckle on a scanner with a wider dynamic range (0.25 on the fifth synthetic one)."""
+    b, dev = x.shape[0], x.device
+    level = (0.05 + 0.30 * torch.rand(b, generator=generator)).view(b, 1, 1, 1).to(dev)
+    on = (torch.rand(b, generator=generator) < 0.5).view(b, 1, 1, 1).to(dev)
+    pair = [_coarse_noise(x.shape, generator) if float(torch.rand(1, generator=generator)) < 0.5
+            else torch.randn(x.shape, generator=generator) for _ in range(2)]
+    rayleigh = torch.hypot(pair[0], pair[1]).to(dev)
+    rayleigh = rayleigh / rayleigh.mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
+    return torch.where(on, level * rayleigh + (1 - level) * x, x)
 
 
 def _coarse_noise(shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:

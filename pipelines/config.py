@@ -111,7 +111,7 @@ class SegmentParams:
     batch_size: int
     lr: float
     channels: tuple[int, ...]
-    augment: str = "basic"      # basic | scanner (random transforms: models/augment.py)
+    augment: str = "basic"      # basic | scanner | floor (random transforms: models/augment.py)
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ class PromoteParams:
     model_name: str
 
 
-AUGMENTS = ("basic", "scanner")                 # models/augment.py random_intensity
+AUGMENTS = ("basic", "scanner", "floor")        # models/augment.py random_intensity
 IMAGE_NORMS = ("none", "equalise")              # models/networks.py ASCNet
 MODELS = ("asc", "asc-ga", "asc-scale", "image-only", "biometry-rule")
 

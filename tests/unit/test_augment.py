@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.augment import _random_curve, random_affine, random_intensity
+from models.augment import _noise_floor, _random_curve, random_affine, random_intensity
 
 
 def _batch(b: int = 6) -> torch.Tensor:
@@ -23,7 +23,7 @@ def test_affine_moves_masks_with_the_image():
     assert agree > 0.97                                  # same warp for both (interpolation aside)
 
 
-@pytest.mark.parametrize("augment", ["basic", "scanner"])
+@pytest.mark.parametrize("augment", ["basic", "scanner", "floor"])
 def test_intensity_is_in_range_and_seeded(augment):
     x = _batch()
     a = random_intensity(x, torch.Generator().manual_seed(3), augment)
@@ -56,3 +56,19 @@ def test_config_accepts_exactly_the_augmentations_there_are():
     from pipelines.config import AUGMENTS as CHECKED
 
     assert CHECKED == AUGMENTS
+
+
+def test_noise_floor_lifts_black_to_textured_grey_on_half_the_batch():
+    """`floor`: fluid that the training scanners show black (0) becomes speckled grey at the
+    drawn level on about half the samples; the others pass unchanged; the order of the grey
+    levels is kept on average (an affine lift plus texture)."""
+    x = torch.zeros(64, 1, 32, 32)
+    x[:, :, 16:] = 0.6                                   # tissue below, fluid (black) above
+    out = _noise_floor(x, torch.Generator().manual_seed(7))
+    lifted = out[:, :, :16].mean(dim=(1, 2, 3)) > 0.01
+    assert 16 <= int(lifted.sum()) <= 48                 # about half the batch
+    assert torch.equal(out[~lifted], x[~lifted])
+    fluid, tissue = out[lifted][:, :, :16], out[lifted][:, :, 16:]
+    assert 0.05 <= float(fluid.mean(dim=(1, 2, 3)).min()) and float(fluid.mean(dim=(1, 2, 3)).max()) <= 0.36
+    assert float(fluid.std(dim=(2, 3)).min()) > 0.01     # textured, not a flat grey
+    assert bool((tissue.mean(dim=(1, 2, 3)) > fluid.mean(dim=(1, 2, 3))).all())
