@@ -81,12 +81,12 @@ def run(folder: Path, profile: str | None, sets: list[str], predictions: Path | 
           f"TCD MAE {m['test_tcd_mae_mm']:.2f} mm (bias {m['test_tcd_bias_mm']:+.2f}), "
           f"CM MAE {m['test_cm_mae_mm']:.2f} mm, ECE {m['test_ece']:.3f}, "
           f"cerebellum outside the skull in {m['test_cerebellum_outside_head']:.1%} of test images")
-    for g in evaluation.subgroups:
-        if g["group"] == "site" and len([x for x in evaluation.subgroups if x["group"] == "site"]) > 1:
-            print(f"  {g['value']} ({g['n']} images): AUC {g['auc']:.3f}, sensitivity {g['sensitivity']:.3f}, "
-                  f"specificity {g['specificity']:.3f}, Dice cerebellum {g['dice_cerebellum']:.3f}, "
-                  f"cisterna {g['dice_cisterna']:.3f}, TCD MAE {g['tcd_mae_mm']:.2f} mm "
-                  f"(bias {g['tcd_bias_mm']:+.2f})")
+    sites = [g for g in evaluation.subgroups if g["group"] == "site"]
+    for g in sites if len(sites) > 1 else []:
+        print(f"  {g['value']} ({g['n']} images): AUC {g['auc']:.3f}, sensitivity {g['sensitivity']:.3f}, "
+              f"specificity {g['specificity']:.3f}, Dice cerebellum {g['dice_cerebellum']:.3f}, "
+              f"cisterna {g['dice_cisterna']:.3f}, TCD MAE {g['tcd_mae_mm']:.2f} mm "
+              f"(bias {g['tcd_bias_mm']:+.2f})")
     if not np.isfinite(m["test_auc"]):
         raise SystemExit("the test rows have one class only: no AUC")
 

@@ -98,9 +98,6 @@ def ga_band(ga_weeks: NDArray) -> NDArray:
     return out
 
 
-SEGMENTATION_SUBGROUP_KEYS = ("dice_cerebellum", "dice_cisterna", "tcd_mae_mm", "tcd_bias_mm")
-
-
 def subgroup_metrics(y: NDArray, p: NDArray, threshold: float, groups: dict[str, NDArray],
                      per_image: dict[str, NDArray] | None = None) -> list[dict[str, object]]:
     """Metrics per subgroup (GA band, site...): a subgroup's AUC is NaN when it has one class.

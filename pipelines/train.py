@@ -320,8 +320,9 @@ def evaluate_models(predictor: Predictor, data: Prepared, params: Params) -> Eva
     has_mask = data.labels[te].reshape(len(te), -1).max(1) > 0 if len(te) else np.zeros(0, bool)
     t_idx = te[has_mask]
     # per test image (NaN: no annotated mask), for the overall figures and for each subgroup
-    dice = {k: np.full(len(te), np.nan) for k in ("dice_cerebellum", "dice_cisterna")}
+    dice: dict[str, np.ndarray] = {}
     for cls, key in ((1, "dice_cerebellum"), (2, "dice_cisterna")):
+        dice[key] = np.full(len(te), np.nan)
         dice[key][has_mask] = ev.dice_per_image(pred_labels[t_idx], data.labels[t_idx], cls)
         metrics[f"test_{key}"] = float(np.nanmean(dice[key][has_mask])) if has_mask.any() else float("nan")
     meas = np.array([biometry.measure_mask(pred_labels[i], data.mm_per_px[i]) for i in te]).reshape(-1, 2)
