@@ -8,7 +8,9 @@ and cine, uncompressed, JPEG baseline, JPEG 2000, RLE, palette, 16-bit), each co
 own patient, study and instance UIDs so every copy is a distinct exam (the pixels and the
 encoding are the originals'). Each tool runs in its own fresh process, three times,
 alternating (dicognito, cbh, dicognito, cbh, ...), each run after `sync` so that no run pays
-for writing back the previous run's 1.5 GB; the medians are compared. Peak memory is that
+for writing back the previous run's 1.5 GB; the medians are compared. Two more runs show where
+the time goes: OCR of the first image of each device only (deid.ocr_sample 0), and no OCR at
+all (verification switched off inside the benchmark: no setting of cbh does that). Peak memory is that
 process's maximum resident set. `cbh deid` runs twice more, on half and on the whole corpus,
 to show whether its peak memory grows with the corpus.
 """
@@ -59,7 +61,10 @@ import json, sys
 from pathlib import Path
 from pipelines import deid as D
 from pipelines.deid_folder import deid_folder
-settings = D.Settings(templates=D.parse_templates([json.loads(sys.argv[4])]))
+settings = D.Settings(templates=D.parse_templates([json.loads(sys.argv[4])]),
+                      ocr_sample=float(sys.argv[5]) if len(sys.argv) > 5 else D.Settings.ocr_sample)
+if sys.argv[6:] == ["no-ocr"]:   # the cost of the rest alone (no setting turns verification off)
+    D.Deidentifier._verify = lambda self, *args, **kwargs: False
 rep = deid_folder(Path(sys.argv[1]), Path(sys.argv[2]), D.Pseudonymizer(b"benchmark-key", 365),
                   settings=settings, workers=int(sys.argv[3]))
 print(json.dumps({k: rep[k] for k in ("inputs", "deidentified", "quarantined", "reasons", "ocr_verified")}))
@@ -129,6 +134,11 @@ def main() -> None:
             shutil.rmtree(tmp / "cbh")
         t_one, _ = timed(CBH, str(tmp / "corpus"), str(tmp / "cbh1"), "1", template)
         shutil.rmtree(tmp / "cbh1")
+        # where the time goes: OCR of the first image of each device only (no sample), then none
+        t_first, rep_first = timed(CBH, str(tmp / "corpus"), str(tmp / "cbh2"), str(a.workers), template, "0")
+        shutil.rmtree(tmp / "cbh2")
+        t_none, _ = timed(CBH, str(tmp / "corpus"), str(tmp / "cbh3"), str(a.workers), template, "0", "no-ocr")
+        shutil.rmtree(tmp / "cbh3")
         t_dic, t_cbh = statistics.median(runs["dicognito"]), statistics.median(runs["cbh"])
         spread = {k: " ".join(f"{v:.1f}" for v in vals) for k, vals in runs.items()}
         print(f"dicognito (headers only, 1 process):           {int(n_dic) / t_dic:7.1f} files/s  "
@@ -138,6 +148,11 @@ def main() -> None:
         print(f"cbh deid (1 process):                          {a.files / t_one:7.1f} files/s  ({t_one:.1f} s)")
         print(f"ratio cbh/dicognito: {t_dic / t_cbh * a.files / int(n_dic):.2f} "
               f"(1 process: {t_dic / t_one * a.files / int(n_dic):.2f})")
+        verified = json.loads(rep_first)["ocr_verified"]
+        print(f"where the time goes ({a.workers} processes, one run each): OCR of the first image of each "
+              f"device only ({verified} read): {a.files / t_first:.1f} files/s, ratio "
+              f"{t_dic / t_first * a.files / int(n_dic):.2f}; no OCR at all: {a.files / t_none:.1f} files/s, "
+              f"ratio {t_dic / t_none * a.files / int(n_dic):.2f}")
         # peak memory against corpus size: half the corpus, then all of it (fresh processes)
         half = tmp / "half"
         half.mkdir()

@@ -17,6 +17,7 @@ production rule: it quarantines the file). Not a test: it prints a table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import random
 import sys
 import tempfile
@@ -70,7 +71,9 @@ def cleaned_frames(tmp: Path, patients: int) -> list[tuple[str, np.ndarray]]:
         arr, photometric = D.frames_for_cleaning(ds)
         # as OCR sees it: grey, 8-bit (pipelines.ocr rescales 16-bit to the displayed range)
         frames.append((str(ds.get("ManufacturerModelName", "")) or "?", _grey(D.display(arr[0], photometric, ds))))
-    return frames
+    # in an order that does not depend on the outputs' names (the synthetic UIDs are new every run),
+    # so that the same seed plants the same strings in the same frames
+    return sorted(frames, key=lambda f: hashlib.sha256(f[1].tobytes()).hexdigest())
 
 
 def plant(frame: np.ndarray, text: str, scale: float, level: int, rng: random.Random) -> np.ndarray | None:

@@ -47,6 +47,16 @@ DEFAULT_VOCABULARY = tuple((
 DATE_OR_TIME = re.compile(r"\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}|\d{1,2}:\d{2}")
 
 
+# Glyphs Tesseract confuses on screen fonts ("Sag" read as "Saq" when the crop cuts the
+# descender): a label is looked up in the vocabulary with each folded to one letter.
+CONFUSABLE = str.maketrans("qi1|05", "glllos")
+
+
+def fold(word: str) -> str:
+    """A word as the vocabulary is looked up: lower case, confusable glyphs folded."""
+    return word.lower().translate(CONFUSABLE)
+
+
 class OcrUnavailable(RuntimeError):
     """Tesseract is not installed: verification cannot run, so nothing may pass unverified."""
 
@@ -64,10 +74,10 @@ class OcrSettings:
         bare = word.strip(".,:;()[]{}'\"*")
         if DATE_OR_TIME.search(bare):
             return False
-        vocab = {v.lower() for v in self.vocabulary}
+        vocab = {fold(v) for v in self.vocabulary}
         patterns = [re.compile(p) for p in self.allowed]
         for part in bare.split("/"):
-            if sum(ch.isalnum() for ch in part) < self.min_chars or part.lower() in vocab:
+            if sum(ch.isalnum() for ch in part) < self.min_chars or fold(part) in vocab:
                 continue
             if not any(p.match(part) for p in patterns):
                 return False
@@ -123,10 +133,11 @@ class _Library:
         lib.TessBaseAPISetVariable(self.api, b"user_defined_dpi", str(DPI).encode())
         lib.TessBaseAPISetVariable(self.api, b"debug_file", os.devnull.encode())   # its notes, not stderr
 
-    def words(self, grey: np.ndarray) -> list[tuple[str, float]]:
+    def words(self, grey: np.ndarray, invert: bool = True) -> list[tuple[str, float]]:
         grey = np.ascontiguousarray(grey, dtype=np.uint8)
         lib = self.lib
         with self.lock:
+            lib.TessBaseAPISetVariable(self.api, b"tessedit_do_invert", b"1" if invert else b"0")
             lib.TessBaseAPISetImage(self.api, grey.ctypes.data, grey.shape[1], grey.shape[0], 1, grey.strides[0])
             if lib.TessBaseAPIRecognize(self.api, None) != 0:
                 raise OcrUnavailable("libtesseract failed to read an image")
@@ -175,19 +186,21 @@ def _grey(img: np.ndarray) -> np.ndarray:
     return img
 
 
-def _tesseract_words(grey: np.ndarray, via: str | None = None) -> list[tuple[str, float]]:
+def _tesseract_words(grey: np.ndarray, via: str | None = None, invert: bool = True) -> list[tuple[str, float]]:
     """(word, confidence) as Tesseract reads them (sparse text, LSTM engine), in this process
-    where the library loads (`via`: force 'library' or 'command')."""
+    where the library loads (`via`: force 'library' or 'command'). `invert`: Tesseract also reads
+    the inverted line wherever a line reads poorly (its default; False: one polarity only)."""
     if (via or engine()) == "library":
         if (lib := _library()) is None:
             raise OcrUnavailable("libtesseract cannot be loaded")
-        return lib.words(grey)
+        return lib.words(grey, invert)
     ok, png = cv2.imencode(".png", grey)
     if not ok:
         raise ValueError("image cannot be encoded for OCR")
     res = subprocess.run(["tesseract", "stdin", "stdout", "--psm", str(PSM_SPARSE_TEXT), "--oem", str(OEM_LSTM_ONLY),
-                          "--dpi", str(DPI), "tsv"], input=png.tobytes(), capture_output=True,
-                         env={**os.environ, "OMP_THREAD_LIMIT": "1"}, check=False)
+                          "--dpi", str(DPI), "-c", f"tessedit_do_invert={int(invert)}", "tsv"],
+                         input=png.tobytes(), capture_output=True, env={**os.environ, "OMP_THREAD_LIMIT": "1"},
+                         check=False)
     if res.returncode:
         raise OcrUnavailable(f"tesseract failed ({res.stderr.decode(errors='replace').strip()[-200:]})")
     return _parse_tsv(res.stdout.decode("utf-8", errors="replace"))
@@ -214,7 +227,9 @@ def residual_text(frames: np.ndarray | list[np.ndarray], settings: OcrSettings) 
     width = max(c.shape[1] for c in crops) + 16
     sheet = np.vstack([cv2.copyMakeBorder(c, 8, 8, 8, width - 8 - c.shape[1], cv2.BORDER_CONSTANT, value=0)
                        for c in crops])
-    words = [(w, c, settings.min_confidence) for w, c in _tesseract_words(sheet)]
+    # burned-in text is bright on the dark screen: read dark on white, one polarity (Tesseract's
+    # per-line retry of the other one costs 40% of the read and found nothing more, README)
+    words = [(w, c, settings.min_confidence) for w, c in _tesseract_words(255 - sheet, invert=False)]
     if (bright := bright_marks(sheet)) is not None:
         floor = max(settings.min_confidence, BRIGHT_MIN_CONFIDENCE)
         words += [(w, c, floor) for w, c in _tesseract_words(bright)]

@@ -359,9 +359,10 @@ def test_synthetic_banners_and_header_identifiers_are_gone(small_cohort, pseudo,
 
 def test_ocr_allows_calibration_marks_and_flags_identifiers():
     s = OcrSettings()
-    for ok in ("10", "4.5cm", "L12-5", "6C1", "TIS0.4", "20dB/DR60", "65bpm", "Cist", "MHz"):
+    # "Saq": the label "Sag" of pydicom's RGB_IMAGE.dcm, its descender cut by the crop, read at 82
+    for ok in ("10", "4.5cm", "L12-5", "6C1", "TIS0.4", "20dB/DR60", "65bpm", "Cist", "MHz", "Saq", "L1VER"):
         assert s.is_allowed(ok), ok
-    for bad in ("08/29/1951", "8:48:26", "MRN8109163", "CLEVELAND", "Lowbridge", "00047431395"):
+    for bad in ("08/29/1951", "8:48:26", "MRN8109163", "CLEVELAND", "Lowbridge", "00047431395", "Sam", "Oliver"):
         assert not s.is_allowed(bad), bad
 
 

@@ -206,15 +206,17 @@ img = np.zeros((120, 520), np.uint8)
 cv2.putText(img, "DOE JANE 12/03/2020", (10, 70), cv2.FONT_HERSHEY_SIMPLEX, 1.2, 255, 2)
 engine = ocr.engine()
 library, command = ocr._tesseract_words(img, "library"), ocr._tesseract_words(img, "command")
-print(json.dumps([engine, library, command, ocr.residual_text(img, ocr.OcrSettings())]))
+one_way = [ocr._tesseract_words(255 - img, via, invert=False) for via in ("library", "command")]
+print(json.dumps([engine, library, command, one_way, ocr.residual_text(img, ocr.OcrSettings())]))
 import torch  # noqa: E402  (after: the engine is chosen once per process)
 """
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 0, res.stderr[-2000:]
-    engine, library, command, residual = json.loads(res.stdout.strip().splitlines()[-1])
+    engine, library, command, one_way, residual = json.loads(res.stdout.strip().splitlines()[-1])
     assert engine == "library"
     assert library == command
+    assert one_way[0] == one_way[1] and {"DOE", "JANE"} <= {w for w, conf in one_way[0] if conf >= 80}
     assert {"DOE", "JANE", "12/03/2020"} <= {w for w, conf in library if conf >= 80}
     assert residual == ["DOE", "JANE", "12/03/2020"]
     after_torch = subprocess.run([sys.executable, "-c", "import torch\nfrom pipelines import ocr\nprint(ocr.engine())"],
@@ -223,9 +225,10 @@ import torch  # noqa: E402  (after: the engine is chosen once per process)
 
 
 def test_ocr_reads_bright_text_laid_over_speckle(tmp_path):
-    """Legible white text over a synthetic head: Tesseract reading the frame as shown loses it in
-    the speckle; the second read, of the bright marks alone, finds it. The head without text
-    stays clean (a false alarm would quarantine a clean scan)."""
+    """Legible white text over a synthetic head: Tesseract reading the frame as the first read
+    does (inverted, one polarity) loses it in the speckle; the second read, of the bright marks
+    alone, finds it. The head without text stays clean (a false alarm would quarantine a clean
+    scan)."""
     import cv2
 
     from pipelines import ocr
@@ -242,7 +245,7 @@ def test_ocr_reads_bright_text_laid_over_speckle(tmp_path):
         img = head.copy()
         cv2.putText(img, "Jane Doe 14:32", (x, y), cv2.FONT_HERSHEY_SIMPLEX, 1.0, 255, 1, cv2.LINE_AA)
         assert {"Jane", "Doe", "14:32"} & set(ocr.residual_text([img], settings)), (x, y)
-        shown = [word for word, conf in ocr._tesseract_words(img) if conf >= settings.min_confidence
+        shown = [word for word, conf in ocr._tesseract_words(255 - img, invert=False) if conf >= settings.min_confidence
                  and sum(ch.isalnum() for ch in word) >= settings.min_chars and not settings.is_allowed(word)]
         lost_in_speckle += not shown
     assert lost_in_speckle >= 3          # why the bright marks are read at all
