@@ -116,6 +116,35 @@ def cerebellar_axis(labels: NDArray[np.integer]) -> float | None:
     return math.atan2(vy, vx)
 
 
+SUBPIXEL = 4        # measure_soft: the probabilities are upsampled this many times
+
+
+def measure_soft(prob: NDArray[np.floating], labels: NDArray[np.integer], spacing_mm: float,
+                 factor: int = SUBPIXEL) -> tuple[float, float]:
+    """TCD and CM depth (mm) as `measure_mask` gives them, at 1/`factor` of a pixel: the class
+    probabilities (C, S, S) upsampled bilinearly, each pixel of the finer grid labelled by the
+    most probable class, and only next to (one pixel around) the structure `labels` kept, so
+    blobs the anatomical prior dropped stay dropped.
+
+    On a crop of 128 pixels a pixel is 0.7-0.8 mm, and a mask counted in whole pixels is off
+    by up to a pixel (exact masks warped to the crop: TCD error 0.28 mm on average); the
+    probabilities place each border between two pixel centres.
+    """
+    import cv2
+
+    size = labels.shape[-1] * factor
+    up = np.stack([cv2.resize(np.asarray(p, np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+                   for p in prob])
+    best = up.argmax(0)
+    fine = np.zeros((size, size), np.uint8)
+    kernel = np.ones((3, 3), np.uint8)
+    for cls in (1, 2):
+        near = cv2.dilate((labels == cls).astype(np.uint8), kernel)
+        near = cv2.resize(near, (size, size), interpolation=cv2.INTER_NEAREST).astype(bool)
+        fine[near & (best == cls)] = cls
+    return measure_mask(fine, spacing_mm / factor)
+
+
 def measure_mask(labels: NDArray[np.integer], spacing_mm: float,
                  of_axis_rad: float | None = None) -> tuple[float, float]:
     """TCD and CM depth (mm) from a label mask (1 cerebellum, 2 cisterna magna).

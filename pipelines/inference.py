@@ -123,27 +123,41 @@ class Predictor:
         (largest_components); without them the prior is one blob per structure only."""
         return self.segment_qc(images, axis_ratios, batch)[0]
 
-    @torch.no_grad()
     def segment_qc(self, images: NDArray[np.float32], axis_ratios: NDArray | None = None,
                    batch: int = 32) -> tuple[NDArray[np.uint8], NDArray[np.bool_]]:
         """`segment`, and for each crop whether the network put cerebellum outside the head
         before the prior cleared it: a segmenter leaving the skull, which on a new scanner is a
         sign of drift that needs no labels to see."""
-        out = []
-        for i in range(0, len(images), batch):
+        labels, outside, _ = self.segment_measure(images, axis_ratios, None, batch)
+        return labels, outside
+
+    @torch.no_grad()
+    def segment_measure(self, images: NDArray[np.float32], axis_ratios: NDArray | None,
+                        mm_per_px: NDArray | None, batch: int = 32
+                        ) -> tuple[NDArray[np.uint8], NDArray[np.bool_], NDArray[np.float64]]:
+        """`segment_qc`, and with `mm_per_px` the TCD and CM depth of each crop (N, 2), measured
+        from the class probabilities at a quarter of a pixel (`biometry.measure_soft`); NaN
+        without. The probabilities live one batch at a time."""
+        n = len(images)
+        ratios = np.full(n, np.nan) if axis_ratios is None else np.asarray(axis_ratios, float)
+        labels = np.zeros((n, self.cfg.size, self.cfg.size), np.uint8)
+        outside, meas = np.zeros(n, bool), np.full((n, 2), np.nan)
+        margin = self.cfg.crop_margin
+        for i in range(0, n, batch):
             x = torch.from_numpy(images[i:i + batch]).to(self.device)
             prob = torch.softmax(self.seg(x), 1)
             if self.tta:
                 prob = (prob + torch.softmax(self.seg(x.flip(-1)), 1).flip(-1)) / 2
-            out.append(prob.argmax(1).to(torch.uint8).cpu().numpy())
-        if not out:
-            return np.zeros((0, self.cfg.size, self.cfg.size), np.uint8), np.zeros(0, bool)
-        labels = np.concatenate(out)
-        ratios = np.full(len(labels), np.nan) if axis_ratios is None else np.asarray(axis_ratios, float)
-        size, margin = labels.shape[-1], self.cfg.crop_margin
-        heads = [head_mask(size, margin, r) for r in ratios]
-        outside = np.array([bool(((m == 1) & ~h).any()) for m, h in zip(labels, heads, strict=True)])
-        return np.stack([largest_components(m, h) for m, h in zip(labels, heads, strict=True)]), outside
+            raw = prob.argmax(1).to(torch.uint8).cpu().numpy()
+            p = prob.float().cpu().numpy() if mm_per_px is not None else None
+            for j, m in enumerate(raw):
+                k = i + j
+                head = head_mask(m.shape[-1], margin, ratios[k])
+                outside[k] = bool(((m == 1) & ~head).any())
+                labels[k] = largest_components(m, head)
+                if p is not None:
+                    meas[k] = biometry.measure_soft(p[j], labels[k], float(mm_per_px[k]))
+        return labels, outside, meas
 
     @torch.no_grad()
     def probability(self, images: NDArray[np.float32], labels: NDArray[np.uint8],
@@ -180,15 +194,16 @@ class Predictor:
         if not images:
             return rows
         x = np.stack(images).astype(np.float32)
-        labels, outside = self.segment_qc(x, [c.axis_ratio for c in crops])
+        labels, outside, soft = self.segment_measure(x, [c.axis_ratio for c in crops], [c.mm_per_px for c in crops])
         if masks is not None:
             for j, i in enumerate(ok):
                 if masks[i] is not None:
                     labels[j] = warp(masks[i], crops[j], nearest=True)
+                    soft[j] = biometry.measure_mask(labels[j], crops[j].mm_per_px)    # the annotated mask's
         ga = np.array([frames[i][3] for i in ok], float)
         prob = self.probability(x, labels, context_features(ga, [c.mm_per_px for c in crops]))
         for j, (i, crop) in enumerate(zip(ok, crops, strict=True)):
-            tcd, cm = biometry.measure_mask(labels[j], crop.mm_per_px)
+            tcd, cm = (float(v) for v in soft[j])
             rows[i] = {
                 "hypoplasia_probability": float(prob[j]),
                 "prediction": "hypoplasia" if prob[j] >= self.cfg.threshold else "normal",
