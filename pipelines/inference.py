@@ -140,7 +140,8 @@ class Predictor:
         without. The probabilities live one batch at a time."""
         n = len(images)
         ratios = np.full(n, np.nan) if axis_ratios is None else np.asarray(axis_ratios, float)
-        labels = np.zeros((n, self.cfg.size, self.cfg.size), np.uint8)
+        size = images.shape[-1] if n else self.cfg.size
+        labels = np.zeros((n, size, size), np.uint8)
         outside, meas = np.zeros(n, bool), np.full((n, 2), np.nan)
         margin = self.cfg.crop_margin
         for i in range(0, n, batch):
@@ -152,7 +153,7 @@ class Predictor:
             p = prob.float().cpu().numpy() if mm_per_px is not None else None
             for j, m in enumerate(raw):
                 k = i + j
-                head = head_mask(m.shape[-1], margin, ratios[k])
+                head = head_mask(size, margin, ratios[k])
                 outside[k] = bool(((m == 1) & ~head).any())
                 labels[k] = largest_components(m, head)
                 if p is not None:
