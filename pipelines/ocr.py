@@ -215,6 +215,14 @@ def _crop(img: np.ndarray) -> np.ndarray | None:
     return grey[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 
 
+def shown_words(grey: np.ndarray) -> list[tuple[str, float]]:
+    """The first read of `residual_text`: the grey frame(s) as shown. Burned-in text is bright
+    on the dark screen, so the image is inverted and read dark on white, in one polarity.
+    Tesseract's per-line retry in the other one costs 40% of the read; it caught 1 more of 400
+    planted strings and flagged 2 more clean scans of 708 (README, De-identification)."""
+    return _tesseract_words(255 - grey, invert=False)
+
+
 def residual_text(frames: np.ndarray | list[np.ndarray], settings: OcrSettings) -> list[str]:
     """Distinct words Tesseract reads in the frame(s) that are not allowed calibration marks: in
     the frames as shown, then in their bright marks alone (`bright_marks`). Several frames are
@@ -227,10 +235,7 @@ def residual_text(frames: np.ndarray | list[np.ndarray], settings: OcrSettings) 
     width = max(c.shape[1] for c in crops) + 16
     sheet = np.vstack([cv2.copyMakeBorder(c, 8, 8, 8, width - 8 - c.shape[1], cv2.BORDER_CONSTANT, value=0)
                        for c in crops])
-    # burned-in text is bright on the dark screen: read dark on white, one polarity. Tesseract's
-    # per-line retry in the other one costs 40% of the read; it caught 1 more of 400 planted
-    # strings and flagged 2 more clean scans of 708 (README, De-identification)
-    words = [(w, c, settings.min_confidence) for w, c in _tesseract_words(255 - sheet, invert=False)]
+    words = [(w, c, settings.min_confidence) for w, c in shown_words(sheet)]
     if (bright := bright_marks(sheet)) is not None:
         floor = max(settings.min_confidence, BRIGHT_MIN_CONFIDENCE)
         words += [(w, c, floor) for w, c in _tesseract_words(bright)]

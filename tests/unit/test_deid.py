@@ -245,7 +245,7 @@ def test_ocr_reads_bright_text_laid_over_speckle(tmp_path):
         img = head.copy()
         cv2.putText(img, "Jane Doe 14:32", (x, y), cv2.FONT_HERSHEY_SIMPLEX, 1.0, 255, 1, cv2.LINE_AA)
         assert {"Jane", "Doe", "14:32"} & set(ocr.residual_text([img], settings)), (x, y)
-        shown = [word for word, conf in ocr._tesseract_words(255 - img, invert=False) if conf >= settings.min_confidence
+        shown = [word for word, conf in ocr.shown_words(img) if conf >= settings.min_confidence
                  and sum(ch.isalnum() for ch in word) >= settings.min_chars and not settings.is_allowed(word)]
         lost_in_speckle += not shown
     assert lost_in_speckle >= 3          # why the bright marks are read at all
