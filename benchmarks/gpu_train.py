@@ -40,7 +40,8 @@ def pack(workspace: Path, out: Path, size: int | None) -> None:
           f"into {out} in {time.perf_counter() - t0:.1f} s")
 
 
-def run(folder: Path, profile: str | None, sets: list[str], predictions: Path | None = None) -> None:
+def run(folder: Path, profile: str | None, sets: list[str], predictions: Path | None = None,
+        save: Path | None = None) -> None:
     data = Prepared.load(folder)
     size = data.images.shape[-1]
     params = load_params("params.yaml", sets, profile)
@@ -63,6 +64,8 @@ def run(folder: Path, profile: str | None, sets: list[str], predictions: Path | 
     t0 = time.perf_counter()
     predictor = train_models(data, params, info=info)
     t_train = time.perf_counter() - t0
+    if save is not None:                 # the trained networks, for a later look (Predictor.load)
+        predictor.save(save)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     t1 = time.perf_counter()
     evaluation = evaluate_models(predictor, data, params)
@@ -103,11 +106,12 @@ def main() -> None:
     r.add_argument("--profile")
     r.add_argument("--set", dest="sets", action="append", default=[])
     r.add_argument("--predictions", type=Path, help="write the test predictions (Parquet) here")
+    r.add_argument("--save", type=Path, help="keep the trained model in this folder (before the operating point)")
     a = ap.parse_args()
     if a.cmd == "pack":
         pack(a.workspace, a.out, a.size)
     else:
-        run(a.prepared, a.profile, a.sets, a.predictions)
+        run(a.prepared, a.profile, a.sets, a.predictions, a.save)
 
 
 if __name__ == "__main__":

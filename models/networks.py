@@ -21,11 +21,21 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets import UNet
 from torch import nn
 
+SEG_NORMS = ("batch", "instance")               # also pipelines/config.py, which checks params.yaml
 
-def make_segmenter(channels: tuple[int, ...]) -> nn.Module:
-    """2D U-Net: grey crop -> 3 classes (background, cerebellum, cisterna magna)."""
+
+def make_segmenter(channels: tuple[int, ...], norm: str = "batch") -> nn.Module:
+    """2D U-Net: grey crop -> 3 classes (background, cerebellum, cisterna magna).
+
+    `norm="instance"` normalises each feature map over its own image (then a learnt scale and
+    shift) instead of over the training batch: a gain or contrast that a scanner applies to the
+    whole image is largely normalised away inside the network, and inference uses no statistics
+    gathered on the training scanners' images (README "Instance normalisation")."""
+    if norm not in SEG_NORMS:
+        raise ValueError(f"segmenter norm {norm!r}: choose one of {SEG_NORMS}")
     return UNet(spatial_dims=2, in_channels=1, out_channels=3, channels=channels,
-                strides=(2,) * (len(channels) - 1), num_res_units=1, norm="batch")
+                strides=(2,) * (len(channels) - 1), num_res_units=1,
+                norm=("instance", {"affine": True}) if norm == "instance" else "batch")
 
 
 class Encoder(nn.Module):

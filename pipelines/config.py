@@ -112,6 +112,7 @@ class SegmentParams:
     lr: float
     channels: tuple[int, ...]
     augment: str = "basic"      # basic | scanner | floor (random transforms: models/augment.py)
+    norm: str = "batch"         # batch | instance (models/networks.py make_segmenter)
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ class PromoteParams:
 
 AUGMENTS = ("basic", "scanner", "floor")        # models/augment.py random_intensity
 IMAGE_NORMS = ("none", "equalise")              # models/networks.py ASCNet
+SEG_NORMS = ("batch", "instance")               # models/networks.py make_segmenter
 MODELS = ("asc", "asc-ga", "asc-scale", "image-only", "biometry-rule")
 
 
@@ -256,6 +258,8 @@ def parse_params(raw: dict[str, Any]) -> Params:
     for where, value in (("segment.augment", params.segment.augment), ("train.augment", params.train.augment)):
         if value not in AUGMENTS:
             raise ConfigError(f"params.yaml: {where} = {value!r}; choose one of {AUGMENTS}")
+    if params.segment.norm not in SEG_NORMS:
+        raise ConfigError(f"params.yaml: segment.norm = {params.segment.norm!r}; choose one of {SEG_NORMS}")
     if params.train.image_norm not in IMAGE_NORMS:
         raise ConfigError(f"params.yaml: train.image_norm = {params.train.image_norm!r}; choose one of {IMAGE_NORMS}")
     if not isinstance(params.commission.cohorts, dict):

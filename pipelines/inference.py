@@ -44,6 +44,7 @@ class ModelConfig:
     backbone: str = "small"
     shape_backbone: str = "small"
     image_norm: str = "none"       # a model saved before this option saw its crops as they are
+    seg_norm: str = "batch"        # and its segmenter was batch-normalised
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -103,7 +104,7 @@ class Predictor:
     @classmethod
     def load(cls, folder: Path, device: str = "cpu") -> "Predictor":
         cfg = ModelConfig.load(folder / "config.json")
-        seg = make_segmenter(cfg.seg_channels)
+        seg = make_segmenter(cfg.seg_channels, cfg.seg_norm)
         clf = make_classifier(cfg.model, cfg.features, cfg.backbone, cfg.shape_backbone, cfg.image_norm)
         seg.load_state_dict(torch.load(folder / "segmenter.pt", map_location=device, weights_only=True))
         clf.load_state_dict(torch.load(folder / "classifier.pt", map_location=device, weights_only=True))

@@ -215,7 +215,7 @@ def train_models(data: Prepared, params: Params, checkpoints: Path | None = None
     cuda = _cuda(tp)
     tr, va = data.subset("train"), data.subset("val")
     with_mask = tr[data.labels[tr].reshape(len(tr), -1).max(1) > 0]
-    seg = make_segmenter(sp.channels)
+    seg = make_segmenter(sp.channels, sp.norm)
     if cuda and tp.channels_last:
         seg = seg.to(memory_format=torch.channels_last)
     loader = dict(num_workers=tp.num_workers, pin_memory=cuda, persistent_workers=tp.num_workers > 0)
@@ -234,7 +234,7 @@ def train_models(data: Prepared, params: Params, checkpoints: Path | None = None
         rank, world = trainer.global_rank, trainer.world_size
         info["segmenter_resumed_at_epoch"] = seg_log.first_epoch if resumed else None
     cfg = ModelConfig(tp.model, tp.features, sp.channels, params.preprocess.size,
-                      params.preprocess.crop_margin, 0.5, tp.backbone, tp.shape_backbone, tp.image_norm)
+                      params.preprocess.crop_margin, 0.5, tp.backbone, tp.shape_backbone, tp.image_norm, sp.norm)
     clf = make_classifier(tp.model, tp.features, tp.backbone, tp.shape_backbone, tp.image_norm)
     predictor = Predictor(seg, clf, cfg)
     pred_labels = predictor.segment(data.images, data.axis_ratio)

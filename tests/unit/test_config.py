@@ -22,6 +22,7 @@ def test_override_one_value_for_one_run(params):
     ("train.model=resnet", "choose one of"),
     ("segment.augment=strong", "segment.augment = 'strong'; choose one of"),
     ("train.image_norm=clahe", "train.image_norm = 'clahe'; choose one of"),
+    ("segment.norm=group", "segment.norm = 'group'; choose one of"),
 ])
 def test_bad_overrides_name_the_problem(bad, fragment):
     with pytest.raises(ConfigError, match=fragment):

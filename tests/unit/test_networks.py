@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models.lightning import one_hot_masks
-from models.networks import BACKBONES, equalise, make_classifier, make_segmenter
+from models.networks import BACKBONES, SEG_NORMS, equalise, make_classifier, make_segmenter
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -29,6 +29,49 @@ def test_segmenter_gives_three_classes_at_input_size():
     seg = make_segmenter((8, 16, 32)).eval()
     with torch.no_grad():
         assert seg(torch.rand(1, 1, 48, 48)).shape == (1, 3, 48, 48)
+
+
+def test_an_instance_normalised_segmenter_sees_each_image_alone():
+    """With `segment.norm: instance` an image's output does not depend on the other images of
+    its batch, in training as in inference: no statistics of other images, or of the training
+    scanners, enter it. A batch-normalised segmenter in training mode mixes them (the control)."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 32, 32)
+    x[1:] = x[1:] * 3.0 + 0.5                     # the other images brighter and more contrasted
+    for norm, alone in (("instance", True), ("batch", False)):
+        seg = make_segmenter((8, 16, 32), norm).train()
+        with torch.no_grad():
+            same = torch.allclose(seg(x[:1]), seg(x)[:1], atol=1e-5)
+        assert same is alone, norm
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                   for m in make_segmenter((8, 16, 32), "instance").modules())
+    with pytest.raises(ValueError, match="choose one of"):
+        make_segmenter((8, 16, 32), "group")
+
+
+def test_a_saved_model_keeps_its_segmenter_norm_and_older_models_load_as_batch(tmp_path):
+    import json
+
+    from pipelines.inference import ModelConfig, Predictor
+
+    torch.manual_seed(0)
+    cfg = ModelConfig("asc", 16, (8, 16, 32), 48, 1.15, 0.5, seg_norm="instance")
+    seg = make_segmenter(cfg.seg_channels, "instance").eval()
+    Predictor(seg, make_classifier("asc", 16), cfg).save(tmp_path)
+    loaded = Predictor.load(tmp_path)
+    x = torch.rand(2, 1, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded.seg.eval()(x), seg(x))
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["seg_norm"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(RuntimeError):             # batch-norm buffers missing from the weights
+        Predictor.load(tmp_path)
+    Predictor(make_segmenter(cfg.seg_channels), make_classifier("asc", 16),
+              ModelConfig(**{**raw, "seg_channels": (8, 16, 32)})).save(tmp_path)
+    old = Predictor.load(tmp_path)
+    assert old.cfg.seg_norm == "batch"
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in old.seg.modules())
 
 
 def test_asc_scale_sees_the_scale_and_never_the_ga():
@@ -117,3 +160,6 @@ def test_config_accepts_exactly_the_image_norms_there_are():
     from pipelines.config import IMAGE_NORMS as CHECKED
 
     assert CHECKED == IMAGE_NORMS
+    from pipelines.config import SEG_NORMS as CHECKED_SEG
+
+    assert CHECKED_SEG == SEG_NORMS
