@@ -15,14 +15,24 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 help:
 	@grep -E '^## ' $(MAKEFILE_LIST) | sed -E 's/^## ([a-z-]+): /  make \1|/' | column -t -s '|'
 
-## setup: create .venv and install the project with its dev extras (no-op when up to date)
+## setup: create .venv and install the locked stack and the project (no-op when up to date)
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
-	@echo "installing the pinned stack into $(VENV) (a few minutes the first time)"
-	@$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]' 2> >(grep -v '^WARNING: Location' >&2)
+	@echo "installing the locked stack (requirements.lock) into $(VENV) (a few minutes the first time)"
+	@$(PY) -m pip install --disable-pip-version-check -q -r requirements.lock 2> >(grep -v '^WARNING: Location' >&2)
+	@$(PY) -m pip install --disable-pip-version-check -q --no-deps -e . 2> >(grep -v '^WARNING: Location' >&2)
 	@touch $@
+
+## lock: resolve pyproject.toml's ranges (dev extras included) in a scratch venv into requirements.lock
+lock:
+	@rm -rf .cbh/lockvenv && python3.11 -m venv .cbh/lockvenv
+	@.cbh/lockvenv/bin/pip install --disable-pip-version-check -q '.[dev]' 2> >(grep -v '^WARNING: Location' >&2)
+	@{ echo "# The exact stack make setup installs: make lock rebuilds it from pyproject.toml's ranges."; \
+	   .cbh/lockvenv/bin/pip freeze --exclude-editable | grep -v '^cbh' | sed -E 's/^(torch==[^+]+)\+cpu$$/\1/'; } > requirements.lock
+	@rm -rf .cbh/lockvenv
+	@echo "requirements.lock: $$(grep -vc '^#' requirements.lock) packages"
 
 ## ocr: Debian's Tesseract, which verifies cleaned pixels during de-identification (apt; needs root or sudo)
 ocr:
@@ -66,7 +76,11 @@ demo: setup ocr
 
 ## test: the fast test suite (under 10 minutes), two test files at a time (pytest-xdist)
 test: setup ocr browser
-	$(BIN)/pytest -m "not slow and not servers" -q -n 2 --dist loadfile
+	$(BIN)/pytest -m "not slow and not servers and not portable" -q -n 2 --dist loadfile
+
+## test-portable: the registered model loads and predicts in a fresh venv without this checkout
+test-portable: setup
+	$(BIN)/pytest -m portable -q
 
 ## test-servers: the team-server test (starts PostgreSQL, Prefect and MLflow servers, retrains against them)
 test-servers: setup ocr postgres
@@ -97,10 +111,10 @@ repro: setup
 
 ## lint: ruff over the code
 lint: setup
-	$(BIN)/ruff check flows pipelines models tests
+	$(BIN)/ruff check flows ops pipelines models tests benchmarks scripts
 
 ## clean-workspace: delete the demo's data, runs and registry (keeps the code)
 clean-workspace:
 	rm -rf data mlflow.db mlartifacts .prefect .dvcstore dvc.lock expectations/gx/uncommitted
 
-.PHONY: help setup ocr browser postgres servers servers-down demo test test-servers test-full ui ui-down repro lint clean-workspace
+.PHONY: help setup lock test-portable ocr browser postgres servers servers-down demo test test-servers test-full ui ui-down repro lint clean-workspace

@@ -4,7 +4,7 @@ The threshold chosen on validation data from the training sites does not transfe
 scanner (too low on one held-out site, too high on another). This script takes the test
 predictions of a held-out-site run (`benchmarks/gpu_train.py run PACK --predictions FILE`),
 and for k = 5, 10, 20, 40 patients of that site draws k at random many times (seeded), chooses
-the threshold on their images with the project's own rule (`pipelines.evaluate.
+the threshold on their images with the project's own rule (`pipelines.evaluation.metrics.
 operating_threshold`, the sensitivity target of params.yaml), and measures sensitivity and
 specificity on the site's other patients. Not a test: an analysis, run by hand.
 
@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import load_params
-from pipelines.evaluate import operating_threshold, sensitivity_specificity
+from pipelines.evaluation.metrics import operating_threshold, sensitivity_specificity
 
 
 def commission(table: pd.DataFrame, sizes: tuple[int, ...], draws: int, target: float, seed: int,

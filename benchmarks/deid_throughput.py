@@ -59,8 +59,8 @@ def build_corpus(out: Path, n: int) -> None:
 CBH = """
 import json, sys
 from pathlib import Path
-from pipelines import deid as D
-from pipelines.deid_folder import deid_folder
+from pipelines.deid import core as D
+from pipelines.deid.folder import deid_folder
 settings = D.Settings(templates=D.parse_templates([json.loads(sys.argv[4])]),
                       ocr_sample=float(sys.argv[5]) if len(sys.argv) > 5 else D.Settings.ocr_sample)
 if sys.argv[6:] == ["no-ocr"]:   # the cost of the rest alone (no setting turns verification off)

@@ -1,4 +1,4 @@
-"""A one-GPU training run of the real training code (`pipelines.train.train_models`, Lightning,
+"""A one-GPU training run of the real training code (`pipelines.training.train.train_models`, Lightning,
 bf16 mixed precision and channels-last on CUDA), on a cohort prepared by the pipeline.
 
 Two steps, because a GPU worker needs only the prepared arrays (no DICOM, no OCR, no key):
@@ -27,7 +27,9 @@ import pandas as pd
 import torch
 
 from pipelines.config import load_params, replace
-from pipelines.train import Prepared, evaluate_models, prepare, train_models
+from pipelines.evaluation.evaluate import evaluate_models
+from pipelines.imaging.crops import Prepared, prepare
+from pipelines.training.train import train_models
 
 
 def pack(workspace: Path, out: Path, size: int | None) -> None:

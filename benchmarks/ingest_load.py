@@ -31,7 +31,7 @@ def main() -> None:
 
     from flows import stages
     from pipelines.config import load_params, replace
-    from pipelines.synth import synth_cohort
+    from pipelines.data.synth import synth_cohort
 
     os.environ.setdefault("CBH_DEID_KEY", "benchmark-key-not-a-secret")
     with tempfile.TemporaryDirectory(prefix="cbh-ingest-load-") as tmp:

@@ -10,7 +10,7 @@ cleaned frame is read once as it is (a flag there is a false alarm: the file wou
 quarantined although clean), then `--plants` times with one string planted at a random place
 inside its imaged area: a date, a time, a name, an ID, an accession number or an institution,
 in OpenCV's Hershey font at four heights and three grey levels. A plant counts as caught when
-`pipelines.ocr.residual_text`, with the default settings, reports any word for that frame (the
+`pipelines.deid.ocr.residual_text`, with the default settings, reports any word for that frame (the
 production rule: it quarantines the file). Not a test: it prints a table.
 """
 
@@ -34,12 +34,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import deid_throughput as T  # noqa: E402
 
-from pipelines import deid as D  # noqa: E402
 from pipelines.config import load_params  # noqa: E402
-from pipelines.deid_folder import deid_folder  # noqa: E402
-from pipelines.ocr import OcrSettings, _grey, residual_text  # noqa: E402
-from pipelines.synth import synth_cohort  # noqa: E402
-from pipelines.synth_render import STYLES  # noqa: E402
+from pipelines.data.synth import synth_cohort  # noqa: E402
+from pipelines.data.synth_render import STYLES  # noqa: E402
+from pipelines.deid import core as D  # noqa: E402
+from pipelines.deid.folder import deid_folder  # noqa: E402
+from pipelines.deid.ocr import OcrSettings, residual_text, shown_grey  # noqa: E402
 
 TEXTS = ["12/03/2024", "2024-03-12", "14:32:07", "SMITH^JOHN", "Jane Doe", "ID 4829173", "MRN 00418823",
          "ACC 99812", "St Mary Hospital", "DOB 1990-04-02"]
@@ -69,8 +69,8 @@ def cleaned_frames(tmp: Path, patients: int) -> list[tuple[str, np.ndarray]]:
     for path in sorted((tmp / "out").rglob("*.dcm")):
         ds = pydicom.dcmread(path)
         arr, photometric = D.frames_for_cleaning(ds)
-        # as OCR sees it: grey, 8-bit (pipelines.ocr rescales 16-bit to the displayed range)
-        frames.append((str(ds.get("ManufacturerModelName", "")) or "?", _grey(D.display(arr[0], photometric, ds))))
+        # as OCR sees it: grey, 8-bit (pipelines.deid.ocr rescales 16-bit to the displayed range)
+        frames.append((str(ds.get("ManufacturerModelName", "")) or "?", shown_grey(D.display(arr[0], photometric, ds))))
     # in an order that does not depend on the outputs' names (the synthetic UIDs are new every run),
     # so that the same seed plants the same strings in the same frames
     return sorted(frames, key=lambda f: hashlib.sha256(f[1].tobytes()).hexdigest())

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from models.augment import random_affine, random_intensity
 from models.lightning import ClsModule, one_hot_masks
 from models.networks import make_classifier
-from pipelines.train import _Arrays
+from pipelines.training.train import _Arrays
 
 
 class _Timer(L.Callback):

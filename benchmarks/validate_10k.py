@@ -27,10 +27,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.deid import Pseudonymizer
-from pipelines.ingest import MANIFEST_SCHEMA, ingest_cohort
-from pipelines.synth import synth_cohort
-from pipelines.validate import ValidateParams, validate_manifest
+from pipelines.contract.validate import ValidateParams, validate_manifest
+from pipelines.data.ingest import MANIFEST_SCHEMA, ingest_cohort
+from pipelines.data.synth import synth_cohort
+from pipelines.deid.core import Pseudonymizer
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEP = ("image", "frame", "ga_weeks", "label", "tcd_mm", "cm_mm", "mask", "annotator", "site")

@@ -1,39 +1,37 @@
 """`cbh`: the platform's command line (CONTRACT.md section 2).
 
 Every command prints a short summary, returns 0 on success, and on failure prints one
-sentence to stderr and returns non-zero. Heavy libraries are imported inside commands,
-after the workspace environment is prepared.
+sentence to stderr and returns the exit code of its `CbhError` (pipelines/errors.py; listed
+in `cbh --help`). Heavy libraries are imported inside commands, after the workspace
+environment is prepared.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
 from typing import Callable
 
 from flows.workspace import find_root, prepare_environment
-from pipelines.config import MODELS, ConfigError, Params, load_params
+from pipelines.config import MODELS, Params, load_params
+from pipelines.errors import EXIT_FAILURE, EXIT_REJECTED, CbhError
 
-EXIT_FAIL = 1
 
-
-class CommandError(Exception):
+class CommandError(CbhError):
     """A command cannot do its job: the message is shown as is."""
 
 
 def _progress(label: str) -> Callable[[int, int], None]:
-    start = time.monotonic()
+    from flows.progress import progress
 
-    def show(i: int, n: int) -> None:
-        if sys.stderr.isatty() or i == n or i % max(n // 10, 1) == 0:
-            end = "\n" if i == n or not sys.stderr.isatty() else "\r"
-            print(f"  {label}: {i}/{n} ({time.monotonic() - start:.0f}s)", end=end, file=sys.stderr, flush=True)
-    return show
+    return progress(label)
 
 
 def _params(root: Path, overrides: list[str] | None = None, profile: str | None = None) -> Params:
@@ -43,8 +41,8 @@ def _params(root: Path, overrides: list[str] | None = None, profile: str | None 
 # -- commands -------------------------------------------------------------------------------
 
 def cmd_synth(a: argparse.Namespace, root: Path) -> int:
-    from pipelines.synth import synth_cohort
-    from pipelines.synth_render import STYLES
+    from pipelines.data.synth import synth_cohort
+    from pipelines.data.synth_render import STYLES
 
     p = _params(root).synth
     styles = (a.style,) if a.style else p.styles
@@ -62,18 +60,20 @@ def cmd_synth(a: argparse.Namespace, root: Path) -> int:
 
 
 def cmd_deid(a: argparse.Namespace, root: Path) -> int:
+    from flows.executors import runner_for
     from flows.stages import pseudonymizer
-    from pipelines.deid import Settings
-    from pipelines.deid_folder import default_quarantine, deid_folder
+    from pipelines.deid.core import Settings
+    from pipelines.deid.folder import default_quarantine, deid_folder
 
     params = _params(root)
     dst = Path(a.dst)
     held = Path(a.quarantine) if a.quarantine else default_quarantine(dst)
     rep = deid_folder(Path(a.src), dst, pseudonymizer(params, root), Path(a.link) if a.link else None,
                       progress=_progress("de-identifying"), settings=Settings.from_params(params.deid),
-                      workers=params.deid.workers if a.workers is None else a.workers, quarantine=held,
-                      executor=a.executor or params.deid.executor,
-                      dask_address=params.deid.dask_address if a.dask_address is None else a.dask_address)
+                      quarantine=held,
+                      runner=runner_for(a.executor or params.deid.executor,
+                                        params.deid.workers if a.workers is None else a.workers,
+                                        params.deid.dask_address if a.dask_address is None else a.dask_address))
     print(f"{rep['deidentified']} of {rep['inputs']} files de-identified into {dst} "
           f"({rep['ocr_verified']} verified by OCR, {rep['resumed']} already done), "
           f"{rep['quarantined']} quarantined {rep['reasons'] or ''}; report: {dst / 'deid-report.json'}")
@@ -82,10 +82,26 @@ def cmd_deid(a: argparse.Namespace, root: Path) -> int:
     return 0
 
 
+def cmd_import(a: argparse.Namespace, root: Path) -> int:
+    import datetime as dt
+
+    from pipelines.data.importers import import_hc18
+
+    try:
+        exam_date = dt.date.fromisoformat(a.exam_date)
+    except ValueError:
+        raise CommandError(f"--exam-date {a.exam_date!r} is not a date (YYYY-MM-DD)") from None
+    rep = import_hc18(Path(a.src), Path(a.cohort), exam_date)
+    print(f"{rep['imported']} of {rep['rows']} images imported into {a.cohort} (annotations.csv, scans/, masks/), "
+          f"{len(rep['skipped'])} skipped; report: {Path(a.cohort) / 'import-report.json'}")
+    print("GA estimated from each image's HC (column ga_source); the exam date is the one given for all")
+    return 0
+
+
 def cmd_ingest(a: argparse.Namespace, root: Path) -> int:
     from flows import stages
     from flows.workspace import ensure_workspace
-    from pipelines.ingest import read_annotations
+    from pipelines.data.ingest import read_annotations
 
     params = _params(root)
     read_annotations(Path(a.cohort))          # a cohort that cannot be read changes nothing
@@ -102,7 +118,7 @@ def cmd_validate(a: argparse.Namespace, root: Path) -> int:
     from flows import stages
 
     params = _params(root)
-    rep = stages.validate(params, root)
+    rep = stages.validate(params, root, progress=_progress("validating"))
     doc = rep.to_json()
     split = stages.validate_current_split(params, root) if a.with_split else None
     print(rep.verdict())
@@ -118,7 +134,7 @@ def cmd_validate(a: argparse.Namespace, root: Path) -> int:
     print(f"Data Docs: {rep.data_docs_index}")
     if not doc["success"]:
         print("cbh validate: the data contract has a critical failure (see the steward summary)", file=sys.stderr)
-        return EXIT_FAIL
+        return EXIT_FAILURE
     return 0
 
 
@@ -133,6 +149,8 @@ def cmd_stage(a: argparse.Namespace, root: Path) -> int:
         return cmd_validate(argparse.Namespace(json=None, with_split=False), root)   # the split is its own stage
     elif a.name == "split":
         print(stages.split(params, root))
+    elif a.name == "head":
+        print(stages.head(params, root))
     elif a.name == "train":
         info = stages.train(params, root)
         if info["rank"] == 0:
@@ -165,7 +183,7 @@ def cmd_train(a: argparse.Namespace, root: Path) -> int:
 
 def cmd_promote(a: argparse.Namespace, root: Path) -> int:
     from flows import stages
-    from pipelines import promote, tracking
+    from pipelines.registry import promote, tracking
 
     params = _params(root)
     audit = root / params.paths.audit
@@ -177,17 +195,17 @@ def cmd_promote(a: argparse.Namespace, root: Path) -> int:
         if broken:
             print(f"cbh promote: {audit}: the hash chain breaks at line(s) {broken}: the trail was edited",
                   file=sys.stderr)
-            return EXIT_FAIL
+            return EXIT_FAILURE
         print(f"{len(promote.history(audit))} records; hash chain intact ({audit})")
         return 0
     tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
     d = promote.rollback(params.promote.model_name, audit) if a.rollback else stages.promote(params, root)
     print(f"{d.decision}: {d.reason}; champion is version {d.champion}")
-    return 0 if d.decision != "rejected" else 3
+    return 0 if d.decision != "rejected" else EXIT_REJECTED
 
 
 def cmd_lineage(a: argparse.Namespace, root: Path) -> int:
-    from pipelines import lineage, tracking
+    from pipelines.registry import lineage, tracking
 
     params = _params(root)
     tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
@@ -205,7 +223,8 @@ def cmd_lineage(a: argparse.Namespace, root: Path) -> int:
 
 
 def cmd_compare(a: argparse.Namespace, root: Path) -> int:
-    from pipelines import report, tracking
+    from pipelines.registry import tracking
+    from pipelines.reports import compare as report
 
     params = _params(root)
     tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
@@ -215,25 +234,27 @@ def cmd_compare(a: argparse.Namespace, root: Path) -> int:
 
 
 def cmd_predict(a: argparse.Namespace, root: Path) -> int:
-    from pipelines import tracking
-    from pipelines.predict import predict_path
+    from pipelines.registry import tracking
+    from pipelines.serving.predict import predict_path
 
     params = _params(root)
     tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
     uri = a.model_uri or f"models:/{params.promote.model_name}@champion"
     threshold, note = None, ""
     if a.site:
-        from pipelines.commission import operating_point
+        from pipelines.registry.commission import operating_point
 
         point = operating_point(uri, a.site)
         uri, threshold = point.uri, point.threshold
         note = f"; operating threshold {threshold:.4f}, commissioned for site {a.site} on version {point.version}"
         if point.biometry_warning:
             print(f"cbh predict: warning: {point.biometry_warning}", file=sys.stderr)
-    n, errors, outside = predict_path(Path(a.input), Path(a.out), uri, a.use_masks, a.ga_weeks, tta=a.tta,
-                                      threshold=threshold)
+    n, errors, outside, refused = predict_path(Path(a.input), Path(a.out), uri, a.use_masks, a.ga_weeks, tta=a.tta,
+                                               threshold=threshold, head_model=a.head_model,
+                                               progress=_progress("predicting"))
     print(f"{n} predictions written to {a.out} with {uri}" + (f"; {errors} could not be read" if errors else "")
-          + note)
+          + (f"; {refused} not assessable (no head, or not a usable transcerebellar plane: see `reason`)"
+             if refused else "") + note)
     scored = n - errors
     if scored:
         _segmenter_check(uri, outside, scored)
@@ -243,7 +264,7 @@ def cmd_predict(a: argparse.Namespace, root: Path) -> int:
 def _segmenter_check(uri: str, outside: int, scored: int) -> None:
     """The label-free drift signal: how often the segmenter put cerebellum outside the skull,
     against the model's own test set; a significant excess is a warning (stderr)."""
-    from pipelines.commission import excess, registered_version, version_metric
+    from pipelines.registry.commission import excess, registered_version, version_metric
 
     try:
         ref = version_metric(*registered_version(uri), "test_cerebellum_outside_head")
@@ -258,7 +279,7 @@ def _segmenter_check(uri: str, outside: int, scored: int) -> None:
 
 
 def cmd_commission(a: argparse.Namespace, root: Path) -> int:
-    from pipelines import commission, tracking
+    from pipelines.registry import commission, tracking
 
     params = _params(root, a.set)
     p = params.commission
@@ -364,7 +385,7 @@ def cmd_serve(a: argparse.Namespace, root: Path) -> int:
 
         from mlflow.pyfunc.scoring_server import SERVING_MODEL_CONFIG
 
-        from pipelines import commission, tracking
+        from pipelines.registry import commission, tracking
 
         tracking.setup(env["MLFLOW_TRACKING_URI"], root / params.paths.mlflow_artifacts)
         point = commission.operating_point(uri, a.site)
@@ -379,94 +400,233 @@ def cmd_serve(a: argparse.Namespace, root: Path) -> int:
 
 
 def cmd_servers(a: argparse.Namespace, root: Path) -> int:
-    from flows.servers import Ports, Servers, ServersError
+    from ops.servers import Ports, Servers
 
     servers = Servers(Path(a.dir) if a.dir else root / ".cbh" / "servers")
-    try:
-        if a.action == "up":
-            state = servers.up(Ports(a.postgres_port, a.prefect_port, a.mlflow_port), a.artifacts_destination)
-            print(f"PostgreSQL  127.0.0.1:{state['postgres']['port']} (pid {state['postgres']['pid']})")
-            print(f"Prefect     {state['prefect']['url']} (pid {state['prefect']['pid']}), on PostgreSQL")
-            print(f"MLflow      {state['mlflow']['url']} (pid {state['mlflow']['pid']}), on PostgreSQL, "
-                  f"artifacts {state['mlflow']['artifacts']}")
-            print(f"point the platform at them:  source {servers.env_file}")
-            print("stop them:                   make servers-down  (or cbh servers down)")
-        elif a.action == "down":
-            stopped = servers.down(purge=a.purge)
-            print(f"stopped: {', '.join(stopped) or 'nothing was running'}"
-                  + ("; database cluster deleted" if a.purge else ""))
-        else:
-            print("\n".join(servers.status()))
-    except ServersError as exc:
-        raise CommandError(str(exc)) from exc
+    if a.action == "up":
+        state = servers.up(Ports(a.postgres_port, a.prefect_port, a.mlflow_port), a.artifacts_destination)
+        print(f"PostgreSQL  127.0.0.1:{state['postgres']['port']} (pid {state['postgres']['pid']})")
+        print(f"Prefect     {state['prefect']['url']} (pid {state['prefect']['pid']}), on PostgreSQL")
+        print(f"MLflow      {state['mlflow']['url']} (pid {state['mlflow']['pid']}), on PostgreSQL, "
+              f"artifacts {state['mlflow']['artifacts']}")
+        print(f"point the platform at them:  source {servers.env_file}")
+        print("stop them:                   make servers-down  (or cbh servers down)")
+    elif a.action == "down":
+        stopped = servers.down(purge=a.purge)
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'}"
+              + ("; database cluster deleted" if a.purge else ""))
+    else:
+        print("\n".join(servers.status()))
     return 0
+
+
+def cmd_params(a: argparse.Namespace, root: Path) -> int:
+    from pipelines.config import describe
+
+    rows = describe(_params(root, a.set, a.profile))
+    if a.json:
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        return 0
+    cells = [("KEY", "VALUE", "TYPE", "MEANING")] + [(r.key, _show(r.value), r.kind, r.description) for r in rows]
+    print("\n".join(_table(cells, caps=(None, 24, 26))))
+    return 0
+
+
+def _show(value: object) -> str:
+    """A value as it would be written in params.yaml."""
+    if isinstance(value, str):
+        return value or "''"
+    if isinstance(value, (list, dict)):
+        import yaml
+
+        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return json.dumps(value)
+
+
+def _table(rows: list[tuple[str, ...]], caps: tuple[int | None, ...]) -> list[str]:
+    """Left-aligned columns at most `caps` wide; a longer cell pushes the rest of its row
+    onto a continuation line, so nothing is cut."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(caps))]
+    widths = [w if cap is None else min(w, cap) for w, cap in zip(widths, caps, strict=True)]
+    starts = [sum(widths[:i]) + 2 * i for i in range(len(caps) + 1)]
+    lines = []
+    for row in rows:
+        line = ""
+        for cell, start in zip(row, starts, strict=True):
+            if len(line) > max(start - 2, 0):
+                lines.append(line.rstrip())
+                line = ""
+            line = line.ljust(start) + cell
+        lines.append(line.rstrip())
+    return lines
 
 
 # -- parser -----------------------------------------------------------------------------------
 
-def _add_overrides(parser: argparse.ArgumentParser) -> None:
+EPILOG = """\
+exit codes:
+  0  done
+  1  the command could not do its job (bad input, a refused stage)
+  2  the command line or params.yaml is wrong
+  3  something the command needs is missing (a key, OCR, a server)
+  4  cbh promote: the gate rejected the challenger (the decision is recorded)
+
+examples:
+  cbh synth cohort --patients 40        a synthetic hospital export to try things on
+  cbh ingest cohort                     de-identify it into the data store
+  cbh retrain                           the whole flow, as scheduled
+  cbh train --set train.lr=0.001        one training run with one value changed
+  cbh params                            every key --set accepts, its value and meaning
+  cbh COMMAND --help                    what a command does and its options
+"""
+
+def _command(sub: argparse._SubParsersAction, name: str, summary: str | None, description: str,
+             epilog: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose --help opens with what it does; `summary` is its line in the list."""
+    extra = {"help": summary} if summary else {}
+    return sub.add_parser(name, description=textwrap.fill(description, 88), epilog=epilog, **extra,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_overrides(parser: argparse.ArgumentParser, profile: bool = False) -> None:
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                        help="override a params.yaml value for this run (repeatable)")
+                        help="override a params.yaml value for this run (repeatable; `cbh params` lists the keys)")
+    if profile:
+        parser.add_argument("--profile", help="a named set of overrides from params.yaml `profiles:` (e.g. paper); "
+                            "--set applies on top")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cbh")
+    except PackageNotFoundError:              # run from a checkout that was never installed
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cbh", description="Cerebellar hypoplasia from fetal ultrasound: "
-                                 "de-identify, validate, train, register, promote, predict.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("synth", help="write a synthetic cohort (DICOM with identifiers, masks, annotations.csv)")
-    s.add_argument("out")
-    s.add_argument("--patients", type=int)
-    s.add_argument("--seed", type=int)
+                                 "de-identify, validate, train, register, promote, predict.\n"
+                                 "params.yaml in the workspace root configures every command.",
+                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"cbh {_version()}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    for add in (_data_commands, _model_commands, _site_commands, _ops_commands):
+        add(sub)
+    return ap
+
+
+def _data_commands(sub: argparse._SubParsersAction) -> None:
+    s = _command(sub, "synth", "write a synthetic cohort (DICOM with identifiers, masks, annotations.csv)",
+                 "Write a synthetic hospital export: DICOM and PNG scans carrying identifiers, cerebellum and "
+                 "cisterna magna masks, and annotations.csv, drawn as params.yaml synth: says.",
+                 "example:\n  cbh synth data/demo-cohort-src --patients 40 --style aurora")
+    s.add_argument("out", help="folder to write the cohort into (must not hold a cohort already)")
+    s.add_argument("--patients", type=int, help="number of patients (default: params.yaml synth.patients)")
+    s.add_argument("--seed", type=int, help="random seed (default: params.yaml synth.seed)")
     s.add_argument("--style", help="one vendor style for all scans (default: the mix in params.yaml)")
     s.set_defaults(fn=cmd_synth)
-    s = sub.add_parser("deid", help="de-identify every DICOM/PNG/JPEG under SRC into DST")
-    s.add_argument("src")
-    s.add_argument("dst")
+    s = _command(sub, "deid", "de-identify every DICOM/PNG/JPEG under SRC into DST",
+                 "De-identify every DICOM, PNG and JPEG file under SRC into DST: headers by the DICOM PS3.15 "
+                 "profile, burned-in text removed from the pixels and checked by OCR. Files that cannot be "
+                 "made safe are quarantined with their reason.",
+                 "example:\n  cbh deid /exports/site-west /data/site-west-deid --link /secure/link.csv")
+    s.add_argument("src", help="folder of identified files (read only)")
+    s.add_argument("dst", help="folder for the de-identified files (not inside SRC)")
     s.add_argument("--link", help="CSV file for the source-to-output link (kept apart from DST)")
     s.add_argument("--quarantine", help="folder for held inputs and their reasons (default: DST-quarantine)")
     s.add_argument("--workers", type=int, help="processes (default: params.yaml deid.workers; 0: one per core)")
     s.add_argument("--executor", choices=("processes", "dask"), help="default: params.yaml deid.executor")
     s.add_argument("--dask-address", help="Dask scheduler (default: params.yaml deid.dask_address; '': local)")
     s.set_defaults(fn=cmd_deid)
-    s = sub.add_parser("ingest", help="de-identify a cohort into the workspace data store and build the manifest")
-    s.add_argument("cohort")
+    s = _command(sub, "import", "convert another tool's annotations (HC18 head outlines) into a cohort",
+                 "Convert annotations made elsewhere into the cohort format (CONTRACT.md section 1), so they go "
+                 "through de-identification, the data contract and DVC like any export. hc18: the HC18 "
+                 "challenge layout: NNN_HC.png images, NNN_HC_Annotation.png head outlines and the table of "
+                 "pixel sizes and head circumferences; each outline becomes a filled head mask (head_mask "
+                 "column), each pixel size a SCAN.json, each HC the hc_mm column. HC18 has no GA and no "
+                 "date: GA is estimated from the HC (ga_source column) and --exam-date is used for every row.",
+                 "example:\n  cbh import hc18 ../shared/data/hc18-subset data/hc18-cohort\n"
+                 "  cbh ingest data/hc18-cohort")
+    s.add_argument("format", choices=["hc18"], help="the annotation layout of SRC")
+    s.add_argument("src", help="the folder to import (read only)")
+    s.add_argument("cohort", help="the cohort folder to write (must not hold a cohort yet)")
+    s.add_argument("--exam-date", default="2018-01-01",
+                   help="exam date written for every image, YYYY-MM-DD (HC18 publishes none; default 2018-01-01)")
+    s.set_defaults(fn=cmd_import)
+    s = _command(sub, "ingest", "de-identify a cohort into the workspace data store and build the manifest",
+                 "Add a hospital export (annotations.csv and its scans) to the workspace data store: "
+                 "de-identify it and rebuild the manifest. A cohort that cannot be read changes nothing.")
+    s.add_argument("cohort", help="a cohort folder holding annotations.csv and the scans it names")
     s.set_defaults(fn=cmd_ingest)
-    s = sub.add_parser("validate", help="run the data contract (and the split suite on the current split), "
-                       "build Data Docs and the steward summary; exits 1 on a critical failure")
-    s.add_argument("--json", help="write the results as JSON to this file")
+    s = _command(sub, "validate", "run the data contract (and the split suite on the current split), "
+                 "build Data Docs and the steward summary; exits 1 on a critical failure",
+                 "Run the data contract on the manifest (and the split suite on the current split), "
+                 "quarantine failing rows, and write Data Docs and the steward summary. Exits 1 when a "
+                 "critical check fails: the data is not fit for training.")
+    s.add_argument("--json", metavar="FILE", help="write the results as JSON to this file")
     s.set_defaults(fn=cmd_validate, with_split=True)
-    s = sub.add_parser("train", help="train, evaluate, log to MLflow and register a 'challenger'")
+
+
+def _model_commands(sub: argparse._SubParsersAction) -> None:
+    s = _command(sub, "train", "train, evaluate, log to MLflow and register a 'challenger'",
+                 "Train the segmenter and the classifier on the current split, evaluate them on the frozen "
+                 "test set, log the run to MLflow and register the model as 'challenger'. An interrupted "
+                 "training resumes from its last checkpoint (train.resume).",
+                 "examples:\n  cbh train --model asc\n  cbh train --profile paper --set train.seed=14")
     s.add_argument("--model", choices=MODELS, help="default: params.yaml train.model")
-    s.add_argument("--profile", help="a named set of overrides from params.yaml `profiles:` (e.g. paper)")
-    _add_overrides(s)
+    _add_overrides(s, profile=True)
     s.set_defaults(fn=cmd_train)
-    s = sub.add_parser("promote", help="gate the challenger against the champion")
+    s = _command(sub, "promote", "gate the challenger against the champion",
+                 "Gate the challenger against the champion (params.yaml promote:) and record the decision "
+                 "in the hash-chained audit trail. Exits 4 when the gate rejects the challenger.")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--history", action="store_true", help="print the promotion audit trail")
+    g.add_argument("--history", action="store_true", help="print the promotion audit trail and check its hash chain")
     g.add_argument("--rollback", action="store_true", help="restore the previous champion")
     s.set_defaults(fn=cmd_promote)
-    s = sub.add_parser("lineage", help="the code, data, parameters and environment behind a model version")
+    s = _command(sub, "lineage", "the code, data, parameters and environment behind a model version",
+                 "Show the git commit, DVC data, parameters and packages a registered model version was "
+                 "trained with; --restore writes its dvc.lock and params.yaml back to rebuild it.",
+                 "example:\n  cbh lineage --version 3 --restore && dvc pull --with-deps train && dvc repro")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--alias", default="champion", help="registry alias (default: champion)")
     g.add_argument("--version", help="a model version number")
     s.add_argument("--restore", action="store_true",
                    help="write the version's dvc.lock and params.yaml into the workspace (then dvc pull / repro)")
     s.set_defaults(fn=cmd_lineage)
-    s = sub.add_parser("compare", help="write a reviewer report comparing MLflow runs")
+    s = _command(sub, "compare", "write a reviewer report comparing MLflow runs",
+                 "Write a reviewer report (HTML and Markdown) comparing MLflow runs: metrics, subgroups, "
+                 "parameters and the promotion decisions.")
     s.add_argument("run_ids", nargs="*", help="runs to compare (default: the latest run of each model)")
     s.add_argument("--out", default="reports", help="output folder (default: reports)")
     s.set_defaults(fn=cmd_compare)
-    s = sub.add_parser("predict", help="predict hypoplasia for a file, a folder or a cohort")
-    s.add_argument("input")
+
+
+def _site_commands(sub: argparse._SubParsersAction) -> None:
+    s = _command(sub, "predict", "predict hypoplasia for a file, a folder or a cohort",
+                 "Predict cerebellar hypoplasia for a scan, a folder of scans or a cohort with the champion "
+                 "(or another model), with biometry, into a CSV file; warns when the segmenter looks lost on "
+                 "these scans.",
+                 "example:\n  cbh predict /exports/site-west --out predictions.csv --site site-west")
+    s.add_argument("input", help="a DICOM/PNG/JPEG file, a folder of them, or a cohort folder (annotations.csv)")
     s.add_argument("--out", required=True, help="CSV file to write")
     s.add_argument("--model-uri", help="default: models:/cerebellar-hypoplasia@champion")
     s.add_argument("--use-masks", action="store_true", help="use the cohort's annotated masks (as in the paper)")
     s.add_argument("--ga-weeks", type=float, help="GA for inputs that are not a cohort")
     s.add_argument("--tta", action="store_true", help="test-time augmentation: average with the mirrored crop")
     s.add_argument("--site", help="use the operating threshold commissioned for this site on the model version")
+    s.add_argument("--head-model", metavar="PATH_OR_URI",
+                   help="fetal-head localiser to use instead of the model's own: a folder with head.json and "
+                        "head.pt, or a model URI such as models:/fetal-head@champion (default: the one the model "
+                        "carries, else the classical skull fit)")
     s.set_defaults(fn=cmd_predict)
-    s = sub.add_parser("commission", help="set a site's operating threshold on its own labelled scans "
-                       "(sensitivity guaranteed with stated confidence) and record it on the model version")
+    s = _command(sub, "commission", "set a site's operating threshold on its own labelled scans "
+                 "(sensitivity guaranteed with stated confidence) and record it on the model version",
+                 "Set a site's own operating threshold on its labelled scans, so that sensitivity stays at "
+                 "or above commission.min_sensitivity with commission.confidence, check the segmenter's "
+                 "biometry there, and record both on the model version.",
+                 "example:\n  cbh commission /exports/site-west-labelled --site site-west --dry-run")
     s.add_argument("cohort", help="a labelled cohort of the site (annotations.csv, scans): its labels are used")
     s.add_argument("--site", required=True, help="the scanner group's label (annotations.csv's site column)")
     s.add_argument("--model-uri", help="a registered version (default: models:/cerebellar-hypoplasia@champion)")
@@ -474,67 +634,87 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="also write the figures (counts, thresholds, no identifiers) to this file")
     _add_overrides(s)
     s.set_defaults(fn=cmd_commission)
-    s = sub.add_parser("retrain", help="the whole Prefect flow: ingest, validate, split, train, evaluate, "
-                       "version (DVC), promote, review report; reads params.yaml as it is")
+    s = _command(sub, "serve", "serve the champion over REST on 127.0.0.1",
+                 "Serve the champion over REST (MLflow's scoring server) on 127.0.0.1 until interrupted.",
+                 "example:\n  cbh serve --port 5001 --site site-west")
+    s.add_argument("--port", type=int, default=5001, help="port to listen on (default: 5001)")
+    s.add_argument("--site", help="serve the champion's version at the threshold commissioned for this site")
+    s.set_defaults(fn=cmd_serve)
+
+
+def _ops_commands(sub: argparse._SubParsersAction) -> None:
+    s = _command(sub, "retrain", "the whole Prefect flow: ingest, validate, split, train, evaluate, "
+                 "version (DVC), promote, review report; reads params.yaml as it is",
+                 "Run the whole retraining flow in Prefect: ingest, validate, split, train, evaluate, version "
+                 "with DVC, promote, commission the listed sites and write the review report. It reads "
+                 "params.yaml as it is (no overrides) and stops before training on a critical data failure.")
     s.add_argument("--cohort", help="a hospital export to add to the data store first")
     s.set_defaults(fn=cmd_retrain)
-    s = sub.add_parser("schedule", help="register the retraining flow on a schedule / list deployments")
-    s.add_argument("--cron")
-    s.add_argument("--pool", default="cpu")
+    s = _command(sub, "schedule", "register the retraining flow on a schedule / list deployments",
+                 "Register the retraining flow as a Prefect deployment on a cron schedule, or list the "
+                 "deployments; a worker on the pool runs it.",
+                 "example:\n  cbh schedule --cron '0 2 * * 1' --pool cpu --train-pool gpu")
+    s.add_argument("--cron", help="cron expression of the schedule, e.g. '0 2 * * 1'")
+    s.add_argument("--pool", default="cpu", help="work pool that runs the flow (default: cpu)")
     s.add_argument("--train-pool", help="run training as its own deployment on this (GPU) pool, e.g. gpu")
-    s.add_argument("--list", action="store_true")
+    s.add_argument("--list", action="store_true", help="list the deployments instead")
     s.set_defaults(fn=cmd_schedule)
-    s = sub.add_parser("servers", help="team servers on 127.0.0.1: PostgreSQL, a Prefect server and an MLflow "
-                       "tracking server on it (up | down | status)")
-    s.add_argument("action", choices=("up", "down", "status"))
+    s = _command(sub, "servers", "team servers on 127.0.0.1: PostgreSQL, a Prefect server and an MLflow "
+                 "tracking server on it (up | down | status)",
+                 "Start, stop or show the team servers on 127.0.0.1: PostgreSQL, and a Prefect server and "
+                 "an MLflow tracking server both storing into it.",
+                 "example:\n  cbh servers up && source .cbh/servers/env")
+    s.add_argument("action", choices=("up", "down", "status"), help="start them, stop them, or show their state")
     s.add_argument("--dir", help="state folder (default .cbh/servers in the workspace)")
-    s.add_argument("--postgres-port", type=int, default=5433)
-    s.add_argument("--prefect-port", type=int, default=4200)
-    s.add_argument("--mlflow-port", type=int, default=5000)
+    s.add_argument("--postgres-port", type=int, default=5433, help="PostgreSQL port (default: 5433)")
+    s.add_argument("--prefect-port", type=int, default=4200, help="Prefect server port (default: 4200)")
+    s.add_argument("--mlflow-port", type=int, default=5000, help="MLflow tracking server port (default: 5000)")
     s.add_argument("--artifacts-destination", help="MLflow's artifact root, served through the tracking server "
                    "(a folder, or s3://bucket/path etc.; default: the state folder's mlartifacts)")
     s.add_argument("--purge", action="store_true", help="with down: delete the database cluster and the state")
     s.set_defaults(fn=cmd_servers)
-    s = sub.add_parser("serve", help="serve the champion over REST on 127.0.0.1")
-    s.add_argument("--port", type=int, default=5001)
-    s.add_argument("--site", help="serve the champion's version at the threshold commissioned for this site")
-    s.set_defaults(fn=cmd_serve)
-    s = sub.add_parser("stage", help="run one dvc.yaml stage (what `dvc repro` calls)")
-    s.add_argument("name", choices=["ingest", "validate", "split", "train", "evaluate"])
+    s = _command(sub, "params", "list every params.yaml key --set accepts, with its value and meaning",
+                 "List every key of params.yaml that --set accepts: its current value (with the profile and "
+                 "overrides given here applied), what it may be, and what it means.",
+                 "examples:\n  cbh params\n  cbh params --profile paper --set train.lr=0.001\n  cbh params --json")
+    _add_overrides(s, profile=True)
+    s.add_argument("--json", action="store_true", help="print the list as JSON instead of a table")
+    s.set_defaults(fn=cmd_params)
+    # what dvc.yaml calls: no summary keeps it out of the list (argparse would show SUPPRESS)
+    s = _command(sub, "stage", None, "Run one dvc.yaml stage: what `dvc repro` calls (not for direct use).")
+    s.add_argument("name", choices=["ingest", "validate", "split", "head", "train", "evaluate"], help="the stage")
     s.set_defaults(fn=cmd_stage)
-    return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    root = find_root()
-    prepare_environment(root)
+def _quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "dvc", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*(LeafSpec|eval mode|does not have many workers).*")
-    from flows.stages import StageError
-    from pipelines.deid import DeidError, MissingKeyError, OcrUnavailable
-    from pipelines.deid_folder import FolderError
-    from pipelines.deid_profile import OptionError
-    from pipelines.ingest import CohortError
-    from pipelines.preprocess import PreprocessError
 
-    expected = (CommandError, ConfigError, StageError, MissingKeyError, CohortError, DeidError,
-                PreprocessError, FileNotFoundError, OcrUnavailable, OptionError, FolderError)
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    """Failures of libraries that name what the user asked for and is not there (a run or a
+    model version MLflow does not have); looked up only once the library is loaded."""
+    mlflow = sys.modules.get("mlflow.exceptions")
+    return (mlflow.MlflowException,) if mlflow else ()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; a CbhError becomes one sentence on stderr and its exit code."""
+    args = build_parser().parse_args(argv)
+    root = find_root()
+    prepare_environment(root)
+    _quiet_libraries()
     try:
         return int(args.fn(args, root) or 0)
-    except expected as exc:
+    except CbhError as exc:
         print(f"cbh {args.command}: {exc}", file=sys.stderr)
-        return EXIT_FAIL
-    except Exception as exc:  # boundary: known library failures become one sentence
-        name = type(exc).__name__
-        if name in ("MlflowException", "PromotionError", "InputError", "RestException", "PredictInputError",
-                    "CommissionError"):
-            print(f"cbh {args.command}: {exc}", file=sys.stderr)
-            return EXIT_FAIL
-        raise
+        return exc.exit_code
+    except (FileNotFoundError, *_library_errors()) as exc:   # boundary: a file or run the user named is absent
+        print(f"cbh {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

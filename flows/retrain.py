@@ -1,4 +1,4 @@
-"""The retraining flow: ingest -> validate -> split -> train -> evaluate (each versioned
+"""The retraining flow: ingest -> validate -> split -> head -> train -> evaluate (each versioned
 with DVC) -> push -> promote -> reviewer report.
 
 Thin Prefect tasks around flows/stages.py; the flow stops before training when the data
@@ -62,6 +62,20 @@ def split_task(params: Params, root: Path) -> dict[str, Any]:
     return out
 
 
+@task(name="head", timeout_seconds=3 * 3600)
+def head_task(params: Params, root: Path) -> dict[str, Any]:
+    """The fetal-head localiser on the workspace's head masks (skipped without any)."""
+    out = stages.head(params, root)
+    logger = get_run_logger()
+    if "skipped" in out:
+        logger.info("head localiser: skipped (%s)", out["skipped"])
+    else:
+        logger.info("head localiser: version %s, test Dice %.3f, HC error %.2f mm; %s (%s)", out["version"],
+                    out["metrics"]["test_dice_mean"], out["metrics"]["test_hc_mae_mean"],
+                    out["promotion"]["decision"], out["promotion"]["reason"])
+    return out
+
+
 @task(name="version-data", retries=2, retry_delay_seconds=5)
 def version_task(root: Path, names: tuple[str, ...]) -> None:
     stages.dvc_commit(root, names)
@@ -102,7 +116,7 @@ def promote_task(params: Params, root: Path) -> dict[str, Any]:
 @task(name="commission")
 def commission_task(params: Params, root: Path, version: str) -> dict[str, str]:
     """The sites of `commission.cohorts` get their thresholds on the champion (a new one has none)."""
-    from pipelines.commission import recommission
+    from pipelines.registry.commission import recommission
 
     out = recommission(params.promote.model_name, version, params.commission, root / params.paths.audit)
     for site, what in out.items():
@@ -114,7 +128,7 @@ def commission_task(params: Params, root: Path, version: str) -> dict[str, str]:
 def report_task(params: Params, root: Path, run_id: str) -> str:
     """The reviewer report (latest run of each model, promotion history), attached to the
     Prefect flow run as an artifact and to the MLflow run."""
-    from pipelines import report
+    from pipelines.reports import compare as report
 
     html, md = report.compare_runs([], root / "reports" / run_id[:12], audit=root / params.paths.audit)
     report.attach_to_run(run_id, html, md)
@@ -164,6 +178,8 @@ def retrain_flow(workspace: str = ".", cohort: str | None = None,
                                 f"{contract['failures']}")
     split_summary = split_task(params, root)["images"]
     version_task(root, ("ingest", "validate", "split"))
+    head = head_task(params, root)
+    version_task(root, ("head",))
     if train_deployment:
         from prefect.deployments import run_deployment
 
@@ -181,7 +197,7 @@ def retrain_flow(workspace: str = ".", cohort: str | None = None,
     sites = commission_task(params, root, str(decision["champion"])) \
         if params.commission.cohorts and decision["champion"] else {}
     report = report_task(params, root, outcome.run_id)
-    summary = {"ingest": ingest_rep, "contract": contract, "split": split_summary,
+    summary = {"ingest": ingest_rep, "contract": contract, "split": split_summary, "head": head,
                "run_id": outcome.run_id, "version": outcome.version, "metrics": outcome.metrics,
                "promotion": decision, "commission": sites, "dvc_pushed": pushed, "report": report}
     create_markdown_artifact(key="retrain-summary", description="cbh retrain",

@@ -19,9 +19,10 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flows.executors import runner_for
 from pipelines.config import Params
-from pipelines.deid import Pseudonymizer, Settings, load_key
-from pipelines.ingest import (
+from pipelines.contract.validate import ValidateParams, ValidationReport, validate_manifest
+from pipelines.data.ingest import (
     MANIFEST_SCHEMA,
     QUARANTINE_SCHEMA,
     CohortError,
@@ -32,14 +33,15 @@ from pipelines.ingest import (
     report,
     upsert,
 )
-from pipelines.split import assign_splits, split_summary
-from pipelines.validate import ValidateParams, ValidationReport, validate_manifest
+from pipelines.data.split import assign_splits, split_summary
+from pipelines.deid.core import Pseudonymizer, Settings, load_key
+from pipelines.errors import CbhError
 
 log = logging.getLogger("cbh")
 Progress = Callable[[int, int], None] | None
 
 
-class StageError(RuntimeError):
+class StageError(CbhError, RuntimeError):
     """A stage cannot do its job; the message is the one sentence the user sees."""
 
 
@@ -81,7 +83,7 @@ def ingest(params: Params, root: Path, today: dt.date | None = None, progress: P
     total = IngestResult()
     for cohort in cohorts:
         res = ingest_cohort(cohort, root, params.paths.deid, pseudo, params.deid.keep_columns, today, progress,
-                            settings, params.deid.workers, params.deid.executor, params.deid.dask_address)
+                            settings, runner_for(params.deid.executor, params.deid.workers, params.deid.dask_address))
         total.manifest.extend(res.manifest)
         total.quarantine.extend(res.quarantine)
         total.audit.extend(res.audit)
@@ -101,13 +103,14 @@ def validate_params(params: Params) -> ValidateParams:
     return ValidateParams(**{f: getattr(params.validate, f) for f in ValidateParams.__dataclass_fields__})
 
 
-def validate(params: Params, root: Path) -> ValidationReport:
+def validate(params: Params, root: Path, progress: Progress = None) -> ValidationReport:
     """Run the data contract on the manifest: the JSON report, Data Docs, the steward summary
     and the contract's quarantine table (same columns as ingest's; pseudonymous image ids)."""
-    from pipelines.steward import quarantine_frame, write_summary
+    from pipelines.reports.steward import quarantine_frame, write_summary
 
     rep = validate_manifest(root / params.paths.manifest, root / params.paths.gx_root, validate_params(params),
-                            workspace=root, cache_path=root / params.paths.cache / "mask-stats.parquet")
+                            workspace=root, cache_path=root / params.paths.cache / "mask-stats.parquet",
+                            progress=progress)
     out = root / params.paths.validation
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rep.to_json(), indent=2) + "\n")
@@ -123,7 +126,7 @@ def validate(params: Params, root: Path) -> ValidationReport:
 
 def validate_current_split(params: Params, root: Path) -> ValidationReport | None:
     """The `split` suite on the workspace's current dataset (None before the first split)."""
-    from pipelines.validate import validate_split
+    from pipelines.contract.validate import validate_split
 
     dataset, frozen = root / params.paths.dataset, root / params.paths.frozen_test
     if not dataset.is_file():
@@ -142,8 +145,8 @@ def contract_quarantined(params: Params, root: Path) -> set[str]:
 def split(params: Params, root: Path) -> dict[str, Any]:
     """Patient-level split with the frozen temporal test set, over the rows the contract kept;
     then the `split` suite. A critical failure raises: nothing trains on a leaking split."""
-    from pipelines.steward import write_summary
-    from pipelines.validate import validate_split
+    from pipelines.contract.validate import validate_split
+    from pipelines.reports.steward import write_summary
 
     manifest = pq.read_table(root / params.paths.manifest).to_pandas()
     manifest = manifest[~manifest["image_id"].isin(contract_quarantined(params, root))]
@@ -181,7 +184,7 @@ def _quiet_lightning() -> None:
 
 
 def _prepared(params: Params, root: Path, progress: Progress = None):
-    from pipelines.train import prepare_cached
+    from pipelines.imaging.crops import prepare_cached
 
     return prepare_cached(root / params.paths.dataset, root, params.preprocess.size,
                           params.preprocess.crop_margin, root / params.paths.cache, progress)
@@ -190,7 +193,7 @@ def _prepared(params: Params, root: Path, progress: Progress = None):
 def train(params: Params, root: Path, progress: Progress = None) -> dict[str, Any]:
     """Fit the segmenter and the classifier, choose the operating point on validation, save
     the weights (the `train` stage's output)."""
-    from pipelines.train import train_models
+    from pipelines.training.train import train_models
 
     _quiet_lightning()
     data = _prepared(params, root, progress)
@@ -199,7 +202,7 @@ def train(params: Params, root: Path, progress: Progress = None) -> dict[str, An
         if labels != {"normal", "hypoplasia"}:
             raise StageError(f"{params.paths.dataset}: the {split_name} split lacks a class "
                              f"(has {sorted(labels)}); add cases before training")
-    from pipelines.lineage import md5_file
+    from pipelines.registry.lineage import md5_file
 
     # checkpoints of this exact work (same data, same parameters): an interrupted run resumes
     key = hashlib.sha256((md5_file(root / params.paths.dataset) + json.dumps(params.flat(), sort_keys=True,
@@ -226,10 +229,10 @@ def evaluate(params: Params, root: Path, progress: Progress = None) -> TrainOutc
     model as `challenger`."""
     import pandas as pd
 
-    from pipelines import lineage, tracking
-    from pipelines.inference import Predictor
-    from pipelines.synth import example_png
-    from pipelines.train import evaluate_models
+    from pipelines.data.synth import example_png
+    from pipelines.evaluation.evaluate import evaluate_models
+    from pipelines.registry import lineage, tracking
+    from pipelines.serving.inference import Predictor
 
     _quiet_lightning()
     model_dir = root / params.paths.model_dir
@@ -262,20 +265,24 @@ def evaluate(params: Params, root: Path, progress: Progress = None) -> TrainOutc
     png, spacing = example_png()
     example = pd.DataFrame({"image": [base64.b64encode(png).decode()], "ga_weeks": [24.0],
                             "pixel_spacing_mm": [spacing]})
+    # the head localiser the head stage trained travels inside the diagnosis model: every answer
+    # then carries the head's biometry and the plane check, wherever the model is served
+    head_dir = root / params.paths.head
+    head_dir = head_dir if (head_dir / "head.pt").is_file() else None
     with tempfile.TemporaryDirectory(prefix="cbh-lineage-") as tmp:
         run_id, version = tracking.log_training_run(
             params_flat=params.flat(), metrics=metrics, tags=tags, weights_dir=model_dir,
             model_name=params.promote.model_name, run_name=f"{params.train.model}", figures=evaluation.figures,
             extra=summary, tables=evaluation.tables, inputs=inputs,
-            lineage_dir=lineage.artifacts(root, params, Path(tmp)), input_example=example)
+            lineage_dir=lineage.artifacts(root, params, Path(tmp)), input_example=example, head_dir=head_dir)
     return TrainOutcome(run_id, version, metrics)
 
 
 def promote(params: Params, root: Path):
     """`cbh promote`: the gate, with the champion re-scored on the current frozen test set
     when it was evaluated on another version of it."""
-    from pipelines import lineage
-    from pipelines import promote as gatekeeper
+    from pipelines.registry import lineage
+    from pipelines.registry import promote as gatekeeper
 
     frozen = root / params.paths.frozen_test
     current = lineage.md5_file(frozen) if frozen.is_file() else None
@@ -284,8 +291,8 @@ def promote(params: Params, root: Path):
         import matplotlib.pyplot as plt
         import mlflow
 
-        from pipelines.inference import Predictor
-        from pipelines.train import evaluate_models
+        from pipelines.evaluation.evaluate import evaluate_models
+        from pipelines.serving.inference import Predictor
 
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{params.promote.model_name}/{version}"))
         metrics = evaluate_models(Predictor.load(local / "artifacts" / "weights"), _prepared(params, root),
@@ -301,6 +308,93 @@ def promote(params: Params, root: Path):
         notify(root, "promotion-rejected", f"{params.promote.model_name} version {decision.challenger} was not "
                f"promoted: {decision.reason}", model=params.promote.model_name, version=decision.challenger)
     return decision
+
+
+def _head_items(params: Params, root: Path) -> list:
+    """The manifest's frames with a readable head mask (and kept by the data contract), as
+    training items: grey frame, filled mask, spacing, the sonographer's HC (NaN if none);
+    the subject is the patient pseudonym, so no patient is on both sides of the split."""
+    import math
+
+    import cv2
+
+    from pipelines.imaging.scan import read_scan
+    from pipelines.training.head import HeadItem
+
+    manifest = pq.read_table(root / params.paths.manifest).to_pandas()
+    if "head_mask_status" not in manifest:
+        return []
+    rows = manifest[(manifest["head_mask_status"] == "ok")
+                    & ~manifest["image_id"].isin(contract_quarantined(params, root))].sort_values("image_id")
+    items = []
+    for r in rows.itertuples(index=False):
+        grey = read_scan(root / r.deid_path, frame=int(r.frame)).frames[0]
+        mask = cv2.imread(str(root / r.head_mask_path), cv2.IMREAD_UNCHANGED)
+        if mask is None or mask.shape != grey.shape:
+            raise StageError(f"{r.head_mask_path}: head mask unreadable or not the size of its frame")
+        hc = float(r.hc_mm) if r.hc_mm is not None and r.hc_mm == r.hc_mm else math.nan
+        items.append(HeadItem(r.image_id, r.patient_pseudo, grey, mask > 0,
+                              (float(r.spacing_row_mm), float(r.spacing_col_mm)), hc))
+    return items
+
+
+def head(params: Params, root: Path) -> dict[str, Any]:
+    """Train the fetal-head localiser on the manifest's head masks (subject split by patient),
+    evaluate it once on the test subjects, save it with its metrics and split (the `head`
+    stage's output), log and register it as `fetal-head` `challenger`, then gate it."""
+    import pandas as pd
+
+    from pipelines.data.synth import example_png
+    from pipelines.registry import head as registry
+    from pipelines.registry import lineage
+    from pipelines.training.head import arrays_from_pairs, evaluate_head, make_localiser, split_subjects, train_head
+
+    p = params.head
+    out = root / params.paths.head
+    items = _head_items(params, root)
+    if not items:
+        skipped = {"skipped": "no head annotations"}
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)                   # the stage's output says why it holds no model
+        (out / "skipped.json").write_text(json.dumps(skipped) + "\n")
+        return skipped
+    _quiet_lightning()
+    assignment = split_subjects([it.subject for it in items], p.val_fraction, p.test_fraction, p.seed)
+    parts = {k: [it for it in items if assignment[it.subject] == k] for k in ("train", "val", "test")}
+    if not parts["train"] or not parts["test"]:
+        raise StageError(f"{params.paths.manifest}: {len(set(assignment))} patient(s) with head masks are too "
+                         "few for a train and a test subject; add head annotations")
+    train_arrays = arrays_from_pairs(((it.grey, it.mask) for it in parts["train"]), p.size)
+    val_arrays = arrays_from_pairs(((it.grey, it.mask) for it in parts["val"]), p.size) if parts["val"] else None
+    net, seconds = train_head(train_arrays, val_arrays, p)
+    localiser = make_localiser(net, p)
+    metrics = {f"test_{k}": v for k, v in evaluate_head(localiser, parts["test"]).items()}
+    metrics["train_seconds"] = seconds
+    frames = {k: len(v) for k, v in parts.items()}
+    shutil.rmtree(out, ignore_errors=True)
+    localiser.save(out)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    # the split is recorded by patient pseudonym: on disk (DVC), never in MLflow
+    (out / "split.json").write_text(json.dumps({"seed": p.seed, "frames": frames, "subjects": dict(
+        sorted(assignment.items()))}, indent=2) + "\n")
+
+    registry.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
+    tags = {**lineage.collect(root, params), "model.kind": "head",
+            "data.manifest_md5": lineage.md5_file(root / params.paths.manifest)}
+    png, spacing = example_png()
+    example = pd.DataFrame({"image": [base64.b64encode(png).decode()], "pixel_spacing_mm": [spacing]})
+    with tempfile.TemporaryDirectory(prefix="cbh-head-") as tmp:
+        model_dir = Path(tmp) / "head"
+        model_dir.mkdir()
+        for name in ("head.pt", "head.json", "metrics.json"):
+            shutil.copy(out / name, model_dir / name)
+        run_id, version = registry.log_head_run(
+            params_flat={f"head.{k}": v for k, v in params.raw["head"].items()}, metrics=metrics, tags=tags,
+            head_dir=model_dir, split=frames, model_name=p.model_name,
+            lineage_dir=lineage.artifacts(root, params, Path(tmp) / "lineage"), input_example=example)
+    decision = registry.promote_head(p, root / params.paths.audit)
+    return {"frames": frames, "metrics": metrics, "run_id": run_id, "version": version,
+            "promotion": {"decision": decision.decision, "reason": decision.reason, "champion": decision.champion}}
 
 
 def dvc_writer(root: Path):
@@ -327,5 +421,5 @@ def dvc_push(root: Path) -> int:
         return int(repo.push() or 0)
 
 
-__all__ = ["add_cohort", "ingest", "validate", "split", "train", "evaluate", "promote", "dvc_commit", "dvc_push",
-           "StageError", "CohortError"]
+__all__ = ["add_cohort", "ingest", "validate", "split", "head", "train", "evaluate", "promote", "dvc_commit",
+           "dvc_push", "StageError", "CohortError"]

@@ -1,5 +1,5 @@
 """Random transforms for training only (deterministic preprocessing lives in
-pipelines/preprocess.py and is shared with inference). Applied to whole batches on the
+pipelines/imaging/preprocess.py and is shared with inference). Applied to whole batches on the
 training device, so they cost nothing extra on a GPU worker."""
 
 from __future__ import annotations

@@ -39,8 +39,11 @@ class SegModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], _: int) -> None:
-        pred = self(batch["image"]).argmax(1)
+        logits = self(batch["image"])
+        pred = logits.argmax(1)
         lab = batch["labels"]
+        # the training loss on unaugmented validation crops: the learning curve's other half
+        self.log("seg_val_loss", self.loss(logits, lab[:, None].long()), sync_dist=True)
         inter = ((pred == 1) & (lab == 1)).sum().float()
         dice = 2 * inter / ((pred == 1).sum() + (lab == 1).sum()).clamp(min=1)
         self.log("seg_val_dice_cerebellum", dice, prog_bar=True, sync_dist=True)

@@ -30,7 +30,7 @@ def make_segmenter(channels: tuple[int, ...], norm: str = "batch") -> nn.Module:
     `norm="instance"` normalises each feature map over its own image (then a learnt scale and
     shift) instead of over the training batch: a gain or contrast that a scanner applies to the
     whole image is largely normalised away inside the network, and inference uses no statistics
-    gathered on the training scanners' images (README "Instance normalisation")."""
+    gathered on the training scanners' images (docs/results.md, unseen scanners)."""
     if norm not in SEG_NORMS:
         raise ValueError(f"segmenter norm {norm!r}: choose one of {SEG_NORMS}")
     return UNet(spatial_dims=2, in_channels=1, out_channels=3, channels=channels,
@@ -146,7 +146,7 @@ class ASCNet(nn.Module):
 
 class BiometryRule(nn.Module):
     """The interpretable baseline: no learnt weights; hypoplasia scored from the TCD z-score
-    that the predicted cerebellum mask gives (pipelines.inference computes it)."""
+    that the predicted cerebellum mask gives (pipelines.serving.inference computes it)."""
 
     def forward(self, *_: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("BiometryRule is evaluated from measurements, not called on tensors")

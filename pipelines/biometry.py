@@ -3,7 +3,8 @@
 References (GA in weeks, z = (x - mu) / sigma):
 - TCD, 14-40 weeks: Rodriguez-Sibaja et al., Ultrasound Obstet Gynecol 2021.
 - Cisterna magna, 15-36 weeks, natural-log scale: Napolitano et al., UOG 2020.
-- Head circumference (used by the synthetic generator): Papageorghiou et al., Lancet 2014.
+- Head circumference, 14-40 weeks: Papageorghiou et al., Ultrasound Obstet Gynecol 2014
+  (the fetal standard; also used by the synthetic generator).
 Outside a curve's GA range the functions return NaN rather than extrapolate.
 """
 
@@ -17,7 +18,7 @@ from scipy.special import ndtr
 
 TCD_GA_RANGE = (14.0, 40.0)
 CM_GA_RANGE = (15.0, 36.0)
-HYPOPLASIA_CENTILE = 5.0
+HC_GA_RANGE = (14.0, 40.0)
 Z_5TH = -1.6448536269514722
 
 
@@ -76,6 +77,35 @@ def hc_mean_mm(ga_weeks: ArrayLike) -> NDArray[np.float64]:
     """INTERGROWTH-21st fetal head circumference, median (mm)."""
     ga = np.asarray(ga_weeks, dtype=np.float64)
     return -28.2849 + 1.69267 * ga**2 - 0.397485 * ga**2 * np.log(ga)
+
+
+def hc_mu_sigma(ga_weeks: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Mean and SD of the head circumference (mm) at a GA (weeks), NaN outside 14-40 weeks."""
+    ga = _ga(ga_weeks, *HC_GA_RANGE)
+    ln = np.log(ga)
+    mu = -28.2849 + 1.69267 * ga**2 - 0.397485 * ga**2 * ln
+    sigma = 1.98735 + 0.0136772 * ga**3 - 0.00726264 * ga**3 * ln + 0.000976253 * ga**3 * ln**2
+    return mu, sigma
+
+
+def hc_zscore(hc_mm: ArrayLike, ga_weeks: ArrayLike) -> NDArray[np.float64]:
+    mu, sigma = hc_mu_sigma(ga_weeks)
+    return (np.asarray(hc_mm, dtype=np.float64) - mu) / sigma
+
+
+def hc_centile(hc_mm: ArrayLike, ga_weeks: ArrayLike) -> NDArray[np.float64]:
+    return 100.0 * ndtr(hc_zscore(hc_mm, ga_weeks))
+
+
+def ga_from_hc(hc_mm: ArrayLike, ga_range: tuple[float, float] = HC_GA_RANGE) -> NDArray[np.float64]:
+    """The GA (weeks) at which `hc_mm` is the INTERGROWTH-21st median, NaN outside `ga_range`
+    (default the standard's 14-40 weeks; a wider range extrapolates the median's equation).
+    An estimate for images that come without a GA, never a substitute for a dated one."""
+    grid = np.linspace(*ga_range, 2601)
+    median = hc_mean_mm(grid)                      # increasing over the range
+    hc = np.asarray(hc_mm, dtype=np.float64)
+    inside = (hc >= median[0]) & (hc <= median[-1])
+    return np.where(inside, np.interp(hc, median, grid), np.nan)
 
 
 def ellipse_perimeter(a: float, b: float) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import Params, load_params
-from pipelines.deid import Pseudonymizer
+from pipelines.deid.core import Pseudonymizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_KEY = "test-key-not-a-secret-0123456789abcdef"
@@ -27,7 +27,7 @@ def pseudo() -> Pseudonymizer:
 @pytest.fixture(scope="session")
 def small_cohort(tmp_path_factory) -> Path:
     """12 patients, all three vendor styles, DICOM and PNG (read-only for tests: copy it)."""
-    from pipelines.synth import synth_cohort
+    from pipelines.data.synth import synth_cohort
 
     out = tmp_path_factory.mktemp("cohort") / "export"
     synth_cohort(out, 12, 5, ("aurora", "boreal", "cirrus"), png_fraction=0.2)
@@ -39,3 +39,17 @@ def cohort_copy(small_cohort: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "export"
     shutil.copytree(small_cohort, dest)
     return dest
+
+
+@pytest.fixture()
+def mlflow_registry(tmp_path, monkeypatch):
+    """A throwaway MLflow tracking server and registry (sqlite) in tmp_path; its URI."""
+    import mlflow
+
+    from pipelines.registry import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking.setup(uri, tmp_path / "mlartifacts")
+    yield uri
+    mlflow.set_tracking_uri("")

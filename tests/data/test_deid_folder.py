@@ -5,7 +5,7 @@ import csv
 import pydicom
 import pytest
 
-from pipelines.deid_folder import deid_folder
+from pipelines.deid.folder import deid_folder
 
 
 def test_folder_deid_report_and_link(small_cohort, tmp_path, pseudo):
@@ -44,7 +44,7 @@ def test_a_killed_runs_partial_files_are_removed_on_rerun(small_cohort, tmp_path
 
 
 def test_one_run_at_a_time_writes_a_destination(small_cohort, tmp_path, pseudo):
-    from pipelines.deid_folder import FolderError
+    from pipelines.deid.folder import FolderError
     from pipelines.locks import exclusive_lock
 
     dst = tmp_path / "out"

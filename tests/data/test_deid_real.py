@@ -23,9 +23,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from pydicom.data import get_testdata_file
 
-from pipelines import deid as D
-from pipelines.deid_folder import deid_folder
-from pipelines.ocr import OcrSettings, residual_text
+from pipelines.deid import core as D
+from pipelines.deid.folder import deid_folder
+from pipelines.deid.ocr import OcrSettings, residual_text
+from pipelines.imaging import scan as S
 
 pytestmark = pytest.mark.skipif(not D.ocr_available(), reason="tesseract missing: run `make ocr`")
 
@@ -87,7 +88,7 @@ def leaked(values: set[str], raw: bytes, source: Path | None = None) -> list[str
 
 def pixels_as_written(path: Path) -> bytes:
     """The input's pixels before cleaning, in the layout and colour model its output is written in."""
-    arr, _ = D.frames_for_cleaning(D.read_dicom(path))
+    arr, _ = D.frames_for_cleaning(S.read_dicom(path))
     return (np.moveaxis(arr, -1, 1) if arr.ndim == 4 and D.is_planar(arr) else arr).tobytes()
 
 
@@ -150,13 +151,13 @@ CASES = [
 def test_real_ultrasound_per_syntax_and_photometric(name, syntax, photometric, pseudo, tmp_path):
     path = {"jpeg-ls": as_jpeg_ls, "mono16": as_16_bit}[name](tmp_path) if name in ("jpeg-ls", "mono16") \
         else real(name)
-    ds = D.read_dicom(path)                       # as the platform reads it (large values deferred)
+    ds = S.read_dicom(path)                       # as the platform reads it (large values deferred)
     assert ds.file_meta.TransferSyntaxUID == syntax and ds.PhotometricInterpretation == photometric
-    boxes = D.regions(ds)
+    boxes = S.regions(ds)
     # without calibrated regions the site's device template says where the image is
     settings = None if boxes else template_for(ds, LOGIQ_KEEP)
     back, raw = deidentify(ds, tmp_path, pseudo, settings)          # its pixels still unread
-    decoded, _ = D.frames_rgb_or_grey(ds)
+    decoded, _ = S.frames_rgb_or_grey(ds)
     assert leaked(identifying_values(ds), raw, path) == [], f"{name}: identifying values in the output"
     assert not any(el.tag.is_private for el in back.iterall())
     assert not any((el.tag.group & 0xFF00) in (0x5000, 0x6000) for el in back)     # no overlays, curves
@@ -167,12 +168,12 @@ def test_real_ultrasound_per_syntax_and_photometric(name, syntax, photometric, p
         photometric, photometric)
     if ds.get("SamplesPerPixel") == 3 and syntax in D.NATIVE_SYNTAXES:    # colour planes stay as stored
         assert back.PlanarConfiguration == ds.get("PlanarConfiguration", 0)
-    out, _ = D.frames_rgb_or_grey(back)                                  # what a screen shows of each
+    out, _ = S.frames_rgb_or_grey(back)                                  # what a screen shows of each
     assert out.shape == decoded.shape and out.dtype == decoded.dtype
-    keep = D.region_mask(decoded.shape[1:3], boxes or [LOGIQ_KEEP])
+    keep = S.region_mask(decoded.shape[1:3], boxes or [LOGIQ_KEEP])
     assert np.array_equal(out[:, keep], decoded[:, keep])                # inside the regions: untouched
     assert not out[:, ~keep].any()                                       # outside: blank
-    assert D.pixel_spacing_mm(back) == D.pixel_spacing_mm(ds)
+    assert S.pixel_spacing_mm(back) == S.pixel_spacing_mm(ds)
     if syntax in (pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEG2000):
         assert back.LossyImageCompression == "01"                        # the lossy history is kept
 
@@ -207,7 +208,7 @@ def test_bits_above_bits_stored_are_cleared(pseudo, tmp_path):
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
     back, _ = deidentify(ds, tmp_path, pseudo)
     raw = np.frombuffer(back.PixelData, "<u2").reshape(values.shape)
-    keep = D.region_mask(values.shape, D.regions(ds))
+    keep = S.region_mask(values.shape, S.regions(ds))
     assert back.BitsStored == 12 and not (raw & 0xF000).any()
     assert np.array_equal(raw[keep], values[keep])
 
@@ -343,7 +344,7 @@ def test_synthetic_banners_and_header_identifiers_are_gone(small_cohort, pseudo,
     for path in sorted((small_cohort / "scans").glob("*.dcm"))[:4]:
         ds = pydicom.dcmread(path)
         planted = {str(ds.PatientName).split("^")[0], str(ds.InstitutionName).split()[0], ds.PatientID}
-        before = " ".join(residual_text(D.frames_rgb_or_grey(ds)[0][0], settings))
+        before = " ".join(residual_text(S.frames_rgb_or_grey(ds)[0][0], settings))
         assert any(p in before for p in planted), f"OCR should read the banner of {path.name}: {before}"
     outputs = sorted((tmp_path / "deid").rglob("*.dcm"))
     assert len(outputs) == sum(r["image"].endswith(".dcm") for r in rows)

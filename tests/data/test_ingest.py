@@ -6,7 +6,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.ingest import (
+from pipelines.data.ingest import (
     MANIFEST_SCHEMA,
     CohortError,
     cohort_name,
@@ -14,12 +14,14 @@ from pipelines.ingest import (
     read_annotations,
     upsert,
 )
+from pipelines.deid.folder import ProcessPool
 
 KEEP = ("image", "frame", "ga_weeks", "label", "tcd_mm", "cm_mm", "mask", "annotator", "site")
 
 
 def _ingest(cohort, ws, pseudo, today=None, workers=1):
-    return ingest_cohort(cohort, ws, "data/deid", pseudo, KEEP, today or dt.date(2026, 1, 1), workers=workers)
+    return ingest_cohort(cohort, ws, "data/deid", pseudo, KEEP, today or dt.date(2026, 1, 1),
+                         runner=ProcessPool(workers))
 
 
 def _rewrite_csv(cohort, edit):
@@ -37,7 +39,7 @@ def test_no_annotations_csv_is_one_clear_error(tmp_path):
 def test_bad_rows_are_quarantined_and_the_rest_processed(cohort_copy, tmp_path, pseudo):
     """Unreadable rows stop at ingest; readable rows with a defect the contract judges carry
     their ingest-time check (made before the date shift) and are quarantined by the contract."""
-    from pipelines.validate import ValidateParams, validate_manifest
+    from pipelines.contract.validate import ValidateParams, validate_manifest
     from tests.conftest import ROOT
 
     rows = read_annotations(cohort_copy)
@@ -128,3 +130,32 @@ def test_png_without_sidecar_is_quarantined(cohort_copy, tmp_path, pseudo):
     res = _ingest(cohort_copy, tmp_path / "ws", pseudo)
     assert [q["reason_code"] for q in res.quarantine] == ["no_pixel_spacing"]
     shutil.rmtree(tmp_path / "ws")
+
+
+def test_hc18_import_ingests_head_masks_and_hc(tmp_path, pseudo):
+    """Real HC18 frames through `cbh import hc18`: PNG with sidecar spacing, no label, a head
+    mask and the expert's HC per row; a head mask outside the cohort is quarantined, not read."""
+    import cv2
+
+    from pipelines.data.importers import import_hc18
+    from tests.conftest import ROOT
+
+    cohort = tmp_path / "hc18"
+    import_hc18(ROOT / "tests" / "fixtures" / "hc18", cohort, dt.date(2025, 6, 1))
+    (tmp_path / "outside.png").write_bytes((cohort / "masks" / "002_HC_head.png").read_bytes())
+    _rewrite_csv(cohort, lambda lines: [lines[0], lines[1], lines[2],
+                                        lines[3].replace("masks/631_2HC_head.png", "../outside.png")])
+    ws = tmp_path / "ws"
+    res = _ingest(cohort, ws, pseudo)
+    assert [(q["source_row"], q["reason_code"]) for q in res.quarantine] == [(3, "bad_head_mask_path")]
+    assert res.quarantine[0]["reason"] == "head_mask path points outside the cohort"
+    assert len(res.manifest) == 2
+    for m in res.manifest:
+        assert m["label"] is None and m["mask_status"] == "none" and m["mask_path"] is None
+        assert m["head_mask_status"] == "ok" and m["head_mask_path"].endswith(f"{m['image_id']}_head.png")
+        assert m["head_mask_path"].startswith(f"data/deid/{m['patient_pseudo']}/")
+        head = cv2.imread(str(ws / m["head_mask_path"]), cv2.IMREAD_UNCHANGED)
+        assert head.shape == (m["rows"], m["cols"]) and set(head.ravel().tolist()) == {0, 1}
+    assert sorted(m["hc_mm"] for m in res.manifest) == [68.75, 71.91]
+    table = upsert(ws / "manifest.parquet", res.manifest, MANIFEST_SCHEMA, ("image_id",))
+    assert table.schema.field("hc_mm").type == "double" and "head_mask_status" in table.column_names

@@ -11,8 +11,8 @@ import pydicom
 import pytest
 
 from pipelines import biometry as B
-from pipelines.deid import pixel_spacing_mm
-from pipelines.synth import synth_cohort
+from pipelines.data.synth import synth_cohort
+from pipelines.imaging.scan import pixel_spacing_mm
 
 
 def _rows(cohort):
@@ -101,7 +101,7 @@ def test_cohort_statistics():
 
 
 def _rows_of(n):
-    from pipelines.synth import plan_exams
+    from pipelines.data.synth import plan_exams
     exams = plan_exams(n, 3, ("aurora", "boreal"), 0.35, (16, 36), 3, 0.1)
     return [{"mask": f"masks/{e.patient:04d}", "label": e.label, "ga_weeks": e.ga_weeks,
              "exam_date": e.exam_time.date().isoformat()} for e in exams]
@@ -116,7 +116,7 @@ def test_the_external_validation_style_is_its_own_site(tmp_path):
     """`delta` renders outside the default mix's grain, gain and dynamic range: a site
     (site-west) no default cohort contains, for testing on a scanner never trained on."""
     from pipelines.config import load_params
-    from pipelines.synth_render import STYLES
+    from pipelines.data.synth_render import STYLES
 
     mix = load_params(Path(__file__).resolve().parents[2] / "params.yaml").synth.styles
     assert "delta" not in mix
@@ -136,7 +136,7 @@ def test_the_second_external_validation_style_lies_outside_all_four(tmp_path):
     """`ember` (site-central) is outside every other style in axial and lateral grain, gain and
     dynamic range, and no default cohort contains it."""
     from pipelines.config import load_params
-    from pipelines.synth_render import STYLES
+    from pipelines.data.synth_render import STYLES
 
     assert "ember" not in load_params(Path(__file__).resolve().parents[2] / "params.yaml").synth.styles
     others = [s for name, s in STYLES.items() if name != "ember"]
@@ -156,7 +156,7 @@ def test_the_sixth_style_is_its_own_site_outside_the_default_mix(tmp_path):
     """`fjord` (site-coast), fixed before any model saw it: a wider dynamic range than the
     default mix, for a first look after the noise-floor augmentation was developed on `ember`."""
     from pipelines.config import load_params
-    from pipelines.synth_render import STYLES
+    from pipelines.data.synth_render import STYLES
 
     mix = load_params(Path(__file__).resolve().parents[2] / "params.yaml").synth.styles
     assert "fjord" not in mix

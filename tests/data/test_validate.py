@@ -19,16 +19,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.deid import Pseudonymizer
-from pipelines.ingest import MANIFEST_SCHEMA, ingest_cohort
-from pipelines.split import assign_splits
-from pipelines.validate import (
+from pipelines.contract.validate import (
     MANIFEST_COLUMNS,
     ValidateParams,
     ValidationReport,
     validate_manifest,
     validate_split,
 )
+from pipelines.data.ingest import MANIFEST_SCHEMA, ingest_cohort
+from pipelines.data.split import assign_splits
+from pipelines.deid.core import Pseudonymizer
 from tests.conftest import ROOT, TEST_KEY
 
 PARAMS = ValidateParams(min_per_class=3)
@@ -38,7 +38,7 @@ KEEP = ("image", "frame", "ga_weeks", "label", "tcd_mm", "cm_mm", "mask", "annot
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
     """A real cohort (30 patients, three vendor styles), ingested: workspace and manifest."""
-    from pipelines.synth import synth_cohort
+    from pipelines.data.synth import synth_cohort
 
     tmp = tmp_path_factory.mktemp("contract")
     synth_cohort(tmp / "export", 30, 17, ("aurora", "boreal", "cirrus"), png_fraction=0.2)
@@ -303,8 +303,8 @@ def test_clean_cohort_passes_everything(clean, tmp_path):
     assert set(doc) == {"success", "results"}
     assert all(set(r) == {"suite", "expectation", "column", "severity", "success", "unexpected_count",
                           "unexpected_examples"} for r in doc["results"])
-    assert {r["suite"] for r in doc["results"]} == {"scan_manifest", "annotations", "masks", "dataset_gates"}
-    for suite in ("scan_manifest", "annotations", "masks"):
+    assert {r["suite"] for r in doc["results"]} == {"scan_manifest", "annotations", "masks", "heads", "dataset_gates"}
+    for suite in ("scan_manifest", "annotations", "masks", "heads"):
         assert (tmp_path / "expectations" / "gx" / "expectations" / f"{suite}.json").is_file()
 
 
@@ -431,7 +431,7 @@ def _remote_loads(text: str) -> list[str]:
 
 
 def test_docs_and_summary_render_offline_in_chromium(defects, tmp_path):
-    from pipelines.steward import write_summary
+    from pipelines.reports.steward import write_summary
     from tests.browser import open_page
 
     df, report, _ = defects
@@ -441,16 +441,23 @@ def test_docs_and_summary_render_offline_in_chromium(defects, tmp_path):
     assert "| critical | row |" in md
     for q in report.quarantined[:3]:
         assert f"| {q['source_row']} | {q['image']} | {q['reason_code']} |" in md
-    for page in report.data_docs_index.parent.rglob("*.html"):
-        assert _remote_loads(page.read_text(encoding="utf-8")) == [], page
+    site = report.data_docs_index.parent
+    for page in site.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        assert _remote_loads(text) == [] and "<script" not in text.lower(), page
     with open_page(html_path) as (page, outside):
         verdict = page.locator("#verdict")
         assert verdict.is_visible() and "FIT FOR TRAINING after quarantine" in verdict.inner_text()
         assert page.get_by_text("Quarantined rows").is_visible()
     assert outside == []
     with open_page(report.data_docs_index) as (page, outside):
-        assert page.get_by_text("Validation runs").is_visible()
-        assert page.locator("text=failed").first.is_visible()       # the run status, without JavaScript
+        assert page.get_by_text("Validation Results").is_visible()
+        status = page.locator(".ge-run-status-failed").first           # cbh's run status, without JavaScript
+        assert status.is_visible() and status.inner_text() == "failed"
+        assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")  # local logo
+    assert outside == []
+    with open_page(next((site / "validations").rglob("*.html"))) as (page, outside):
+        assert page.get_by_text("Unsuccessful Expectations").is_visible()
     assert outside == []
 
 
@@ -474,7 +481,7 @@ def test_committed_suites_are_what_the_code_and_params_make(clean, tmp_path):
     _run(ws, manifest, tmp_path, validate_params(load_params(ROOT / "params.yaml")))
     dataset, frozen = assign_splits(manifest, None, 0.25, 0.3, 7)
     validate_split(dataset, frozen, _gx(tmp_path), validate_params(load_params(ROOT / "params.yaml")))
-    for suite in ("scan_manifest", "annotations", "masks", "split"):
+    for suite in ("scan_manifest", "annotations", "masks", "heads", "split"):
         made = json.loads((tmp_path / "expectations/gx/expectations" / f"{suite}.json").read_text())
         committed = json.loads((ROOT / "expectations/gx/expectations" / f"{suite}.json").read_text())
         assert made == committed, suite

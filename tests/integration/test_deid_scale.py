@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import deid as D
+from pipelines.deid import core as D
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not D.ocr_available(), reason="tesseract missing: run `make ocr`")
@@ -43,11 +43,13 @@ def test_dask_executor_gives_the_same_outputs(small_cohort, tmp_path):
 INGEST = """
 import json, sys
 from pathlib import Path
-from pipelines import deid as D
-from pipelines.ingest import ingest_cohort
+from pipelines.deid import core as D
+from pipelines.data.ingest import ingest_cohort
+from flows.executors import runner_for
 cohort, ws, executor, workers = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 res = ingest_cohort(cohort, ws, "data/deid", D.Pseudonymizer(b"test-key-not-a-secret", 365),
-                    ("image", "frame", "ga_weeks", "label", "site"), None, None, D.Settings(), workers, executor)
+                    ("image", "frame", "ga_weeks", "label", "site"), None, None, D.Settings(),
+                    runner_for(executor, workers, ""))
 print(json.dumps({"manifest": res.manifest, "quarantine": res.quarantine, "ocr": res.ocr_verified}, default=str))
 """
 

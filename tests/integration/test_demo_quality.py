@@ -11,7 +11,7 @@ from tests.integration.workspace import cbh, make_workspace
 @pytest.mark.slow
 def test_demo_scale_champion_quality(tmp_path):
     from pipelines.config import load_params
-    from pipelines.synth import synth_cohort
+    from pipelines.data.synth import synth_cohort
 
     ws = make_workspace(tmp_path, tiny=False)
     p = load_params(ws / "params.yaml").synth

@@ -26,7 +26,7 @@ TINY = {"segment.max_epochs": 2, "train.max_epochs": 3, "preprocess.size": 48, "
 @pytest.fixture(scope="module")
 def split_workspace(tmp_path_factory) -> Path:
     """A workspace whose data is ingested, validated and split (ready for `cbh train`)."""
-    from pipelines.synth import synth_cohort
+    from pipelines.data.synth import synth_cohort
 
     tmp = tmp_path_factory.mktemp("engineering")
     ws = make_workspace(tmp)
@@ -97,7 +97,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(split_workspace, tmp_p
 
 def test_tta_prediction_is_mirror_invariant():
     from models.networks import make_classifier, make_segmenter
-    from pipelines.inference import ModelConfig, Predictor, context_features
+    from pipelines.serving.inference import ModelConfig, Predictor, context_features
 
     torch.manual_seed(0)
     cfg = ModelConfig("asc-ga", 16, (8, 16, 32), 48, 1.15, 0.5)

@@ -18,11 +18,11 @@ def test_missing_key_outside_the_demo(tmp_path):
     env = dict(os.environ, CBH_WORKSPACE=str(ws))
     env.pop("CBH_DEID_KEY", None)
     env.pop("CBH_DEMO", None)
-    from pipelines.synth import synth_cohort
+    from pipelines.data.synth import synth_cohort
     synth_cohort(tmp_path / "c", 2, 1, ("aurora",))
     res = subprocess.run([sys.executable, "-m", "flows.cli", "ingest", str(tmp_path / "c")], cwd=ws, env=env,
                          capture_output=True, text=True, timeout=300)
-    assert res.returncode == 1
+    assert res.returncode == 3                     # something needed is missing
     assert "CBH_DEID_KEY is not set" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -35,7 +35,7 @@ def test_cohort_without_annotations(tmp_path):
 
 
 def test_critical_contract_failure_stops_before_training(tmp_path):
-    from pipelines.synth import synth_cohort
+    from pipelines.data.synth import synth_cohort
 
     ws = _workspace(tmp_path)
     cohort = tmp_path / "export"

@@ -104,7 +104,7 @@ def test_servers_listen_on_loopback_and_keep_the_password_to_themselves(servers)
 
 
 def test_retrain_against_the_team_servers(servers, tmp_path):
-    from pipelines.synth import synth_cohort
+    from pipelines.data.synth import synth_cohort
 
     ws, state, info, _ = servers
     prefect_url, mlflow_url = info["prefect"]["url"], info["mlflow"]["url"]

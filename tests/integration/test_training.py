@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 
 from pipelines.config import replace
-from pipelines.ingest import ingest_cohort
-from pipelines.split import assign_splits
-from pipelines.train import evaluate_models, prepare, train_models
+from pipelines.data.ingest import ingest_cohort
+from pipelines.data.split import assign_splits
+from pipelines.evaluation.evaluate import evaluate_models
+from pipelines.imaging.crops import prepare
+from pipelines.training.train import train_models
 
 SHRUNK = ["preprocess.size=48", "segment.max_epochs=2", "segment.channels=[8, 16, 32]",
           "train.max_epochs=2", "train.features=16", "evaluate.bootstrap=20"]
@@ -20,7 +22,7 @@ SHRUNK = ["preprocess.size=48", "segment.max_epochs=2", "segment.channels=[8, 16
 
 @pytest.fixture(scope="module")
 def prepared(small_cohort, tmp_path_factory, params):
-    from pipelines.deid import Pseudonymizer
+    from pipelines.deid.core import Pseudonymizer
     from tests.conftest import TEST_KEY
 
     ws = tmp_path_factory.mktemp("train-ws")
@@ -80,7 +82,7 @@ def _close_figures():
 def test_an_equalised_classifier_trains_and_its_predictor_equalises(prepared, params, tmp_path):
     """`train.image_norm=equalise` reaches the trained network and the saved model, which then
     gives the same probability for a crop and for its gain-and-gamma-changed copy."""
-    from pipelines.inference import Predictor, context_features
+    from pipelines.serving.inference import Predictor, context_features
 
     p = replace(params, SHRUNK + ["train.image_norm=equalise"])
     predictor = train_models(prepared, p)

@@ -22,7 +22,7 @@ def make_workspace(tmp: Path, tiny: bool = True) -> Path:
     ws.mkdir()
     for name in ("params.yaml", "dvc.yaml"):
         shutil.copy(ROOT / name, ws / name)
-    for name in ("pipelines", "models", "flows"):
+    for name in ("pipelines", "models", "flows", "ops"):
         shutil.copytree(ROOT / name, ws / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "expectations", ws / "expectations", ignore=shutil.ignore_patterns("uncommitted"))
     if not tiny:

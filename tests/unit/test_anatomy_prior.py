@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.inference import largest_components
-from pipelines.preprocess import head_mask, prepare_frame, warp
+from pipelines.imaging.preprocess import head_mask, prepare_frame, warp
+from pipelines.serving.inference import largest_components
 
 
 def _head(shape=(420, 560), centre=(300.0, 200.0), axes=(150.0, 110.0), angle=25.0):
@@ -80,7 +80,7 @@ def test_a_cerebellum_running_out_through_the_skull_is_cut_at_the_skull():
 def test_prepared_crops_keep_the_axis_ratio(tmp_path):
     import pandas as pd
 
-    from pipelines.train import Prepared
+    from pipelines.imaging.crops import Prepared
 
     n = 3
     data = Prepared(pd.DataFrame({"image_id": ["a", "b", "c"], "split": ["train", "val", "test"]}),
@@ -109,7 +109,7 @@ class _Painted(torch.nn.Module):
 
 
 def test_the_predictor_reports_which_crops_left_the_skull():
-    from pipelines.inference import ModelConfig, Predictor
+    from pipelines.serving.inference import ModelConfig, Predictor
 
     size, margin = 64, 1.15
     inside, leaving = np.zeros((size, size), np.uint8), np.zeros((size, size), np.uint8)
@@ -132,7 +132,7 @@ def test_cbh_predicts_path_applies_the_prior_with_each_frames_own_skull():
     """predict_frames (behind `cbh predict` and the served model) places the head from the
     skull it fitted on each frame."""
     from models.networks import make_classifier
-    from pipelines.inference import ModelConfig, Predictor
+    from pipelines.serving.inference import ModelConfig, Predictor
 
     grey, _ = _head()
     size, margin = 64, 1.15

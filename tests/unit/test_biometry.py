@@ -112,3 +112,23 @@ def test_rule_is_below_the_published_5th_centile():
     # 5th centile at 24 weeks is 24.31 mm in the table
     assert B.is_hypoplasia_by_rule(24.2, 24.0) and not B.is_hypoplasia_by_rule(24.4, 24.0)
     assert np.isnan(B.tcd_zscore(20.0, 13.0)) and np.isnan(B.cm_zscore(5.0, 37.0))
+
+
+def test_hc_standard_matches_intergrowth_tables():
+    """The published equation (Papageorghiou et al. 2014) evaluated by hand: median 172.5 mm at
+    20 weeks, 278.4 mm at 30 weeks (the charts' 50th centiles); the 3rd centile sits at z = -1.88."""
+    mu, sigma = B.hc_mu_sigma(np.array([20.0, 30.0]))
+    np.testing.assert_allclose(mu, [172.5, 278.4], atol=0.3)
+    np.testing.assert_allclose(B.hc_centile(mu, [20.0, 30.0]), 50.0, atol=1e-9)
+    np.testing.assert_allclose(B.hc_centile(mu - 1.880794 * sigma, [20.0, 30.0]), 3.0, atol=0.01)
+
+
+def test_hc_outside_its_ga_range_is_nan_not_extrapolated():
+    assert np.isnan(B.hc_zscore(100.0, 13.9)) and np.isnan(B.hc_centile(400.0, 40.5))
+    assert np.isfinite(B.hc_centile(100.0, 14.0))
+
+
+def test_ga_from_hc_inverts_the_median():
+    ga = np.array([15.0, 22.5, 38.0])
+    np.testing.assert_allclose(B.ga_from_hc(B.hc_mean_mm(ga)), ga, atol=0.01)
+    assert np.isnan(B.ga_from_hc(40.0))

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipelines.train import _best_checkpoint
+from pipelines.training.train import _best_checkpoint
 
 
 class Tiny(L.LightningModule):

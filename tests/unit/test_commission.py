@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import beta as beta_dist
 
-from pipelines.commission import (
+from pipelines.evaluation.metrics import operating_threshold
+from pipelines.registry.commission import (
     CommissionError,
     check_site,
     clopper_pearson,
@@ -17,7 +18,6 @@ from pipelines.commission import (
     umbrella_threshold,
     violation_probability,
 )
-from pipelines.evaluate import operating_threshold
 
 
 def test_positives_needed_follow_from_the_binomial():
@@ -143,7 +143,7 @@ def test_a_site_is_a_plain_label(bad):
 
 
 def test_excess_is_an_exact_one_sided_binomial_test():
-    from pipelines.commission import excess
+    from pipelines.registry.commission import excess
 
     assert excess(39, 168, 0.05)                   # 23% against 5%: the ember site's drift signal
     assert not excess(12, 168, 0.05)               # 7%: within chance of 5% (p = 0.13)
@@ -153,7 +153,7 @@ def test_excess_is_an_exact_one_sided_binomial_test():
 
 
 def test_segmentation_check_measures_the_tcd_against_the_sonographers():
-    from pipelines.commission import segmentation_check
+    from pipelines.registry.commission import segmentation_check
 
     ref = np.array([40.0, 42.0, 38.0, 30.0, np.nan] * 4)
     pred = ref - 2.0

@@ -8,8 +8,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from pipelines import deid as D
-from pipelines import deid_profile as P
+from pipelines.deid import core as D
+from pipelines.deid import profile as P
+from pipelines.imaging import scan as S
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -137,8 +138,8 @@ def test_ultrasound_without_regions_needs_a_template(pseudo):
 def test_unreadable_file(tmp_path):
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"\x00" * 128 + b"DICM" + b"garbage" * 10)
-    with pytest.raises(D.DeidError) as err:
-        D.read_dicom(bad)
+    with pytest.raises(S.ScanError) as err:
+        S.read_dicom(bad)
     assert err.value.code == "unreadable_dicom"
 
 
@@ -175,7 +176,7 @@ def test_clean_pixels_blanks_exactly_outside_the_regions():
                   [(-3, 40, 10, 70)], []):
         for shape, fill in (((3, 48, 64), 7), ((2, 48, 64, 3), (0, 128, 128))):
             arr = rng.integers(1, 250, shape, dtype=np.uint8)
-            keep = D.region_mask(shape[1:3], boxes)
+            keep = S.region_mask(shape[1:3], boxes)
             out = D.clean_pixels(arr, boxes, fill=fill)
             expected = np.where(keep.reshape(1, *keep.shape, *([1] * (arr.ndim - 3))), arr,
                                 np.asarray(fill, np.uint8))
@@ -186,7 +187,7 @@ def test_clean_pixels_blanks_exactly_outside_the_regions():
         view, before = np.moveaxis(planes, 1, -1), np.moveaxis(planes, 1, -1).copy()
         assert D.is_planar(view) and not D.is_planar(before)
         D.clean_pixels(view, boxes, inplace=True, fill=(0, 128, 128))
-        keep = D.region_mask((48, 64), boxes)
+        keep = S.region_mask((48, 64), boxes)
         assert np.array_equal(np.moveaxis(planes, 1, -1), np.where(keep[None, ..., None], before,
                                                                    np.array([0, 128, 128], np.uint8)))
 
@@ -201,7 +202,7 @@ def test_ocr_in_process_reads_what_the_command_reads():
 
     script = """
 import json, cv2, numpy as np
-from pipelines import ocr
+from pipelines.deid import ocr
 img = np.zeros((120, 520), np.uint8)
 cv2.putText(img, "DOE JANE 12/03/2020", (10, 70), cv2.FONT_HERSHEY_SIMPLEX, 1.2, 255, 2)
 engine = ocr.engine()
@@ -219,7 +220,8 @@ import torch  # noqa: E402  (after: the engine is chosen once per process)
     assert one_way[0] == one_way[1] and {"DOE", "JANE"} <= {w for w, conf in one_way[0] if conf >= 80}
     assert {"DOE", "JANE", "12/03/2020"} <= {w for w, conf in library if conf >= 80}
     assert residual == ["DOE", "JANE", "12/03/2020"]
-    after_torch = subprocess.run([sys.executable, "-c", "import torch\nfrom pipelines import ocr\nprint(ocr.engine())"],
+    probe = "import torch\nfrom pipelines.deid import ocr\nprint(ocr.engine())"
+    after_torch = subprocess.run([sys.executable, "-c", probe],
                                  capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert after_torch.stdout.strip() == "command", after_torch.stderr[-2000:]
 
@@ -231,11 +233,11 @@ def test_ocr_reads_bright_text_laid_over_speckle(tmp_path):
     scan)."""
     import cv2
 
-    from pipelines import ocr
-    from pipelines.synth import synth_cohort
+    from pipelines.data.synth import synth_cohort
+    from pipelines.deid import ocr
 
     synth_cohort(tmp_path, 2, 3, ("cirrus",), png_fraction=0.0)
-    grey = ocr._grey(D.frames_rgb_or_grey(pydicom.dcmread(tmp_path / "scans" / "0000_0.dcm"))[0][0])
+    grey = ocr.shown_grey(S.frames_rgb_or_grey(pydicom.dcmread(tmp_path / "scans" / "0000_0.dcm"))[0][0])
     h, w = grey.shape
     head = grey[int(0.4 * h):int(0.85 * h), int(0.3 * w):int(0.7 * w)].copy()     # speckle, no banner
     settings = ocr.OcrSettings()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipelines.evaluate import (
+from pipelines.evaluation.metrics import (
     binary_metrics,
     dice_per_image,
     expected_calibration_error,

@@ -52,7 +52,7 @@ def test_an_instance_normalised_segmenter_sees_each_image_alone():
 def test_a_saved_model_keeps_its_segmenter_norm_and_older_models_load_as_batch(tmp_path):
     import json
 
-    from pipelines.inference import ModelConfig, Predictor
+    from pipelines.serving.inference import ModelConfig, Predictor
 
     torch.manual_seed(0)
     cfg = ModelConfig("asc", 16, (8, 16, 32), 48, 1.15, 0.5, seg_norm="instance")
@@ -140,7 +140,7 @@ def test_a_saved_model_keeps_its_image_norm_and_older_models_load_without_it(tmp
     equalise exactly when training did; a model saved before the option existed loads as `none`."""
     import json
 
-    from pipelines.inference import ModelConfig, Predictor
+    from pipelines.serving.inference import ModelConfig, Predictor
 
     torch.manual_seed(0)
     cfg = ModelConfig("asc-ga", 16, (8, 16, 32), 48, 1.15, 0.5, image_norm="equalise")

@@ -7,7 +7,7 @@ import csv
 
 import pytest
 
-from pipelines.predict import PredictInputError, _inputs
+from pipelines.serving.predict import PredictInputError, prediction_inputs
 
 
 def _cohort(tmp_path, ga: str):
@@ -22,7 +22,7 @@ def _cohort(tmp_path, ga: str):
 
 
 def test_cohort_rows_become_items(tmp_path):
-    items = _inputs(_cohort(tmp_path, "30"), None, False)
+    items = prediction_inputs(_cohort(tmp_path, "30"), None, False)
     assert [(name, frame, ga) for _, name, frame, ga, _ in items] == [("scans/a.png", 0, 22.5),
                                                                         ("scans/b.png", 0, 30.0)]
 
@@ -30,4 +30,4 @@ def test_cohort_rows_become_items(tmp_path):
 @pytest.mark.parametrize("ga", ["", "about 30"])
 def test_a_row_without_a_numeric_ga_is_one_sentence(tmp_path, ga):
     with pytest.raises(PredictInputError, match=r"annotations.csv: data row 2: .*ga_weeks"):
-        _inputs(_cohort(tmp_path, ga), None, False)
+        prediction_inputs(_cohort(tmp_path, ga), None, False)

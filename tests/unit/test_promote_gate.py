@@ -4,7 +4,7 @@ tests/integration/test_flow.py)."""
 import json
 
 from pipelines.config import PromoteParams
-from pipelines.promote import Decision, _record, gate, verify_trail
+from pipelines.registry.promote import Decision, append_record, gate, verify_trail
 
 P = PromoteParams(min_auc=0.75, min_sensitivity=0.8, auc_margin=0.02, max_ece=0.15, require_valid_data=True,
                   model_name="m")
@@ -36,7 +36,7 @@ def test_challenger_against_champion():
 def test_audit_trail_is_hash_chained(tmp_path):
     trail = tmp_path / "promotions.jsonl"
     for i in range(3):
-        _record(trail, Decision("t", "u", "promote", "promoted", "r", str(i + 1), None, str(i + 1), {}, {}, "m"))
+        append_record(trail, Decision("t", "u", "promote", "promoted", "r", str(i + 1), None, str(i + 1), {}, {}, "m"))
     assert verify_trail(trail) == []
     lines = trail.read_text().splitlines()
     edited = json.loads(lines[1])

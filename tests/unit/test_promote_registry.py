@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines.config import PromoteParams
-from pipelines.promote import history, promote, verify_trail
+from pipelines.registry.promote import history, promote, verify_trail
 
 P = PromoteParams(min_auc=0.75, min_sensitivity=0.8, auc_margin=0.02, max_ece=0.15, require_valid_data=True,
                   model_name="m")

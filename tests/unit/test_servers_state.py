@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from flows.servers import Servers
+from ops.servers import Servers
 
 
 def test_down_never_stops_a_process_that_reused_a_recorded_pid(tmp_path):

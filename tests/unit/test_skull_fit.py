@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pipelines import biometry
-from pipelines.preprocess import MAX_HEAD_SEMI_AXIS_MM, PreprocessError, fit_skull
-from pipelines.synth_render import STYLES, make_anatomy, render
+from pipelines.data.synth_render import STYLES, make_anatomy, render
+from pipelines.imaging.preprocess import MAX_HEAD_SEMI_AXIS_MM, PreprocessError, fit_skull
 
 
 @pytest.mark.parametrize("style", sorted(STYLES))

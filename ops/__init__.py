@@ -1,0 +1,1 @@
+"""Operations: the team servers (PostgreSQL, Prefect and MLflow on this machine)."""

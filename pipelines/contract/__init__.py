@@ -1,0 +1,1 @@
+"""The data contract: Great Expectations suites and the row metrics they judge."""

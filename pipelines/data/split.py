@@ -1,0 +1,61 @@
+"""Patient-level split with a temporal, frozen test set (the paper split by exam date).
+
+The latest patients by first (shifted) exam date form the test set the first time; that
+membership is then frozen: later cohorts never change it. New images of a frozen test
+patient are held out (split `excluded`) rather than trained on, so no patient crosses
+splits. Validation patients are drawn at random (seeded) from the rest, per label.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def assign_splits(manifest: pd.DataFrame, frozen: pd.DataFrame | None, test_fraction: float,
+                  val_fraction: float, seed: int, test_site: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return (dataset with a `split` column, frozen test table [image_id, patient_pseudo]).
+
+    By default the test set is temporal (the latest patients by first exam). With
+    `test_site`, it is every patient scanned at that site: a site (scanner, vendor) the
+    model never sees in training or validation, the harder external-validation protocol.
+    """
+    df = manifest.copy()
+    df["split"] = "unlabelled"
+    labelled = df["label"].notna()
+    first = df[labelled].groupby("patient_pseudo")["exam_date"].min().sort_values(kind="stable")
+    if frozen is None or frozen.empty:
+        if test_site:
+            test_patients = set(df.loc[labelled & (df["site"] == test_site), "patient_pseudo"])
+            if not test_patients:
+                raise ValueError(f"split.test_site = {test_site!r}: no labelled image from that site")
+        else:
+            n_test = max(1, int(round(test_fraction * len(first))))
+            test_patients = set(first.index[-n_test:])
+        test_images = set(df.loc[labelled & df["patient_pseudo"].isin(test_patients), "image_id"])
+        frozen = df.loc[df["image_id"].isin(test_images), ["image_id", "patient_pseudo"]]
+        frozen = frozen.sort_values("image_id").reset_index(drop=True)
+    test_patients = set(frozen["patient_pseudo"])
+    test_images = set(frozen["image_id"])
+    df.loc[df["image_id"].isin(test_images), "split"] = "test"
+    held = labelled & df["patient_pseudo"].isin(test_patients) & ~df["image_id"].isin(test_images)
+    df.loc[held, "split"] = "excluded"
+    rest = labelled & ~df["patient_pseudo"].isin(test_patients)
+    rng = np.random.default_rng(seed)
+    patient_label = df[rest].groupby("patient_pseudo")["label"].agg(lambda s: s.mode().iat[0])
+    val: set[str] = set()
+    for _, group in patient_label.groupby(patient_label):
+        names = sorted(group.index)
+        k = int(round(val_fraction * len(names)))
+        val.update(rng.choice(names, size=k, replace=False).tolist() if k else [])
+    df.loc[rest, "split"] = np.where(df.loc[rest, "patient_pseudo"].isin(val), "val", "train")
+    return df, frozen
+
+
+def split_summary(df: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Images per split and label, for the flow's summary and MLflow."""
+    counts = df.groupby(["split", df["label"].fillna("none")]).size()
+    out: dict[str, dict[str, int]] = {}
+    for (split, label), n in counts.items():
+        out.setdefault(split, {})[label] = int(n)
+    return out

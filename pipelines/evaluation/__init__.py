@@ -1,0 +1,1 @@
+"""Evaluation: discrimination, calibration, the operating point, per-subgroup metrics."""

@@ -1,0 +1,1 @@
+"""Imaging: the one reader of scans (DICOM, PNG/JPEG with sidecar) and the anatomical frame."""

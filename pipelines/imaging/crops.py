@@ -1,0 +1,103 @@
+"""Crops in the anatomical frame, prepared once for training and evaluation: every labelled row
+of the dataset brought into its skull-aligned crop, with its annotated mask warped alongside."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from pipelines.imaging import preprocess
+from pipelines.imaging.preprocess import PreprocessError, load_frame, prepare_frame, warp
+
+
+@dataclass
+class Prepared:
+    """Skull-aligned crops of the labelled rows, with everything training needs."""
+
+    frame: pd.DataFrame                  # the dataset rows kept, in array order
+    images: np.ndarray                   # (N, 1, S, S) float32
+    labels: np.ndarray                   # (N, S, S) uint8 annotated masks (0 where none)
+    mm_per_px: np.ndarray                # (N,)
+    axis_ratio: np.ndarray               # (N,) the skull's axis ratio: where the head lies in the crop
+    failed: dict[str, str] = field(default_factory=dict)   # image_id -> reason
+
+    def subset(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.frame["split"].to_numpy() == split)
+
+    def save(self, folder: Path, half: bool = False) -> None:
+        """Write the arrays, the rows and the failures to `folder` (float16 images if `half`:
+        half the size, for carrying a prepared cohort to a GPU worker)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        images = self.images.astype(np.float16) if half else self.images
+        (np.savez_compressed if half else np.savez)(folder / "arrays.npz", images=images, labels=self.labels,
+                                                    mm_per_px=self.mm_per_px, axis_ratio=self.axis_ratio)
+        self.frame.to_parquet(folder / "frame.parquet", index=False)
+        (folder / "failed.json").write_text(json.dumps(self.failed))
+
+    @classmethod
+    def load(cls, folder: Path) -> Prepared:
+        arrays = np.load(folder / "arrays.npz")
+        # crops packed before the axis ratio was kept: NaN, the anatomical prior without the head
+        ratio = arrays["axis_ratio"] if "axis_ratio" in arrays.files else np.full(len(arrays["mm_per_px"]), np.nan)
+        return cls(pd.read_parquet(folder / "frame.parquet"), arrays["images"].astype(np.float32, copy=False),
+                   arrays["labels"], arrays["mm_per_px"], ratio, json.loads((folder / "failed.json").read_text()))
+
+
+def prepare(dataset: pd.DataFrame, workspace: Path, size: int, margin: float,
+            progress: Callable[[int, int], None] | None = None) -> Prepared:
+    rows = dataset[dataset["split"].isin(["train", "val", "test"])].reset_index(drop=True)
+    images, labels, scale, ratio, keep, failed = [], [], [], [], [], {}
+    for i, r in enumerate(rows.itertuples(index=False)):
+        try:
+            grey, valid = load_frame(workspace / r.deid_path, int(r.frame))
+            img, crop = prepare_frame(grey, valid, (r.spacing_row_mm, r.spacing_col_mm), size, margin)
+        except PreprocessError as exc:
+            failed[r.image_id] = str(exc)
+            continue
+        mask = np.zeros((size, size), np.uint8)
+        if isinstance(r.mask_path, str) and r.mask_path:
+            src = cv2.imread(str(workspace / r.mask_path), cv2.IMREAD_UNCHANGED)
+            mask = warp(src, crop, nearest=True)
+        images.append(img[None])
+        labels.append(mask)
+        scale.append(crop.mm_per_px)
+        ratio.append(crop.axis_ratio)
+        keep.append(i)
+        if progress:
+            progress(i + 1, len(rows))
+    return Prepared(rows.iloc[keep].reset_index(drop=True), np.stack(images).astype(np.float32),
+                    np.stack(labels), np.asarray(scale), np.asarray(ratio), failed)
+
+
+def prepare_cached(dataset_path: Path, workspace: Path, size: int, margin: float, cache_dir: Path,
+                   progress: Callable[[int, int], None] | None = None) -> Prepared:
+    """`prepare`, cached by the dataset's bytes, the crop settings and the preprocessing code.
+
+    Training and evaluation are two DVC stages (and two Prefect tasks); the skull fitting
+    they share runs once. The cache lives outside the data store (a disposable speed-up:
+    deleting it changes no result).
+    """
+    import hashlib
+
+    h = hashlib.sha256(dataset_path.read_bytes())
+    h.update(Path(preprocess.__file__).read_bytes())
+    h.update(f"{size}|{margin}".encode())
+    entry = cache_dir / f"prepared-{h.hexdigest()[:24]}"
+    if (entry / "arrays.npz").is_file():
+        return Prepared.load(entry)
+    data = prepare(pd.read_parquet(dataset_path), workspace, size, margin, progress)
+    tmp = entry.with_name(entry.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    data.save(tmp)
+    for old in cache_dir.glob("prepared-*"):           # one entry: the cache never grows
+        if old != tmp:
+            shutil.rmtree(old, ignore_errors=True)
+    tmp.rename(entry)
+    return data

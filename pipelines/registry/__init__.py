@@ -1,0 +1,1 @@
+"""Registry: MLflow runs and models, lineage, the promotion gate, site commissioning, model cards."""

@@ -1,0 +1,1 @@
+"""Reports people read: the steward summary, the reviewer report, figures and tables."""

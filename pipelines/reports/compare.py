@@ -1,0 +1,163 @@
+"""`cbh compare`: the reviewer report of MLflow runs side by side.
+
+One self-contained HTML file (figures inline as data URIs, inline CSS, no script, no network)
+and a Markdown twin, both from the jinja2 templates in `templates/`: metrics with their
+intervals, only the parameters that differ, ROC curves overlaid, reliability diagrams,
+confusion matrices, subgroup metrics, data and code versions, and the promotion history.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from pipelines.evaluation import figures as plots
+from pipelines.registry.tracking import EXPERIMENT
+from pipelines.reports.tables import Table, render
+
+# (label, metric, interval low, interval high)
+METRICS = (("AUC", "test_auc", "test_auc_ci_low", "test_auc_ci_high"),
+           ("Sensitivity", "test_sensitivity", None, None), ("Specificity", "test_specificity", None, None),
+           ("Balanced accuracy", "test_balanced_accuracy", None, None), ("Accuracy", "test_accuracy", None, None),
+           ("Brier score", "test_brier", None, None), ("Calibration error (ECE)", "test_ece", None, None),
+           ("Dice cerebellum", "test_dice_cerebellum", None, None),
+           ("Dice cisterna magna", "test_dice_cisterna", None, None),
+           ("TCD abs. error (mm)", "test_tcd_mae_mm", None, None), ("CM abs. error (mm)", "test_cm_mae_mm", None, None),
+           ("Cerebellum outside the skull (share, cleared)", "test_cerebellum_outside_head", None, None),
+           ("Biometry rule AUC (same masks)", "test_biometry_rule_auc", None, None),
+           ("Operating threshold", "val_threshold", None, None), ("Test images", "test_n", None, None))
+LINEAGE = (("model", "model.kind"), ("git commit", "git.commit"), ("git dirty", "git.dirty"),
+           ("dataset md5", "data.dataset_md5"), ("frozen test md5", "data.frozen_test_md5"),
+           ("de-identified data (DVC)", "data.deid_md5"), ("data in dvc.lock", "data.dataset_in_dvc"),
+           ("data contract", "data.validation"), ("torch", "pkg.torch"), ("mlflow", "pkg.mlflow"))
+
+
+def _runs(run_ids: list[str]) -> list[Run]:
+    client = MlflowClient()
+    if run_ids:
+        return [client.get_run(r) for r in run_ids]
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        raise FileNotFoundError("no MLflow experiment yet: train a model first")
+    latest: dict[str, Run] = {}      # the latest run of each model: the ablation table
+    for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=500):
+        latest.setdefault(run.data.tags.get("model.kind", run.info.run_id), run)
+    return list(latest.values())
+
+
+def _artifact(run_id: str, path: str) -> str | None:
+    try:
+        return mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")
+    except Exception:  # boundary: an older run without this artifact
+        return None
+
+
+def _table(run_id: str, name: str) -> pd.DataFrame | None:
+    text = _artifact(run_id, f"evaluation/{name}.csv")
+    return pd.read_csv(io.StringIO(text)) if text else None
+
+
+def _label(run: Run) -> str:
+    return f"{run.data.tags.get('mlflow.runName', 'run')} {run.info.run_id[:8]}"
+
+
+def _figures(runs: list[Run]) -> dict[str, str]:
+    """ROC overlaid, reliability overlaid, one confusion matrix per run (base64 PNGs)."""
+    rocs, rels, out = [], [], {}
+    for run in runs:
+        if (roc := _table(run.info.run_id, "roc")) is not None:
+            rocs.append((f"{_label(run)} (AUC {run.data.metrics.get('test_auc', float('nan')):.3f})", roc))
+        if (rel := _table(run.info.run_id, "reliability")) is not None and len(rel):
+            rels.append((_label(run), rel))
+    out["roc"] = plots.png_base64(plots.roc_figure(rocs, "ROC, frozen test set"))
+    out["reliability"] = plots.png_base64(plots.reliability_figure(rels, "Reliability, frozen test set"))
+    for run in runs:
+        if (pred := _table(run.info.run_id, "test_predictions")) is not None:
+            out[f"confusion {_label(run)}"] = plots.png_base64(plots.confusion_figure(pred, _label(run)))
+    return out
+
+
+def _metric_rows(runs: list[Run]) -> list[tuple[str, list[str]]]:
+    rows = []
+    for label, key, lo, hi in METRICS:
+        cells = []
+        for run in runs:
+            m = run.data.metrics
+            if key not in m:
+                cells.append("-")
+            elif key == "test_n":
+                cells.append(f"{m[key]:.0f}")
+            elif lo and lo in m and hi in m:
+                cells.append(f"{m[key]:.3f} [{m[lo]:.3f}-{m[hi]:.3f}]")
+            else:
+                cells.append(f"{m[key]:.3f}")
+        rows.append((label, cells))
+    return rows
+
+
+def _subgroups(runs: list[Run]) -> Table:
+    head = ["run", "group", "value", "n", "positives", "AUC", "sensitivity", "specificity", "Dice cerebellum",
+            "Dice cisterna", "TCD error (mm)"]
+    body = []
+    for run in runs:
+        raw = _artifact(run.info.run_id, "summary.json")
+        for g in (json.loads(raw).get("subgroups", []) if raw else []):   # runs before Dice per subgroup: "-"
+            body.append([_label(run), g["group"], str(g["value"]), str(g["n"]), str(g["n_positive"])]
+                        + [("-" if v is None or v != v else f"{v:.3f}") for v in (
+                            g.get("auc"), g.get("sensitivity"), g.get("specificity"), g.get("dice_cerebellum"),
+                            g.get("dice_cisterna"), g.get("tcd_mae_mm"))])
+    return Table(head, body)
+
+
+def _history(audit: Path | None, limit: int = 20) -> Table:
+    from pipelines.registry.promote import history
+
+    head = ["time (UTC)", "action", "decision", "challenger", "champion after", "reason", "user"]
+    recs = history(audit)[-limit:] if audit else []
+    # a commission record names the version it set a site's threshold on, and moves no alias
+    return Table(head, [[r["time"], r["action"], r["decision"], str(r["challenger"] or "-"), str(r["champion"] or "-"),
+                         r["reason"], r["user"]] for r in reversed(recs)])
+
+
+def compare_runs(run_ids: list[str], out: Path, audit: Path | None = None) -> tuple[Path, Path]:
+    """Write compare.html and compare.md for the runs (the latest of each model if none); their paths."""
+    runs = _runs(run_ids)
+    if not runs:
+        raise FileNotFoundError("no runs to compare")
+    heads = [_label(r) for r in runs]
+    lineage = [[name, *(str(r.data.tags.get(key, "-"))[:12] if "md5" in key or "commit" in key
+                        else str(r.data.tags.get(key, "-")) for r in runs)] for name, key in LINEAGE]
+    # model_uri names the run itself: it always differs and says nothing about the training
+    keys = sorted({k for r in runs for k in r.data.params} - {"model_uri"})
+    differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+    context = {
+        "n_runs": len(runs),
+        "same_test": len({r.data.tags.get("data.frozen_test_md5") for r in runs}) == 1,
+        "metrics": Table(["metric", *heads], [[n, *v] for n, v in _metric_rows(runs)]),
+        "lineage": Table(["", *heads], lineage),
+        "params": Table(["parameter", *heads], [[k, *(str(r.data.params.get(k, "-")) for r in runs)]
+                                                for k in differing]),
+        "n_params": len(keys),
+        "subgroups": _subgroups(runs),
+        "history": _history(audit),
+        "figures": _figures(runs),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    md_path, html_path = out / "compare.md", out / "compare.html"
+    md_path.write_text(render("compare.md.j2", **context), encoding="utf-8")
+    html_path.write_text(render("compare.html.j2", **context), encoding="utf-8")
+    return html_path, md_path
+
+
+def attach_to_run(run_id: str, *files: Path) -> None:
+    """Log the report files to an MLflow run (under `report/`)."""
+    client = MlflowClient()
+    for f in files:
+        client.log_artifact(run_id, str(f), "report")
+

@@ -1,0 +1,1 @@
+"""Serving: the predictor shared by evaluation, `cbh predict` and the registered pyfunc."""

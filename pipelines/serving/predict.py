@@ -1,0 +1,198 @@
+"""`cbh predict`: a file, a folder or a cohort in, one CSV row per image out, plus overlays.
+
+The model is loaded through MLflow (default `models:/cerebellar-hypoplasia@champion`).
+Rows carry only the input's relative path and pseudonym-free measurements: nothing from
+the header or the pixels' burned-in text is copied out.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import mlflow.pyfunc
+import numpy as np
+
+from pipelines.errors import CbhError
+from pipelines.imaging.preprocess import PreprocessError, load_frame, unwarp
+from pipelines.imaging.scan import RASTER_SUFFIXES, pixel_spacing_mm, read_dicom, sidecar_spacing_mm
+from pipelines.serving.pyfunc import OUTPUT_COLUMNS
+
+COLUMNS = OUTPUT_COLUMNS + ["overlay"]
+
+
+class PredictInputError(CbhError, ValueError):
+    """The input cannot be predicted on as given (no GA, nothing to read)."""
+
+
+def _spacing(path: Path) -> tuple[float, float] | None:
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        return sidecar_spacing_mm(path)
+    return pixel_spacing_mm(read_dicom(path, header_only=True))
+
+
+def prediction_inputs(inp: Path, ga_default: float | None,
+                      use_masks: bool) -> list[tuple[Path, str, int, float, Path | None]]:
+    """(file, display name, frame, GA, mask) for every image to predict."""
+    if (inp / "annotations.csv").is_file():
+        from pipelines.data.ingest import read_annotations
+        out = []
+        for n, row in enumerate(read_annotations(inp), 1):
+            mask = inp / row["mask"] if use_masks and (row.get("mask") or "").strip() else None
+            try:
+                frame, ga = int(row.get("frame") or 0), float(row["ga_weeks"])
+            except (TypeError, ValueError, KeyError):
+                raise PredictInputError(f"{inp / 'annotations.csv'}: data row {n}: frame {row.get('frame')!r} or "
+                                        f"ga_weeks {row.get('ga_weeks')!r} is not a number") from None
+            out.append((inp / row["image"], row["image"], frame, ga, mask))
+        return out
+    if ga_default is None:
+        raise PredictInputError("--ga-weeks is required when INPUT is not a cohort folder with annotations.csv")
+    suffixes = (".dcm", *RASTER_SUFFIXES)
+    files = [inp] if inp.is_file() else sorted(p for p in inp.rglob("*") if p.suffix.lower() in suffixes)
+    if not files:
+        raise FileNotFoundError(f"{inp}: no DICOM/PNG/JPEG input found")
+    base = inp.parent if inp.is_file() else inp
+    return [(f, str(f.relative_to(base)), 0, ga_default, None) for f in files]
+
+
+Item = tuple[Path, str, int, float, "Path | None"]     # file, display name, frame, GA, mask
+
+
+def load_head(ref: str):
+    """A head localiser (pipelines.imaging.head.HeadLocaliser) from a folder holding head.json
+    and head.pt, or from an MLflow model URI (`models:/fetal-head@champion`, `runs:/...`),
+    whose files are under `artifacts/head`."""
+    from pipelines.imaging.head import HeadLocaliser
+
+    folder = Path(ref)
+    if not (folder / "head.json").is_file():
+        if ":/" not in ref:
+            raise PredictInputError(f"--head-model {ref}: neither a folder with head.json and head.pt nor a model URI")
+        import mlflow.artifacts
+
+        dl = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
+        folder = next((f for f in (dl / "artifacts" / "head", dl / "head", dl) if (f / "head.json").is_file()),
+                      dl / "artifacts" / "head")
+        if not (folder / "head.json").is_file():
+            raise PredictInputError(f"--head-model {ref}: the model has no artifacts/head/head.json")
+    return HeadLocaliser.load(folder)
+
+
+def load_model(model_uri: str, tta: bool = False, threshold: float | None = None, head_model: str | None = None):
+    """The registered pyfunc's Python model; `threshold` replaces the operating point chosen on
+    validation (a site's commissioned one, `pipelines.registry.commission`); `head_model` (a
+    folder or model URI, `load_head`) replaces the head localiser the model carries, if any."""
+    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    model.model_uri = model_uri
+    model.predictor.tta = tta
+    if threshold is not None:
+        model.predictor.with_threshold(threshold)
+    if head_model:
+        model.head = load_head(head_model)
+    return model
+
+
+def predict_items(items: list[Item], model, overlay_dir: Path | None, use_masks: bool = False,
+                  batch: int = 16, assess: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[list[dict], int]:
+    """One row per item (an unreadable one gets `prediction` "error: ..."), overlays into
+    `overlay_dir` when given; returns (rows, rows that failed). A row's `_outside` (not
+    written out) says whether the segmenter put cerebellum outside the skull, `_assessable`
+    whether it passed the plane-quality gate. `assess` applies that gate (`cbh predict`);
+    without it a frame with a head keeps the model's numbers (commissioning measures the model)."""
+    model_uri = model.model_uri
+    if overlay_dir is not None:
+        overlay_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict | None] = [None] * len(items)
+    errors = 0
+    pending: list[tuple[int, str, int, tuple, np.ndarray | None]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        masks = [m for *_, m in pending] if use_masks else None
+        results = model.predict_rows([f for _, _, _, f, _ in pending], [n for _, n, _, _, _ in pending],
+                                     [fi for _, _, fi, _, _ in pending], masks, assess=assess)
+        for (k, _name, _fi, (grey, valid, _sp, _ga), _m), res in zip(pending, results, strict=True):
+            overlay = ""
+            if res.get("_labels") is not None and overlay_dir is not None:
+                overlay_path = overlay_dir / f"{k:05d}.png"
+                crop = res["_crop"]
+                footprint = unwarp(np.ones((crop.size, crop.size), np.uint8), crop, grey.shape) > 0
+                _draw_overlay(np.where(valid & footprint, grey, 0), footprint,
+                              unwarp(res["_labels"], crop, grey.shape), overlay_path)
+                overlay = str(overlay_path)
+            rows[k] = {c: res.get(c) for c in OUTPUT_COLUMNS} | {"overlay": overlay, "_outside": res.get("_outside"),
+                                                                 "_assessable": res.get("_assessable")}
+        pending.clear()
+        if progress:
+            progress(sum(r is not None for r in rows), len(items))
+
+    for k, (path, name, frame, ga, mask_path) in enumerate(items):
+        try:
+            spacing = _spacing(path)
+            if spacing is None:
+                raise PreprocessError("pixel spacing cannot be established")
+            grey, valid = load_frame(path, frame)
+        except (PreprocessError, OSError, ValueError, KeyError) as exc:
+            errors += 1
+            # an OSError's text repeats the full path, which the `image` column gives relative already
+            why = (exc.strerror or type(exc).__name__) if isinstance(exc, OSError) else str(exc)
+            rows[k] = {c: "" for c in COLUMNS} | {"image": name, "frame": frame, "ga_weeks": ga,
+                                                  "prediction": f"error: {why}", "model_uri": model_uri}
+            continue
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED) if mask_path else None
+        pending.append((k, name, frame, (grey, valid, spacing, ga), mask))
+        if len(pending) == batch:
+            flush()
+    flush()
+    return [r or {} for r in rows], errors
+
+
+def _cell(value: object) -> object:
+    """CSV text: NaN empty, booleans as true/false (CONTRACT section 5)."""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    return "" if isinstance(value, float) and math.isnan(value) else value
+
+
+def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = False,
+                 ga_weeks: float | None = None, tta: bool = False, batch: int = 16,
+                 threshold: float | None = None, head_model: str | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> tuple[int, int, int, int]:
+    """Write predictions and overlays, `batch` frames per forward pass; returns (rows written,
+    rows that failed, rows whose segmentation left the skull: the label-free drift signal,
+    rows not assessable). `tta` averages each prediction with that of the mirrored crop;
+    `threshold` replaces the model's operating point (a commissioned site's); `head_model`
+    the model's head localiser (`load_head`)."""
+    if not inp.exists():
+        raise FileNotFoundError(f"{inp}: input not found")
+    model = load_model(model_uri, tta, threshold, head_model)
+    items = prediction_inputs(inp, ga_weeks, use_masks)
+    rows, errors = predict_items(items, model, out_csv.parent / (out_csv.stem + "-overlays"), use_masks, batch,
+                                 assess=True, progress=progress)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with out_csv.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _cell(v) for k, v in r.items() if not k.startswith("_")})
+    not_assessable = sum(r.get("prediction") == "not_assessable" for r in rows)
+    return len(rows), errors, sum(bool(r.get("_outside")) for r in rows), not_assessable
+
+
+def _draw_overlay(grey: np.ndarray, footprint: np.ndarray, labels: np.ndarray, path: Path) -> None:
+    """Only the head (the crop's footprint inside the ultrasound region) is drawn, so no
+    burned-in text outside it can reach the overlay; the two structures are outlined."""
+    img = cv2.cvtColor((np.clip(grey, 0, 1) * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    for cls, colour in ((1, (0, 0, 255)), (2, (255, 160, 0))):
+        contours, _ = cv2.findContours((labels == cls).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(img, contours, -1, colour, 2)
+    ys, xs = np.nonzero(footprint)
+    if xs.size:
+        img = img[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    cv2.imwrite(str(path), img)

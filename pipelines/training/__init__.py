@@ -1,0 +1,1 @@
+"""Training: crops prepared in the anatomical frame, the segmenter and the classifier."""

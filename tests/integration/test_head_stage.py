@@ -1,0 +1,78 @@
+"""The `head` stage end to end on the three real HC18 fixture frames, shrunk (32 px, 1 epoch):
+import, ingest, train, evaluate, save, log, register `fetal-head`, gate, and serve the pyfunc."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+
+import pandas as pd
+import pytest
+
+from flows import stages
+from pipelines.config import load_params
+from pipelines.data.importers import import_hc18
+from tests.conftest import ROOT, TEST_KEY
+from tests.integration.workspace import make_workspace, registry
+
+TINY_HEAD = ["head.size=32", "head.max_epochs=1", "head.batch_size=2", "head.tta=false"]
+
+
+@pytest.fixture()
+def workspace(tmp_path, monkeypatch):
+    ws = make_workspace(tmp_path)
+    monkeypatch.chdir(ws)                                 # params.yaml's sqlite:///mlflow.db is relative
+    monkeypatch.setenv("CBH_DEID_KEY", TEST_KEY)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws / 'mlflow.db'}")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return ws
+
+
+def test_head_stage_trains_registers_and_gates(workspace, tmp_path) -> None:
+    import mlflow
+    import torch
+
+    torch.set_num_threads(1)
+    cohort = tmp_path / "hc18"
+    import_hc18(ROOT / "tests" / "fixtures" / "hc18", cohort, dt.date(2025, 6, 1))
+    params = load_params(workspace / "params.yaml", overrides=TINY_HEAD)
+    stages.add_cohort(params, workspace, cohort)
+    assert stages.ingest(params, workspace)["deidentified"] == 3
+    # the data contract: head-only rows need no label, and the `heads` suite passes on real masks
+    report = stages.validate(params, workspace)
+    assert not report.quarantined, report.quarantined
+    heads = [r for r in report.results if r.suite == "heads"]
+    assert len(heads) == 5 and all(r.success for r in heads), [(r.expectation, r.column) for r in heads]
+
+    out = stages.head(params, workspace)
+    folder = workspace / params.paths.head
+    assert {"head.pt", "head.json", "metrics.json", "split.json"} <= {p.name for p in folder.iterdir()}
+    split = json.loads((folder / "split.json").read_text())
+    assert split["seed"] == params.head.seed and sum(split["frames"].values()) == 3
+    assert split["frames"]["test"] >= 1 and split["frames"]["train"] >= 1
+    assert "test_dice_mean" in json.loads((folder / "metrics.json").read_text())
+
+    client = registry(workspace)
+    mv = client.get_model_version("fetal-head", out["version"])
+    assert mv.tags["promotion.decision"] in ("promoted", "rejected") and mv.tags["promotion.reason"]
+    assert str(client.get_model_version_by_alias("fetal-head", "challenger").version) == out["version"]
+    trail = (workspace / params.paths.audit).read_text().splitlines()
+    assert json.loads(trail[-1])["model"] == "fetal-head"
+    assert "hc18" not in json.dumps(client.get_run(out["run_id"]).data.to_dictionary())   # no identifier logged
+
+    model = mlflow.pyfunc.load_model("models:/fetal-head/1")
+    scan = cohort / "scans" / "010_HC.png"
+    spacing = json.loads(scan.with_suffix(".json").read_text())["pixel_spacing_mm"][0]
+    got = model.predict(pd.DataFrame({"image": [base64.b64encode(scan.read_bytes()).decode(), "not base64!"],
+                                      "pixel_spacing_mm": [spacing, spacing]}))
+    assert list(got.columns) == ["hc_mm", "head_found", "reason"] and len(got) == 2
+    assert not got["head_found"].iloc[1] and got["reason"].iloc[1]
+
+
+def test_head_stage_skips_without_head_annotations(workspace, small_cohort) -> None:
+    params = load_params(workspace / "params.yaml", overrides=TINY_HEAD)
+    stages.add_cohort(params, workspace, small_cohort)
+    stages.ingest(params, workspace)
+    assert stages.head(params, workspace) == {"skipped": "no head annotations"}
+    assert [p.name for p in (workspace / params.paths.head).iterdir()] == ["skipped.json"]
