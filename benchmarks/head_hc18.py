@@ -1,10 +1,11 @@
 """The learned head localiser on real fetal-head ultrasound (HC18), against the classical
-`fit_skull` on the same frames (issue #19).
+`fit_skull` on the same frames.
 
 Trains on the train subjects; the ellipse method and flip TTA are chosen on the validation
 subjects; the test subjects are looked at once, at the end. One CPU thread by default.
 
-    .venv/bin/python benchmarks/head_hc18.py [--data ../shared/data/hc18-subset] [--out data/head/head_hc18.pt]
+    .venv/bin/python benchmarks/head_hc18.py [--data ../shared/data/hc18-subset]
+        [--out data/head-benchmark/head_hc18.pt] [--save-localiser DIR]
 """
 
 from __future__ import annotations
@@ -67,7 +68,11 @@ def row(label: str, m: dict[str, float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/hc18-subset")
-    ap.add_argument("--out", type=Path, default=ROOT / "data" / "head" / "head_hc18.pt")
+    # outside data/head: that folder is the head stage's DVC output, rebuilt whole
+    ap.add_argument("--out", type=Path, default=ROOT / "data" / "head-benchmark" / "head_hc18.pt")
+    ap.add_argument("--save-localiser", type=Path,
+                    help="save the localiser chosen on validation (HeadLocaliser.save) here, "
+                         "for cbh predict --head-model")
     defaults = HeadSection()                 # params.yaml's head: section (a unit test keeps them equal)
     ap.add_argument("--size", type=int, default=defaults.size)
     ap.add_argument("--epochs", type=int, default=defaults.max_epochs)
@@ -122,6 +127,9 @@ def main() -> None:
                     best = (key, loc)
     assert best is not None
     chosen = best[1]
+    if args.save_localiser:
+        chosen.save(args.save_localiser)
+        print(f"localiser saved: {args.save_localiser} (cbh predict --head-model {args.save_localiser})")
     print(row("fit_skull (classical)", baseline(parts["val"])))
     label = f"learned {chosen.method} tta={chosen.tta} level={chosen.level}"
     print(f"chosen on validation: {label}")

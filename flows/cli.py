@@ -21,7 +21,7 @@ from typing import Callable
 
 from flows.workspace import find_root, prepare_environment
 from pipelines.config import MODELS, Params, load_params
-from pipelines.errors import EXIT_FAILURE, EXIT_REJECTED, CbhError
+from pipelines.errors import EXIT_FAILURE, EXIT_REJECTED, CbhError, UsageError
 
 
 class CommandError(CbhError):
@@ -47,7 +47,7 @@ def cmd_synth(a: argparse.Namespace, root: Path) -> int:
     p = _params(root).synth
     styles = (a.style,) if a.style else p.styles
     if a.style and a.style not in STYLES:
-        raise CommandError(f"unknown style {a.style!r}; choose one of {', '.join(sorted(STYLES))}")
+        raise UsageError(f"unknown style {a.style!r}; choose one of {', '.join(sorted(STYLES))}")
     out = Path(a.out)
     if (out / "annotations.csv").exists():
         raise CommandError(f"{out}: a cohort already exists there; choose an empty folder")
@@ -90,7 +90,7 @@ def cmd_import(a: argparse.Namespace, root: Path) -> int:
     try:
         exam_date = dt.date.fromisoformat(a.exam_date)
     except ValueError:
-        raise CommandError(f"--exam-date {a.exam_date!r} is not a date (YYYY-MM-DD)") from None
+        raise UsageError(f"--exam-date {a.exam_date!r} is not a date (YYYY-MM-DD)") from None
     rep = import_hc18(Path(a.src), Path(a.cohort), exam_date)
     print(f"{rep['imported']} of {rep['rows']} images imported into {a.cohort} (annotations.csv, scans/, masks/), "
           f"{len(rep['skipped'])} skipped; report: {Path(a.cohort) / 'import-report.json'}")
@@ -189,8 +189,8 @@ def cmd_promote(a: argparse.Namespace, root: Path) -> int:
     audit = root / params.paths.audit
     if a.history:
         for rec in promote.history(audit):
-            print(f"{rec['time']}  {rec['action']:8s} {rec['decision']:11s} challenger={rec['challenger']} "
-                  f"champion={rec['champion']}  {rec['reason']}  ({rec['user']})")
+            print(f"{rec['time']}  {rec.get('model', '-')}  {rec['action']:8s} {rec['decision']:11s} "
+                  f"challenger={rec['challenger']} champion={rec['champion']}  {rec['reason']}  ({rec['user']})")
         broken = promote.verify_trail(audit)
         if broken:
             print(f"cbh promote: {audit}: the hash chain breaks at line(s) {broken}: the trail was edited",
@@ -361,7 +361,7 @@ def cmd_schedule(a: argparse.Namespace, root: Path) -> int:
             print(line)
         return 0
     if not a.cron:
-        raise CommandError("give --cron EXPR to register a schedule, or --list to show them")
+        raise UsageError("give --cron EXPR to register a schedule, or --list to show them")
     name = register(root, a.cron, a.pool, a.train_pool)
     print(f"deployment {name} registered on pool {a.pool!r} with schedule {a.cron!r}; "
           f"start a worker with `prefect worker start --pool {a.pool}`")

@@ -265,17 +265,34 @@ def evaluate(params: Params, root: Path, progress: Progress = None) -> TrainOutc
     png, spacing = example_png()
     example = pd.DataFrame({"image": [base64.b64encode(png).decode()], "ga_weeks": [24.0],
                             "pixel_spacing_mm": [spacing]})
-    # the head localiser the head stage trained travels inside the diagnosis model: every answer
-    # then carries the head's biometry and the plane check, wherever the model is served
-    head_dir = root / params.paths.head
-    head_dir = head_dir if (head_dir / "head.pt").is_file() else None
     with tempfile.TemporaryDirectory(prefix="cbh-lineage-") as tmp:
+        # the champion head localiser travels inside the diagnosis model (a head its gate rejected
+        # never does): every answer then carries the head's biometry and the plane check
+        head_dir, head_version = champion_head(params, Path(tmp))
+        if head_version:
+            tags["head.model"] = f"{params.head.model_name}/{head_version}"
         run_id, version = tracking.log_training_run(
             params_flat=params.flat(), metrics=metrics, tags=tags, weights_dir=model_dir,
             model_name=params.promote.model_name, run_name=f"{params.train.model}", figures=evaluation.figures,
             extra=summary, tables=evaluation.tables, inputs=inputs,
             lineage_dir=lineage.artifacts(root, params, Path(tmp)), input_example=example, head_dir=head_dir)
     return TrainOutcome(run_id, version, metrics)
+
+
+def champion_head(params: Params, tmp: Path) -> tuple[Path | None, str | None]:
+    """The `champion` of the head model, downloaded into `tmp` (its head folder and version), or
+    (None, None) when there is none yet."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name = params.head.model_name
+    try:
+        version = MlflowClient().get_model_version_by_alias(name, "champion").version
+    except MlflowException:
+        return None, None
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp / "head")))
+    return folder / "artifacts" / "head", str(version)
 
 
 def promote(params: Params, root: Path):

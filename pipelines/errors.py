@@ -19,6 +19,12 @@ class CbhError(Exception):
     exit_code = EXIT_FAILURE
 
 
+class UsageError(CbhError):
+    """The command line asks for something impossible (a missing option, a malformed value)."""
+
+    exit_code = EXIT_USAGE
+
+
 class InputFileError(CbhError):
     """One input file cannot be used; `code` is the quarantine reason code recorded for it."""
 

@@ -176,24 +176,24 @@ def is_dicom_bytes(raw: bytes) -> bool:
 def read_scan(source: Path | bytes, spacing: Any = None, frame: int | None = None) -> Scan:
     """Read a scan from a file or from its bytes. Spacing: the DICOM's own, else the sidecar (files),
     else `spacing` as given; None when none is known (the caller decides whether that is fatal).
-    `frame` keeps one frame of a multi-frame DICOM."""
-    name = str(source) if isinstance(source, Path) else "image"
+    `frame` keeps one frame of a multi-frame DICOM. Messages never repeat the path (it may name the
+    patient): the caller says which input it was, as it names it."""
     raw = source.read_bytes() if isinstance(source, Path) else source
     if is_dicom_bytes(raw) or (isinstance(source, Path) and source.suffix.lower() not in RASTER_SUFFIXES):
         try:
             ds = pydicom.dcmread(io.BytesIO(raw))
         except Exception as exc:  # boundary: any parse failure is the caller's bad input
-            raise ScanError("unreadable_dicom", f"{name}: not a readable DICOM file ({type(exc).__name__})") from exc
+            raise ScanError("unreadable_dicom", f"not a readable DICOM file ({type(exc).__name__})") from exc
         arr, _ = frames_rgb_or_grey(ds)
         if frame is not None:
             if not 0 <= frame < len(arr):
-                raise ScanError("bad_frame", f"{name}: frame {frame} does not exist ({len(arr)} frames)")
+                raise ScanError("bad_frame", f"frame {frame} does not exist ({len(arr)} frames)")
             arr = arr[frame:frame + 1]
         grey = np.stack([to_grey(f) for f in arr])
         return Scan(grey, region_mask(grey.shape[1:], regions(ds)), pixel_spacing_mm(ds) or given_spacing(spacing), ds)
     img = decode_raster(raw)
     if img is None:
-        raise ScanError("undecodable_image", f"{name} is neither a DICOM file nor a decodable PNG/JPEG")
+        raise ScanError("undecodable_image", "the image is neither a DICOM file nor a decodable PNG/JPEG")
     own = sidecar_spacing_mm(source) if isinstance(source, Path) else None
     grey = to_grey(img)[None]
     return Scan(grey, np.ones(grey.shape[1:], bool), own or given_spacing(spacing))

@@ -71,10 +71,12 @@ class HeadModel(mlflow.pyfunc.PythonModel):
         from pipelines.imaging.scan import ScanError, read_scan
 
         try:
-            scan = read_scan(base64.b64decode(payload, validate=True), spacing=spacing)
+            raw = base64.b64decode(payload, validate=True)
         except (ValueError, TypeError):
             return {"hc_mm": math.nan, "head_found": False, "reason": "image is not valid base64"}
-        except ScanError as exc:
+        try:
+            scan = read_scan(raw, spacing=spacing)
+        except (ScanError, ValueError, TypeError) as exc:
             return {"hc_mm": math.nan, "head_found": False, "reason": str(exc)}
         if scan.spacing is None:
             return {"hc_mm": math.nan, "head_found": False,

@@ -188,7 +188,9 @@ def rollback(name: str, audit: Path) -> Decision:
             raise PromotionError(f"registered model {name!r} has no champion to roll back")
         previous = None
         for rec in reversed(history(audit)):
-            if rec["decision"] in ("promoted", "rolled-back") and rec["champion"] == champ.version:
+            # one trail holds every registered model's decisions: version numbers are per model
+            if (rec["decision"] in ("promoted", "rolled-back") and rec["champion"] == champ.version
+                    and rec.get("model", name) == name):
                 previous = rec["previous_champion"]
                 break
         if previous is None:

@@ -16,9 +16,9 @@ import cv2
 import mlflow.pyfunc
 import numpy as np
 
-from pipelines.errors import CbhError
+from pipelines.errors import CbhError, UsageError
 from pipelines.imaging.preprocess import PreprocessError, load_frame, unwarp
-from pipelines.imaging.scan import RASTER_SUFFIXES, pixel_spacing_mm, read_dicom, sidecar_spacing_mm
+from pipelines.imaging.scan import RASTER_SUFFIXES, ScanError, pixel_spacing_mm, read_dicom, sidecar_spacing_mm
 from pipelines.serving.pyfunc import OUTPUT_COLUMNS
 
 COLUMNS = OUTPUT_COLUMNS + ["overlay"]
@@ -50,7 +50,7 @@ def prediction_inputs(inp: Path, ga_default: float | None,
             out.append((inp / row["image"], row["image"], frame, ga, mask))
         return out
     if ga_default is None:
-        raise PredictInputError("--ga-weeks is required when INPUT is not a cohort folder with annotations.csv")
+        raise UsageError("--ga-weeks is required when INPUT is not a cohort folder with annotations.csv")
     suffixes = (".dcm", *RASTER_SUFFIXES)
     files = [inp] if inp.is_file() else sorted(p for p in inp.rglob("*") if p.suffix.lower() in suffixes)
     if not files:
@@ -138,7 +138,7 @@ def predict_items(items: list[Item], model, overlay_dir: Path | None, use_masks:
             if spacing is None:
                 raise PreprocessError("pixel spacing cannot be established")
             grey, valid = load_frame(path, frame)
-        except (PreprocessError, OSError, ValueError, KeyError) as exc:
+        except (PreprocessError, ScanError, OSError, ValueError, KeyError) as exc:
             errors += 1
             # an OSError's text repeats the full path, which the `image` column gives relative already
             why = (exc.strerror or type(exc).__name__) if isinstance(exc, OSError) else str(exc)

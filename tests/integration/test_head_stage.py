@@ -61,6 +61,13 @@ def test_head_stage_trains_registers_and_gates(workspace, tmp_path) -> None:
     assert json.loads(trail[-1])["model"] == "fetal-head"
     assert "hc18" not in json.dumps(client.get_run(out["run_id"]).data.to_dictionary())   # no identifier logged
 
+    # only a champion head travels inside the diagnosis model: a rejected one never does
+    if mv.tags["promotion.decision"] == "rejected":
+        assert stages.champion_head(params, tmp_path / "dl") == (None, None)
+        client.set_registered_model_alias("fetal-head", "champion", out["version"])
+    folder, version = stages.champion_head(params, tmp_path / "dl2")
+    assert version == out["version"] and (folder / "head.json").is_file() and (folder / "head.pt").is_file()
+
     model = mlflow.pyfunc.load_model("models:/fetal-head/1")
     scan = cohort / "scans" / "010_HC.png"
     spacing = json.loads(scan.with_suffix(".json").read_text())["pixel_spacing_mm"][0]

@@ -76,3 +76,21 @@ def test_data_that_failed_the_contract_is_never_promoted(registry, tmp_path):
     from mlflow.exceptions import MlflowException
     with pytest.raises(MlflowException):
         client.get_model_version_by_alias("m", "champion")
+
+
+def test_rollback_reads_only_its_own_models_records(registry, tmp_path):
+    """One trail holds every model's decisions; version numbers are per model, so a head-model
+    record naming the same version must not choose the diagnosis model's previous champion."""
+    from pipelines.registry.promote import Decision, append_record, rollback
+
+    client, version = registry
+    audit = tmp_path / "audit" / "promotions.jsonl"
+    good = {"test_auc": 0.95, "test_sensitivity": 0.9, "test_ece": 0.05}
+    version(good, "t1")
+    promote("m", P, audit)                                   # m: champion 1
+    version({**good, "test_auc": 0.96}, "t1")
+    promote("m", P, audit)                                   # m: champion 2, previous 1
+    champion = client.get_model_version_by_alias("m", "champion").version   # as decide() records versions
+    append_record(audit, Decision("t", "u", "promote", "promoted", "head", champion, 7, champion, {}, {}, "fetal-head"))
+    d = rollback("m", audit)
+    assert str(d.champion) == "1" and str(client.get_model_version_by_alias("m", "champion").version) == "1"
