@@ -76,11 +76,11 @@ demo: setup ocr
 
 ## test: the fast test suite (under 10 minutes), two test files at a time (pytest-xdist)
 test: setup ocr browser
-	$(BIN)/pytest -m "not slow and not servers and not portable" -q -n 2 --dist loadfile
+	$(BIN)/pytest -m "not slow and not servers and not heavy" -q -n 2 --dist loadfile
 
-## test-portable: the registered model loads and predicts in a fresh venv without this checkout
-test-portable: setup
-	$(BIN)/pytest -m portable -q
+## test-heavy: what CI runs beside make test: the model in a fresh venv, dvc repro at a recorded commit
+test-heavy: setup
+	$(BIN)/pytest -m heavy -q -n 2 --dist loadfile
 
 ## test-servers: the team-server test (starts PostgreSQL, Prefect and MLflow servers, retrains against them)
 test-servers: setup ocr postgres
@@ -117,4 +117,4 @@ lint: setup
 clean-workspace:
 	rm -rf data mlflow.db mlartifacts .prefect .dvcstore dvc.lock expectations/gx/uncommitted
 
-.PHONY: help setup lock test-portable ocr browser postgres servers servers-down demo test test-servers test-full ui ui-down repro lint clean-workspace
+.PHONY: help setup lock test-heavy ocr browser postgres servers servers-down demo test test-servers test-full ui ui-down repro lint clean-workspace

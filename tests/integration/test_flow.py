@@ -147,6 +147,7 @@ def test_run_and_version_carry_lineage(flow_run):
     assert run.data.params["train.max_epochs"] == "3"
 
 
+@pytest.mark.heavy         # the whole pipeline again (about 90 s): make test-heavy, in .ci/run
 def test_dvc_repro_at_the_recorded_commit_reproduces_the_data(flow_run, tmp_path):
     """A clean checkout at the champion's commit, its dvc.lock restored from MLflow and
     `dvc pull`: the exact dataset; `dvc repro --force` from the raw export: the same bytes

@@ -75,7 +75,7 @@ def _pinned_stack(pins: list[str], dest: Path) -> Path:
     return dest / "bin" / "python"
 
 
-@pytest.mark.portable      # a fresh venv and a cold torch import (about 25 s): make test-portable, in .ci/run
+@pytest.mark.heavy         # a fresh venv and a cold torch import (about 40 s): make test-heavy, in .ci/run
 def test_registered_model_predicts_where_the_checkout_is_not_installed(mlflow_registry, tmp_path):
     """Registered as the evaluate stage does (tracking.log_training_run), with tiny untrained
     networks, then loaded by URI from the registry by a fresh venv that holds only what the
