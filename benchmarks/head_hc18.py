@@ -26,13 +26,13 @@ sys.path.insert(0, str(ROOT))
 
 from models.head import make_head_net  # noqa: E402
 from pipelines.config import HeadSection  # noqa: E402
-from pipelines.imaging.head import HeadLocaliser, hc_mm  # noqa: E402
+from pipelines.imaging.head import hc_mm  # noqa: E402
 from pipelines.imaging.preprocess import PreprocessError, fit_skull  # noqa: E402
 from pipelines.training.head import (  # noqa: E402
     annotation_check,
     arrays_from_pairs,
+    choose_localiser,
     evaluate_head,
-    head_quality,
     load_hc18,
     split_subjects,
     train_head,
@@ -115,18 +115,9 @@ def main() -> None:
 
     header = f"{'':<40}" + "".join(f"{c:>14}" if c != "n" else f"{c:>6}" for c in COLS)
     print("\nVALIDATION subjects (choice of ellipse method and TTA)\n" + header)
-    best: tuple[float, HeadLocaliser] | None = None
-    for method in ("contour", "moments"):
-        for tta in (False, True):
-            for level in (0.4, 0.5, 0.6):
-                loc = HeadLocaliser(net, params.size, head_quality(params), tta=tta, method=method, level=level)
-                m = evaluate_head(loc, parts["val"])
-                print(row(f"learned {method} tta={tta} level={level}", m))
-                key = m["hc_mae_mean"] + (100.0 if m["refused_share"] > 0.02 else 0.0)
-                if best is None or key < best[0]:
-                    best = (key, loc)
-    assert best is not None
-    chosen = best[1]
+    chosen, table = choose_localiser(net, params, parts["val"])
+    for label, m in table:
+        print(row(f"learned {label}", m))
     if args.save_localiser:
         chosen.save(args.save_localiser)
         print(f"localiser saved: {args.save_localiser} (cbh predict --head-model {args.save_localiser})")

@@ -5,6 +5,7 @@ does the I/O of its declared dependencies and outputs in dvc.yaml."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -38,6 +39,9 @@ from pipelines.deid.core import Pseudonymizer, Settings, load_key
 from pipelines.errors import CbhError
 
 log = logging.getLogger("cbh")
+# inside the head stage's output: the head localiser the crops are cut around
+FRAME_DIR = "frame"
+
 Progress = Callable[[int, int], None] | None
 
 
@@ -183,11 +187,18 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def frame_head(params: Params, root: Path) -> Path | None:
+    """The head localiser the crops are cut around (the head stage's `frame/`), or None: fit_skull."""
+    folder = root / params.paths.head / FRAME_DIR
+    return folder if params.preprocess.frame == "learned" and (folder / "head.pt").is_file() else None
+
+
 def _prepared(params: Params, root: Path, progress: Progress = None):
     from pipelines.imaging.crops import prepare_cached
 
     return prepare_cached(root / params.paths.dataset, root, params.preprocess.size,
-                          params.preprocess.crop_margin, root / params.paths.cache, progress)
+                          params.preprocess.crop_margin, root / params.paths.cache, progress,
+                          head_dir=frame_head(params, root))
 
 
 def train(params: Params, root: Path, progress: Progress = None) -> dict[str, Any]:
@@ -212,12 +223,15 @@ def train(params: Params, root: Path, progress: Progress = None) -> dict[str, An
     predictor = train_models(data, params, checkpoints, fit)
     if fit["rank"] != 0:                      # a DDP worker: rank 0 writes the results
         return {"rank": fit["rank"]}
+    # serving cuts its crops the way these were cut
+    predictor.cfg = dataclasses.replace(predictor.cfg, frame="learned" if frame_head(params, root) else "classical")
     model_dir = root / params.paths.model_dir
     shutil.rmtree(model_dir, ignore_errors=True)
     predictor.save(model_dir)
     info = {"model": params.train.model, "threshold": predictor.cfg.threshold,
             "images": {s: int((data.frame["split"] == s).sum()) for s in ("train", "val", "test")},
-            "excluded_unfittable": sorted(data.failed), **fit}
+            "excluded_unfittable": sorted(data.failed), "frame": predictor.cfg.frame,
+            "frame_sources": {str(k): int(v) for k, v in data.frame["frame_source"].value_counts().items()}, **fit}
     (model_dir / "training.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     shutil.rmtree(checkpoints, ignore_errors=True)     # done: the next run of the same work starts afresh
     return info
@@ -265,12 +279,15 @@ def evaluate(params: Params, root: Path, progress: Progress = None) -> TrainOutc
     png, spacing = example_png()
     example = pd.DataFrame({"image": [base64.b64encode(png).decode()], "ga_weeks": [24.0],
                             "pixel_spacing_mm": [spacing]})
+    # the head the crops were cut around (the fetal-head champion when the head stage ran) travels
+    # inside the diagnosis model: serving cuts the same crops, and every answer carries the head's
+    # biometry and the plane check
+    head_dir = frame_head(params, root)
+    frame_info = json.loads((root / params.paths.head / FRAME_DIR / "frame.json").read_text()) if head_dir else {}
+    if frame_info.get("model"):
+        tags["head.model"] = frame_info["model"]
+    tags["preprocess.frame_source"] = "learned" if head_dir else "classical"
     with tempfile.TemporaryDirectory(prefix="cbh-lineage-") as tmp:
-        # the champion head localiser travels inside the diagnosis model (a head its gate rejected
-        # never does): every answer then carries the head's biometry and the plane check
-        head_dir, head_version = champion_head(params, Path(tmp))
-        if head_version:
-            tags["head.model"] = f"{params.head.model_name}/{head_version}"
         run_id, version = tracking.log_training_run(
             params_flat=params.flat(), metrics=metrics, tags=tags, weights_dir=model_dir,
             model_name=params.promote.model_name, run_name=f"{params.train.model}", figures=evaluation.figures,
@@ -309,11 +326,18 @@ def promote(params: Params, root: Path):
         import mlflow
 
         from pipelines.evaluation.evaluate import evaluate_models
+        from pipelines.imaging.crops import prepare_cached
         from pipelines.serving.inference import Predictor
 
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{params.promote.model_name}/{version}"))
-        metrics = evaluate_models(Predictor.load(local / "artifacts" / "weights"), _prepared(params, root),
-                                  params).metrics
+        predictor = Predictor.load(local / "artifacts" / "weights")
+        # the champion's crops as it was trained on them: its own size and margin, around its own
+        # head (the one it carries) or fit_skull's skull
+        head_dir = local / "artifacts" / "head"
+        head_dir = head_dir if predictor.cfg.frame == "learned" and (head_dir / "head.pt").is_file() else None
+        data = prepare_cached(root / params.paths.dataset, root, predictor.cfg.size, predictor.cfg.crop_margin,
+                              root / params.paths.cache, head_dir=head_dir)
+        metrics = evaluate_models(predictor, data, params).metrics
         plt.close("all")
         return metrics
 
@@ -364,17 +388,18 @@ def head(params: Params, root: Path) -> dict[str, Any]:
     from pipelines.data.synth import example_png
     from pipelines.registry import head as registry
     from pipelines.registry import lineage
-    from pipelines.training.head import arrays_from_pairs, evaluate_head, make_localiser, split_subjects, train_head
+    from pipelines.training.head import arrays_from_pairs, choose_localiser, evaluate_head, split_subjects, train_head
 
     p = params.head
     out = root / params.paths.head
     items = _head_items(params, root)
+    registry.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
     if not items:
         skipped = {"skipped": "no head annotations"}
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)                   # the stage's output says why it holds no model
         (out / "skipped.json").write_text(json.dumps(skipped) + "\n")
-        return skipped
+        return {**skipped, "frame": _write_frame_head(params, out)}
     _quiet_lightning()
     assignment = split_subjects([it.subject for it in items], p.val_fraction, p.test_fraction, p.seed)
     parts = {k: [it for it in items if assignment[it.subject] == k] for k in ("train", "val", "test")}
@@ -384,7 +409,7 @@ def head(params: Params, root: Path) -> dict[str, Any]:
     train_arrays = arrays_from_pairs(((it.grey, it.mask) for it in parts["train"]), p.size)
     val_arrays = arrays_from_pairs(((it.grey, it.mask) for it in parts["val"]), p.size) if parts["val"] else None
     net, seconds = train_head(train_arrays, val_arrays, p)
-    localiser = make_localiser(net, p)
+    localiser, _ = choose_localiser(net, p, parts["val"])       # ellipse fit and threshold, on validation
     metrics = {f"test_{k}": v for k, v in evaluate_head(localiser, parts["test"]).items()}
     metrics["train_seconds"] = seconds
     frames = {k: len(v) for k, v in parts.items()}
@@ -395,8 +420,8 @@ def head(params: Params, root: Path) -> dict[str, Any]:
     (out / "split.json").write_text(json.dumps({"seed": p.seed, "frames": frames, "subjects": dict(
         sorted(assignment.items()))}, indent=2) + "\n")
 
-    registry.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
-    tags = {**lineage.collect(root, params), "model.kind": "head",
+    tags = {**lineage.collect(root, params), "model.kind": "head", "head.method": localiser.method,
+            "head.tta": str(localiser.tta), "head.level": str(localiser.level),
             "data.manifest_md5": lineage.md5_file(root / params.paths.manifest)}
     png, spacing = example_png()
     example = pd.DataFrame({"image": [base64.b64encode(png).decode()], "pixel_spacing_mm": [spacing]})
@@ -411,7 +436,32 @@ def head(params: Params, root: Path) -> dict[str, Any]:
             lineage_dir=lineage.artifacts(root, params, Path(tmp) / "lineage"), input_example=example)
     decision = registry.promote_head(p, root / params.paths.audit)
     return {"frames": frames, "metrics": metrics, "run_id": run_id, "version": version,
-            "promotion": {"decision": decision.decision, "reason": decision.reason, "champion": decision.champion}}
+            "promotion": {"decision": decision.decision, "reason": decision.reason, "champion": decision.champion},
+            "frame": _write_frame_head(params, out)}
+
+
+def _write_frame_head(params: Params, out: Path) -> str:
+    """Put the head the crops will be cut around in `out/frame/` (the fetal-head champion after
+    this stage's gate: the new head if it passed, else the one before), with `frame.json`
+    naming it; without a champion, or with `preprocess.frame: classical`, the folder says why
+    fit_skull frames the crops. Returns the frame source."""
+    frame = out / FRAME_DIR
+    shutil.rmtree(frame, ignore_errors=True)
+    frame.mkdir(parents=True)
+    info: dict[str, Any] = {"source": "classical"}
+    if params.preprocess.frame != "learned":
+        info["why"] = "preprocess.frame: classical"
+    else:
+        with tempfile.TemporaryDirectory(prefix="cbh-frame-") as tmp:
+            folder, version = champion_head(params, Path(tmp))
+            if folder is None:
+                info["why"] = f"no {params.head.model_name} champion"
+            else:
+                for f in folder.iterdir():
+                    shutil.copy(f, frame / f.name)
+                info = {"source": "learned", "model": f"{params.head.model_name}/{version}"}
+    (frame / "frame.json").write_text(json.dumps(info) + "\n")
+    return info["source"]
 
 
 def dvc_writer(root: Path):

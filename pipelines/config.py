@@ -196,6 +196,9 @@ class PreprocessParams:
 
     size: int = Field(gt=0, description="side of the skull-aligned crop, pixels")
     crop_margin: float = Field(gt=0, description="crop side as a multiple of the skull's long axis")
+    frame: Literal["learned", "classical"] = Field(
+        "learned", description="where the crop's skull comes from: the fetal-head localiser (fit_skull only where it "
+                               "refuses a frame or no head model exists) or fit_skull alone")
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -282,13 +285,13 @@ class HeadSection:
     """The learned fetal-head localiser (`head` stage) and its promotion gate.
 
     With defaults (params.yaml's values), like ValidateSection, so that the HC18 benchmark
-    can build one with a few values changed. `tta`, `method` and `level` were chosen on HC18's
-    validation subjects (benchmarks/head_hc18.py)."""
+    can build one with a few values changed. `tta`, `method` and `level` are where no
+    validation subjects choose them (pipelines/training/head.py choose_localiser)."""
 
-    size: int = Field(160, gt=0, description="side of the square the network sees, pixels")
+    size: int = Field(128, gt=0, description="side of the square the network sees, pixels")
     features: Widths = Field((8, 16, 32, 64, 128, 8), min_length=2,
                              description="widths of the head network's levels (models/head.py make_head_net)")
-    max_epochs: int = Field(20, ge=0, description="training epochs of the head localiser (0: untrained, for tests)")
+    max_epochs: int = Field(12, ge=0, description="training epochs of the head localiser (0: untrained, for tests)")
     batch_size: int = Field(16, gt=0, description="images per batch")
     lr: float = Field(0.003, gt=0, description="learning rate")
     seed: int = Field(0, ge=0, description="random seed of the subject split and of training")

@@ -6,9 +6,10 @@ Run it in the workspace after `make demo`:
 
 It writes three PNG files:
 
-- `anatomical-frame.png`: a de-identified demo scan with the fitted skull ellipse, its
-  occipito-frontal axis and the outline of the crop the networks see, beside that crop with
-  the annotated masks (cerebellum, cisterna magna) drawn on it;
+- `anatomical-frame.png`: a de-identified demo scan with the head's ellipse (the learned
+  localiser's, as the models use it), its occipito-frontal axis and the outline of the crop
+  the networks see, beside that crop with the annotated masks (cerebellum, cisterna magna)
+  drawn on it;
 - `steward-summary.png`: a screenshot of the steward summary, `data/contract/summary.html`;
 - `reviewer-report.png`: a screenshot of the latest reviewer report, `reports/*/compare.html`.
 
@@ -66,6 +67,13 @@ def anatomical_frame(workspace: Path, out: Path) -> Path:
 
     params = load_params(workspace / "params.yaml")
     size, margin = params.preprocess.size, params.preprocess.crop_margin
+    # the frame the models use: the head champion the head stage left, else fit_skull's
+    frame_dir = workspace / params.paths.head / "frame"
+    localiser = None
+    if params.preprocess.frame == "learned" and (frame_dir / "head.pt").is_file():
+        from pipelines.imaging.head import HeadLocaliser
+
+        localiser = HeadLocaliser.load(frame_dir)
     for r in _demo_row(workspace).itertuples():
         path = workspace / r.deid_path
         if not path.is_file():
@@ -74,8 +82,9 @@ def anatomical_frame(workspace: Path, out: Path) -> Path:
         try:
             scan = read_scan(path, frame=int(r.frame))
             grey, valid = scan.frames[0], scan.valid
-            skull = fit_skull(grey, valid, spacing)
-            crop_img, crop = prepare_frame(grey, valid, spacing, size, margin)
+            fit = localiser.locate(grey, spacing) if localiser is not None else None
+            skull = fit.skull if fit is not None and fit.found else fit_skull(grey, valid, spacing)
+            crop_img, crop = prepare_frame(grey, valid, spacing, size, margin, skull)
         except (ScanError, PreprocessError):
             continue
         break

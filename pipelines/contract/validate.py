@@ -42,6 +42,9 @@ OFFLINE_DOCS_MODULE = "cbh_data_docs"        # expectations/gx/plugins/cbh_data_
 LABELS = ("normal", "hypoplasia")
 PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "PALETTE COLOR")
 MAX_EXAMPLES = 5
+# the diagnosis expectations skip head-only rows (HC18: a head annotated, no structures); a row
+# with both (a synthetic scan, a fully annotated frame) is held to every expectation
+HEAD_ONLY_EXCLUDED = 'head_mask_status != "ok" or mask_status != "none"'
 CRITICAL, WARNING = "critical", "warning"
 ROW, DATASET = "row", "dataset"
 
@@ -166,16 +169,16 @@ def manifest_suites(params: ValidateParams) -> dict[str, list[Any]]:
         not_null("deid_path", "row points at no de-identified image"),
     ]
     annotations = [
-        # a head-only row (HC18) is not diagnosis training data: it needs no label
+        # a head-only row (HC18: a head, no structures) is not diagnosis training data: it needs no label
         _exp(gxe.ExpectColumnValuesToNotBeNull, CRITICAL, ROW, "unlabelled rows in labelled training data",
-             column="label", row_condition='head_mask_status != "ok"', condition_parser="pandas"),
+             column="label", row_condition=HEAD_ONLY_EXCLUDED, condition_parser="pandas"),
         in_set("label", list(LABELS), "misspelt or unknown class silently treated as a third label"),
         _exp(gxe.ExpectColumnDistinctValuesToContainSet, CRITICAL, DATASET,
              "a class absent: the classifier cannot learn or be evaluated", column="label", value_set=list(LABELS)),
         not_null("ga_weeks", "biometry z-scores and GA-conditioned model inputs undefined"),
         _exp(gxe.ExpectColumnValuesToBeBetween, CRITICAL, ROW, "GA typo or unit error (days, months)",
              column="ga_weeks", min_value=params.ga_min, max_value=params.ga_max,
-             row_condition='head_mask_status != "ok"', condition_parser="pandas"),
+             row_condition=HEAD_ONLY_EXCLUDED, condition_parser="pandas"),
         between("tcd_z", -params.tcd_max_abs_z, params.tcd_max_abs_z,
                 "TCD implausible for GA on the INTERGROWTH-21st curve: measurement or GA error"),
         between("cm_mm", 0.0, params.cm_max_mm, "implausible cisterna magna depth (unit error, typo)"),

@@ -4,7 +4,8 @@ Patients (the mothers) have one to three exams of one pregnancy; each exam gives
 transcerebellar image as a DICOM file with identifiers in the header (standard tags,
 private tags, nested sequences) and burned into the pixels, or, for a share of exams, a
 PNG screenshot of the ultrasound region with a sidecar SCAN.json. Everything is
-deterministic given the seed. The truth (label, TCD, CM, masks) is exact by construction.
+deterministic given the seed. The truth (label, TCD, CM, HC, label and head masks) is exact by
+construction.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from pipelines import biometry
-from pipelines.data.synth_render import STYLES, Sector, Style, burn_banner, make_anatomy, render
+from pipelines.data.synth_render import STYLES, Sector, Style, burn_banner, head_mask, make_anatomy, render
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 SITES = {"aurora": "site-north", "boreal": "site-east", "cirrus": "site-south", "delta": "site-west",
@@ -35,7 +36,7 @@ LAST = ["Doe", "Garcia", "Okafor", "Nguyen", "Ivanova", "Haddad", "Rossi", "Mart
 HOSPITALS = ["St Elsewhere General Hospital", "Mercy Womens Clinic", "Northfield University Hospital"]
 DOCTORS = ["Hartley^Gregory", "Quinn^Michaela", "Kildare^James", "Bailey^Miranda"]
 CSV_COLUMNS = ["image", "frame", "patient_id", "exam_date", "ga_weeks", "label", "tcd_mm",
-               "cm_mm", "mask", "annotator", "site", "comments"]
+               "cm_mm", "mask", "hc_mm", "head_mask", "annotator", "site", "comments"]
 
 
 @dataclass(frozen=True)
@@ -186,10 +187,10 @@ def build_dicom(ex: Exam, pixels: np.ndarray, sec: Sector, spacing_mm: float, se
     return ds
 
 
-def _png_crop(img: np.ndarray, labels: np.ndarray, sec: Sector) -> tuple[np.ndarray, np.ndarray]:
+def _png_crop(sec: Sector, *planes: np.ndarray) -> list[np.ndarray]:
     x0, y0, x1, y1 = sec.bbox()
     x0, y0 = max(x0, 0), max(y0, 0)
-    return img[y0:y1 + 1, x0:x1 + 1], labels[y0:y1 + 1, x0:x1 + 1]
+    return [p[y0:y1 + 1, x0:x1 + 1] for p in planes]
 
 
 def synth_cohort(out: Path, patients: int, seed: int, styles: tuple[str, ...],
@@ -206,9 +207,10 @@ def synth_cohort(out: Path, patients: int, seed: int, styles: tuple[str, ...],
         cm = float(biometry.cm_from_z(ex.cm_z, ex.ga_weeks))
         an = make_anatomy(ex.ga_weeks, tcd, cm, float(np.clip(rng.normal(0.78, 0.03), 0.7, 0.86)))
         img, labels, pl, sec = render(an, ex.style, rng)
+        head = head_mask(an, pl, img.shape[:2])
         stem = f"{ex.patient:04d}_{ex.index}"
         if ex.as_png:
-            img, labels = _png_crop(img, labels, sec)
+            img, labels, head = _png_crop(sec, img, labels, head)
             rel = f"scans/{stem}.png"
             cv2.imwrite(str(out / rel), img)
             (out / f"scans/{stem}.json").write_text(json.dumps({"pixel_spacing_mm": [pl.spacing, pl.spacing]}))
@@ -220,12 +222,15 @@ def synth_cohort(out: Path, patients: int, seed: int, styles: tuple[str, ...],
             build_dicom(ex, shown, sec, pl.spacing, seed).save_as(out / rel, enforce_file_format=True)
         mask_rel = f"masks/{stem}_mask.png"
         cv2.imwrite(str(out / mask_rel), labels)
+        head_rel = f"masks/{stem}_head.png"
+        cv2.imwrite(str(out / head_rel), head)
         give_pid = ex.as_png or rng.random() < 0.7
         rows.append({
             "image": rel, "frame": 0, "patient_id": ex.patient_id if give_pid else "",
             "exam_date": ex.exam_time.date().isoformat(), "ga_weeks": f"{ex.ga_weeks:.1f}",
             "label": ex.label, "tcd_mm": f"{an.tcd:.2f}", "cm_mm": f"{an.cm:.2f}",
-            "mask": mask_rel, "annotator": "sonographer-" + "ABC"[ex.patient % 3],
+            "mask": mask_rel, "hc_mm": f"{biometry.ellipse_perimeter(an.a, an.b):.2f}", "head_mask": head_rel,
+            "annotator": "sonographer-" + "ABC"[ex.patient % 3],
             "site": SITES[ex.style.name],
             "comments": f"Referred by Dr {ex.doctor.split('^')[0]} for {ex.name.split('^')[1]}",
         })
@@ -251,7 +256,7 @@ def example_png(seed: int = 0, ga_weeks: float = 24.0) -> tuple[bytes, float]:
     an = make_anatomy(ga_weeks, float(biometry.tcd_from_z(0.0, ga_weeks)),
                       float(biometry.cm_from_z(0.0, ga_weeks)), 0.78)
     img, labels, pl, sec = render(an, STYLES["aurora"], rng)
-    img, _ = _png_crop(img, labels, sec)
+    img, = _png_crop(sec, img)
     ok, buf = cv2.imencode(".png", img)
     assert ok, "PNG encoding failed"
     return buf.tobytes(), float(pl.spacing)

@@ -278,6 +278,13 @@ def render(an: Anatomy, style: Style, rng: np.random.Generator,
     return img, labels, pl, sec
 
 
+def head_mask(an: Anatomy, pl: Placement, shape: tuple[int, int]) -> NDArray[np.uint8]:
+    """The head as HC18 annotates it: the skull's outer ellipse filled, 1 on 0, on the screen grid."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    lx, ly = _to_head(xx, yy, pl)
+    return (_ell(lx, ly, 0.0, 0.0, an.a, an.b) <= 1).astype(np.uint8)
+
+
 def burn_banner(img: NDArray[np.uint8], lines: list[str], style: Style, sec: Sector) -> NDArray[np.uint8]:
     """Burn identifier text into the screen outside the ultrasound region, as scanners do."""
     out = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB) if style.rgb else img.copy()

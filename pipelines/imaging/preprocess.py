@@ -209,8 +209,9 @@ def normalise_intensity(crop: NDArray[np.float32]) -> NDArray[np.float32]:
 
 
 def prepare_frame(grey: NDArray[np.float32], valid: NDArray[np.bool_], spacing: tuple[float, float],
-                  size: int, margin: float) -> tuple[NDArray[np.float32], Crop]:
+                  size: int, margin: float, skull: Skull | None = None) -> tuple[NDArray[np.float32], Crop]:
     """The crop the networks see, and its geometry (the deterministic transform, defined once
-    and shared by training, evaluation and inference)."""
-    crop = make_crop(fit_skull(grey, valid, spacing), spacing, size, margin)
+    and shared by training, evaluation and inference), cut around `skull` (the learned head's)
+    or, without one, around fit_skull's."""
+    crop = make_crop(skull if skull is not None else fit_skull(grey, valid, spacing), spacing, size, margin)
     return normalise_intensity(warp(np.where(valid, grey, 0).astype(np.float32), crop)), crop

@@ -179,20 +179,34 @@ def history(audit: Path) -> list[dict]:
     return [json.loads(line) for line in audit.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def champion_stack(name: str, records: list[dict]) -> list[str]:
+    """The model's champions as the trail has them, oldest first, the current last: a promotion
+    pushes its champion, a rollback pops the one it rolled back. So each rollback steps one
+    further back (a rollback's own `previous_champion` is the version it left, never a target)."""
+    stack: list[str] = []
+    for rec in records:
+        # one trail holds every registered model's decisions: version numbers are per model
+        if rec.get("model", name) != name:
+            continue
+        if rec["decision"] == "promoted":
+            if not stack and rec.get("previous_champion") is not None:
+                stack.append(str(rec["previous_champion"]))      # a trail begun under an earlier champion
+            stack.append(str(rec["champion"]))
+        elif rec["decision"] == "rolled-back" and stack and stack[-1] == str(rec["previous_champion"]):
+            stack.pop()
+    return stack
+
+
 def rollback(name: str, audit: Path) -> Decision:
-    """Restore the champion that preceded the current one, as recorded in the trail."""
+    """Restore the champion that preceded the current one in the champion history: one step back
+    per call."""
     client = MlflowClient()
     with exclusive_lock(audit.with_suffix(".lock")):
         champ = aliased_version(client, name, "champion")
         if champ is None:
             raise PromotionError(f"registered model {name!r} has no champion to roll back")
-        previous = None
-        for rec in reversed(history(audit)):
-            # one trail holds every registered model's decisions: version numbers are per model
-            if (rec["decision"] in ("promoted", "rolled-back") and rec["champion"] == champ.version
-                    and rec.get("model", name) == name):
-                previous = rec["previous_champion"]
-                break
+        stack = champion_stack(name, history(audit))
+        previous = stack[-2] if len(stack) >= 2 and stack[-1] == str(champ.version) else None
         if previous is None:
             raise PromotionError(f"the audit trail records no champion before version {champ.version}")
         client.set_registered_model_alias(name, "champion", previous)

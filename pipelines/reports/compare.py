@@ -32,6 +32,12 @@ METRICS = (("AUC", "test_auc", "test_auc_ci_low", "test_auc_ci_high"),
            ("Cerebellum outside the skull (share, cleared)", "test_cerebellum_outside_head", None, None),
            ("Biometry rule AUC (same masks)", "test_biometry_rule_auc", None, None),
            ("Operating threshold", "val_threshold", None, None), ("Test images", "test_n", None, None))
+# the fetal-head localiser's test figures (its own test subjects: pipelines/training/head.py)
+HEAD_METRICS = (("Dice", "test_dice_mean", 3), ("HC abs. error, mean (mm)", "test_hc_mae_mean", 2),
+                ("HC abs. error, median (mm)", "test_hc_mae_median", 2),
+                ("HC abs. error, 90th pct. (mm)", "test_hc_mae_p90", 2), ("HC bias (mm)", "test_hc_bias_mean", 2),
+                ("Frames refused (share)", "test_refused_share", 3), ("Test frames", "test_n", 0),
+                ("Training time (s)", "train_seconds", 0))
 LINEAGE = (("model", "model.kind"), ("git commit", "git.commit"), ("git dirty", "git.dirty"),
            ("dataset md5", "data.dataset_md5"), ("frozen test md5", "data.frozen_test_md5"),
            ("de-identified data (DVC)", "data.deid_md5"), ("data in dvc.lock", "data.dataset_in_dvc"),
@@ -118,11 +124,52 @@ def _subgroups(runs: list[Run]) -> Table:
 def _history(audit: Path | None, limit: int = 20) -> Table:
     from pipelines.registry.promote import history
 
-    head = ["time (UTC)", "action", "decision", "challenger", "champion after", "reason", "user"]
+    head = ["time (UTC)", "model", "action", "decision", "challenger", "champion after", "reason", "user"]
     recs = history(audit)[-limit:] if audit else []
-    # a commission record names the version it set a site's threshold on, and moves no alias
-    return Table(head, [[r["time"], r["action"], r["decision"], str(r["challenger"] or "-"), str(r["champion"] or "-"),
-                         r["reason"], r["user"]] for r in reversed(recs)])
+    # a commission record names the version it set a site's threshold on, and moves no alias; a
+    # record without a model name is the diagnosis model's (the trail held only it at first)
+    return Table(head, [[r["time"], r.get("model") or "cerebellar-hypoplasia", r["action"], r["decision"],
+                         str(r["challenger"] or "-"), str(r["champion"] or "-"), r["reason"], r["user"]]
+                        for r in reversed(recs)])
+
+
+def _head_runs(model_name: str = "fetal-head") -> Table:
+    """The fetal-head localiser: its latest run and its champion's (one column when the same), with
+    the ellipse settings chosen on validation and the gate's decision."""
+    from pipelines.registry.head import EXPERIMENT as HEAD_EXPERIMENT
+
+    client = MlflowClient()
+    exp = mlflow.get_experiment_by_name(HEAD_EXPERIMENT)
+    if exp is None:
+        return Table(["", "none"], [])
+    runs: list[tuple[str, Run]] = []
+    latest = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    if latest:
+        runs.append(("latest", latest[0]))
+    try:
+        champ = client.get_model_version_by_alias(model_name, "champion")
+        if not runs or champ.run_id != runs[0][1].info.run_id:
+            runs.append((f"champion (v{champ.version})", client.get_run(champ.run_id)))
+        else:
+            runs[0] = (f"latest = champion (v{champ.version})", runs[0][1])
+    except Exception:  # boundary: no champion yet (MlflowException)
+        pass
+    rows = [[label, *(f"{r.data.metrics[key]:.{digits}f}" if key in r.data.metrics else "-" for _, r in runs)]
+            for label, key, digits in HEAD_METRICS]
+    for label, tag in (("Ellipse fit, flip, threshold", None), ("Gate", "promotion.reason")):
+        cells = []
+        for _, r in runs:
+            t = r.data.tags
+            cells.append(f"{t.get('head.method', '-')}, tta={t.get('head.tta', '-')}, {t.get('head.level', '-')}"
+                         if tag is None else _gate_reason(client, model_name, r.info.run_id))
+        rows.append([label, *cells])
+    return Table(["", *(f"{label} {r.info.run_id[:8]}" for label, r in runs)], rows)
+
+
+def _gate_reason(client: MlflowClient, model_name: str, run_id: str) -> str:
+    for mv in client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'"):
+        return f"{mv.tags.get('promotion.decision', '-')}: {mv.tags.get('promotion.reason', '-')}"
+    return "-"
 
 
 def compare_runs(run_ids: list[str], out: Path, audit: Path | None = None) -> tuple[Path, Path]:
@@ -146,6 +193,7 @@ def compare_runs(run_ids: list[str], out: Path, audit: Path | None = None) -> tu
         "n_params": len(keys),
         "subgroups": _subgroups(runs),
         "history": _history(audit),
+        "head": _head_runs(),
         "figures": _figures(runs),
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -25,12 +25,10 @@ from pipelines.imaging.preprocess import (
     PreprocessError,
     Skull,
     head_mask,
-    make_crop,
-    normalise_intensity,
     prepare_frame,
     warp,
 )
-from pipelines.serving.plane import structure_confidence
+from pipelines.serving.plane import NOT_ASSESSABLE, structure_confidence
 
 GA_MEAN, GA_SD = 26.0, 6.0
 SCALE_REF = math.log(0.6)
@@ -55,6 +53,7 @@ class ModelConfig:
     shape_backbone: str = "small"
     image_norm: str = "none"       # a model saved before this option saw its crops as they are
     seg_norm: str = "batch"        # and its segmenter was batch-normalised
+    frame: str = "classical"       # its crops were cut around fit_skull's skull, or the learned head's
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -200,29 +199,34 @@ class Predictor:
                        masks: list[NDArray | None] | None = None,
                        skulls: list[Skull | None] | None = None) -> list[dict[str, Any]]:
         """frames: (grey, valid, spacing, ga); masks: annotated source masks (--use-masks);
-        skulls: a head localiser's skull per frame (None where it found none), which cuts the
-        crop where the classical skull fit fails. A frame with no skull from either gets only
-        `no_head` (why) and its GA; the others the prediction, the crop's skull and its source
-        (`_skull_source`: classical or learned) and the segmenter's confidence (`_confidence`)."""
+        skulls: a head localiser's skull per frame (None where it found none). A model trained on
+        learned frames (cfg.frame) cuts its crop around it, and around fit_skull's only where
+        the localiser found none; a classical model the other way round. A frame with no skull
+        from either gets only `no_head` (why) and its GA; the others the prediction, the crop's
+        skull and its source (`_skull_source`: classical or learned) and the segmenter's
+        confidence (`_confidence`)."""
         rows: list[dict[str, Any]] = [{} for _ in frames]
         ok: list[int] = []
         crops: list[Crop] = []
         sources: list[str] = []
         images = []
         for i, (grey, valid, spacing, ga) in enumerate(frames):
-            try:
-                img, crop = prepare_frame(grey, valid, spacing, self.cfg.size, self.cfg.crop_margin)
-                source = "classical"
-            except PreprocessError as exc:
-                learned = skulls[i] if skulls is not None else None
-                if learned is None:
-                    rows[i] = {"no_head": str(exc), "ga_weeks": float(ga)}
-                    continue
-                # the classical fit fails on much real ultrasound; the learned head is the same
-                # kind of ellipse (mm, long semi-axis a along `angle`), so the crop is cut as usual
-                crop = make_crop(learned, spacing, self.cfg.size, self.cfg.crop_margin)
-                img = normalise_intensity(warp(np.where(valid, grey, 0).astype(np.float32), crop))
-                source = "learned"
+            learned = skulls[i] if skulls is not None else None
+            # the learned head is the same kind of ellipse as fit_skull's (mm, long semi-axis a along
+            # `angle`), so either cuts the crop; None asks fit_skull
+            have = [learned] if learned is not None else []
+            order = [*have, None] if self.cfg.frame == "learned" else [None, *have]
+            why = ""
+            for skull in order:
+                try:
+                    img, crop = prepare_frame(grey, valid, spacing, self.cfg.size, self.cfg.crop_margin, skull)
+                    source = "classical" if skull is None else "learned"
+                    break
+                except PreprocessError as exc:
+                    why = str(exc)
+            else:
+                rows[i] = {"no_head": why or "no fetal head found", "ga_weeks": float(ga)}
+                continue
             ok.append(i)
             images.append(img[None])
             crops.append(crop)
@@ -244,7 +248,9 @@ class Predictor:
             tcd, cm = (float(v) for v in soft[j])
             rows[i] = {
                 "hypoplasia_probability": float(prob[j]),
-                "prediction": "hypoplasia" if prob[j] >= self.cfg.threshold else "normal",
+                # a NaN probability is no answer, never `normal`
+                "prediction": "hypoplasia" if prob[j] >= self.cfg.threshold
+                else "normal" if prob[j] < self.cfg.threshold else NOT_ASSESSABLE,
                 "tcd_mm": tcd, "tcd_z": float(biometry.tcd_zscore(tcd, ga[j])),
                 "tcd_centile": float(biometry.tcd_centile(tcd, ga[j])),
                 "cm_mm": cm, "cm_centile": float(biometry.cm_centile(cm, ga[j])),

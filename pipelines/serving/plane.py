@@ -20,6 +20,20 @@ from pipelines.imaging.preprocess import Skull
 
 NOT_ASSESSABLE = "not_assessable"
 
+# The gestational ages a diagnosis is given for: those of the data contract's training rows
+# (validate.ga_min/ga_max) and of the INTERGROWTH-21st curves the model is conditioned on. A
+# missing, infinite or implausible GA is never read as a number (NaN once became `normal`).
+GA_RANGE = (14.0, 42.0)
+
+
+def ga_problem(ga_weeks: float) -> str:
+    """Why a frame's GA cannot be used ('' when it can)."""
+    if not math.isfinite(ga_weeks):
+        return "no gestational age given"
+    if not GA_RANGE[0] <= ga_weeks <= GA_RANGE[1]:
+        return f"gestational age {ga_weeks:g} weeks outside {GA_RANGE[0]:g}-{GA_RANGE[1]:g} weeks"
+    return ""
+
 # Mean soft probability of a structure's class over the pixels kept for it. Three classes
 # make 1/3 chance; a trained segmenter sits near 1 inside a structure and 0.5 on its border,
 # so a real cerebellum or cisterna of a few hundred crop pixels averages well above 0.8. Below
@@ -36,6 +50,22 @@ MAX_ABS_TCD_Z = 5.0
 # +-5 SD, at any GA of 14-40 weeks, give 0.077 (19-20 weeks) to 0.294 (40 weeks). Rounded
 # outwards: outside [0.075, 0.30] the "cerebellum" cannot belong to this head.
 TCD_HC_RATIO = (0.075, 0.30)
+
+# Where the cerebellum lies: its centroid's distance from the head's centre along the
+# occipito-frontal axis, in units of the long semi-axis. The cerebellum fills the posterior
+# fossa, beyond the inner third of that axis (0.51-0.71 on unseen synthetic scans); the
+# thalami of a transthalamic plane, which a segmenter can take for it, lie near the centre.
+MIN_CEREBELLUM_POSITION = 0.35
+
+
+def cerebellum_position(labels: np.ndarray, crop_size: int, long_semi_axis_px: float) -> float:
+    """The cerebellum's (label 1) centroid from the crop's centre along its horizontal axis (the
+    head's long axis), over the long semi-axis in crop pixels; NaN without a cerebellum."""
+    xs = np.nonzero(labels == 1)[1]
+    if xs.size == 0:
+        return math.nan
+    return float(abs(xs.mean() - (crop_size / 2.0 - 0.5)) / long_semi_axis_px)
+
 
 # The crop cut around the classical skull fit versus the learned head, when both exist: the
 # localiser's HC error is ~3 mm (1.5 %) on real HC18, so a centre more than a quarter of the
@@ -61,6 +91,7 @@ class PlaneEvidence:
     crop_skull: Skull | None = None            # the skull the crop was cut around
     crop_from_classical: bool = True           # that skull came from preprocess.fit_skull
     learned_skull: Skull | None = None         # the head localiser's, when one ran and found it
+    cerebellum_position: float = math.nan      # cerebellum_position(): 0 the head's centre, 1 its pole
 
 
 def heads_disagree(crop: Skull, learned: Skull) -> str:
@@ -76,6 +107,8 @@ def heads_disagree(crop: Skull, learned: Skull) -> str:
 
 def assess(e: PlaneEvidence) -> tuple[bool, str]:
     """(assessable, reason): the first rule a frame fails, in the order a sonographer checks."""
+    if why := ga_problem(e.ga_weeks):
+        return False, why
     if not e.head_found:
         return False, "no fetal head found" + (f" ({e.head_reason})" if e.head_reason else "")
     if e.crop_from_classical and e.crop_skull is not None and e.learned_skull is not None:
@@ -86,6 +119,9 @@ def assess(e: PlaneEvidence) -> tuple[bool, str]:
         return False, "no cerebellum found in the head: not a transcerebellar plane"
     if e.outside:
         return False, "cerebellum segmented outside the skull"
+    if e.cerebellum_position < MIN_CEREBELLUM_POSITION:               # NaN passes: no position measured
+        return False, (f"cerebellum at {e.cerebellum_position:.2f} of the head's half-length from its centre, "
+                       "not in the posterior fossa: not a transcerebellar plane")
     if not math.isfinite(e.cm_mm):
         return False, "no cisterna magna found: not a transcerebellar plane"
     for name, conf in (("cerebellum", e.cerebellum_confidence), ("cisterna magna", e.cisterna_confidence)):

@@ -12,6 +12,7 @@ imports, transitively, must be pinned in tracking.SERVING_PACKAGES.
 from __future__ import annotations
 
 import base64
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,17 @@ OUTPUT_COLUMNS = ["image", "frame", "hypoplasia_probability", "prediction", "rea
 # what a not_assessable row leaves empty: no diagnosis and no posterior-fossa number from the wrong picture
 WITHHELD = ("hypoplasia_probability", "tcd_mm", "tcd_z", "tcd_centile", "cm_mm", "cm_centile")
 
+
+
+def _ga_weeks(value: Any, n: int) -> float:
+    """A row's GA as a float: missing (None, NaN) is NaN, which the plane gate answers with
+    `not_assessable`; text that is not a number is the caller's error."""
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"row {n}: ga_weeks {value!r} is not a number") from None
 
 class InputError(CbhError, ValueError):
     """A request row cannot be read (bad base64, unknown format, no spacing)."""
@@ -78,7 +90,7 @@ class CBHModel(mlflow.pyfunc.PythonModel):
         measures the model itself); a frame without a head is not_assessable either way."""
         from pipelines import biometry
         from pipelines.imaging.head import hc_mm
-        from pipelines.serving.plane import NOT_ASSESSABLE, PlaneEvidence
+        from pipelines.serving.plane import NOT_ASSESSABLE, PlaneEvidence, cerebellum_position, ga_problem
         from pipelines.serving.plane import assess as assess_plane
 
         localiser = getattr(self, "head", None)
@@ -105,9 +117,12 @@ class CBHModel(mlflow.pyfunc.PythonModel):
                 cisterna_confidence=conf[1], outside=bool(res.get("_outside")),
                 crop_skull=crop.skull if crop is not None else None,
                 crop_from_classical=res.get("_skull_source") == "classical",
-                learned_skull=skulls[k] if skulls is not None else None)
+                learned_skull=skulls[k] if skulls is not None else None,
+                cerebellum_position=cerebellum_position(res["_labels"], crop.size, crop.skull.a / crop.mm_per_px)
+                if crop is not None and res.get("_labels") is not None else np.nan)
             ok, reason = assess_plane(evidence)
-            if not ok and (assess or crop is None):
+            # without a head or a usable GA nothing is reported, even to commissioning
+            if not ok and (assess or crop is None or ga_problem(row["ga_weeks"])):
                 row.update({c: np.nan for c in WITHHELD}, prediction=NOT_ASSESSABLE, reason=reason)
             row["_labels"], row["_crop"], row["_outside"] = res.get("_labels"), crop, res.get("_outside")
             row["_assessable"] = ok
@@ -133,7 +148,7 @@ class CBHModel(mlflow.pyfunc.PythonModel):
         for n, row in enumerate(model_input.itertuples(index=False)):
             spacing = getattr(row, "pixel_spacing_mm", None)
             for k, (grey, valid, sp) in enumerate(decode_image(row.image, spacing)):
-                frames.append((grey, valid, sp, float(row.ga_weeks)))
+                frames.append((grey, valid, sp, _ga_weeks(row.ga_weeks, n)))
                 names.append(str(getattr(row, "name", n)) if hasattr(row, "name") else str(n))
                 idx.append(k)
         rows = self.predict_rows(frames, names, idx)

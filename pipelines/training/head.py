@@ -187,11 +187,42 @@ def reference_hc(item: HeadItem) -> float:
     return hc_mm(ell.a, ell.b) if ell is not None else math.nan
 
 
-def evaluate_head(localiser: HeadLocaliser, items: Sequence[HeadItem]) -> dict[str, float]:
+# what the validation subjects choose between: the ellipse fit, flip averaging, the threshold
+METHODS, TTAS, LEVELS = ("contour", "moments"), (False, True), (0.4, 0.5, 0.6, 0.7)
+
+
+def choose_localiser(net: nn.Module, params: HeadSection, val: Sequence[HeadItem],
+                     ) -> tuple[HeadLocaliser, list[tuple[str, dict[str, float]]]]:
+    """The ellipse method, flip averaging and threshold with the lowest HC error on the
+    validation frames among those refusing at most `max_refused` of them (the section's own
+    choice without validation frames), and every candidate's validation figures."""
+    if not val:
+        return make_localiser(net, params), []
+    table, best = [], None
+    for tta in TTAS:
+        probe = HeadLocaliser(net, params.size, head_quality(params), tta=tta, batch_size=params.batch_size,
+                              features=params.features)
+        computed = probe.probabilities([it.grey for it in val])       # once per flip setting
+        for method in METHODS:
+            for level in LEVELS:
+                loc = HeadLocaliser(net, params.size, head_quality(params), tta, method, level,
+                                    batch_size=params.batch_size, features=params.features)
+                m = evaluate_head(loc, val, computed)
+                table.append((f"{method} tta={tta} level={level}", m))
+                key = (m["refused_share"] > params.max_refused, m["hc_mae_mean"])
+                if best is None or key < best[0]:
+                    best = (key, loc)
+    assert best is not None
+    return best[1], table
+
+
+def evaluate_head(localiser: HeadLocaliser, items: Sequence[HeadItem],
+                  computed: tuple[list, list] | None = None) -> dict[str, float]:
     """Dice of the predicted head against the reference mask (source resolution), HC absolute
-    error in mm on the frames given a value, the share refused, and inference ms per frame."""
+    error in mm on the frames given a value, the share refused, and inference ms per frame
+    (`computed`: the localiser's probabilities for `items`, already run)."""
     start = time.perf_counter()
-    probs, squares = localiser.probabilities([it.grey for it in items])
+    probs, squares = computed if computed is not None else localiser.probabilities([it.grey for it in items])
     fits = [localiser.fit(p, s, it.spacing) for p, s, it in zip(probs, squares, items, strict=True)]
     ms = (time.perf_counter() - start) * 1000 / max(len(items), 1)
     dice, errs = [], []

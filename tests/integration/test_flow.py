@@ -207,6 +207,8 @@ def test_review_report_renders_offline_and_is_attached(flow_run):
         assert table.is_visible()
         assert "AUC" in table.inner_text() and "Dice cerebellum" in table.inner_text()
         assert page.get_by_text("Promotion history").is_visible()
+        head = page.locator("h2#head + table").inner_text()          # the fetal-head localiser's figures
+        assert "HC abs. error, mean (mm)" in head and "champion" in head and "fetal-head" in page.inner_text("body")
         assert page.locator("img").count() >= 3                      # ROC, reliability, a confusion matrix
         assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
     assert outside == []
@@ -239,6 +241,27 @@ def test_registry_has_champion_and_challenger(flow_run):
     assert card["metrics"]["test_auc"] == pytest.approx(run.data.metrics["test_auc"])
     example = mlflow.artifacts.load_dict(f"runs:/{chal.run_id}/model/serving_input_example.json")
     assert example["dataframe_split"]["columns"] == ["image", "ga_weeks", "pixel_spacing_mm"]
+
+
+def test_both_models_registered_and_the_crops_cut_around_the_learned_head(flow_run):
+    """The synthetic cohort's heads train `fetal-head` in the flow; its champion frames the crops
+    of training, evaluation and serving, and travels inside the diagnosis model."""
+    import json
+
+    ws, _, res, _ = flow_run
+    assert res.returncode == 0
+    client = registry(ws)
+    head = client.get_model_version_by_alias("fetal-head", "champion")
+    frame = json.loads((ws / "data/head/frame/frame.json").read_text())
+    assert frame == {"source": "learned", "model": f"fetal-head/{head.version}"}
+    training = json.loads((ws / "data/model/training.json").read_text())
+    sources = training["frame_sources"]
+    assert training["frame"] == "learned" and sum(sources.values()) == sum(training["images"].values())
+    assert sources.get("learned", 0) > sources.get("classical", 0), sources       # fit_skull: only a fallback
+    assert json.loads((ws / "data/model/config.json").read_text())["frame"] == "learned"
+    champ = client.get_model_version_by_alias("cerebellar-hypoplasia", "champion")
+    run = client.get_run(champ.run_id)
+    assert run.data.tags["head.model"] == frame["model"] and run.data.tags["preprocess.frame_source"] == "learned"
 
 
 def test_untrained_model_is_registered_then_refused(flow_run):

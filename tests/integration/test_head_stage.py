@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -77,9 +78,20 @@ def test_head_stage_trains_registers_and_gates(workspace, tmp_path) -> None:
     assert not got["head_found"].iloc[1] and got["reason"].iloc[1]
 
 
-def test_head_stage_skips_without_head_annotations(workspace, small_cohort) -> None:
+def test_head_stage_skips_without_head_annotations(workspace, small_cohort, tmp_path) -> None:
+    import pandas as pd
+
+    cohort = tmp_path / "no-heads"
+    shutil.copytree(small_cohort, cohort)
+    table = pd.read_csv(cohort / "annotations.csv", dtype=str, keep_default_na=False)
+    table.drop(columns=["head_mask", "hc_mm"]).to_csv(cohort / "annotations.csv", index=False)
     params = load_params(workspace / "params.yaml", overrides=TINY_HEAD)
-    stages.add_cohort(params, workspace, small_cohort)
+    stages.add_cohort(params, workspace, cohort)
     stages.ingest(params, workspace)
-    assert stages.head(params, workspace) == {"skipped": "no head annotations"}
-    assert [p.name for p in (workspace / params.paths.head).iterdir()] == ["skipped.json"]
+    # no head model anywhere: the crops are cut around fit_skull's skull, and the output says why
+    assert stages.head(params, workspace) == {"skipped": "no head annotations", "frame": "classical"}
+    out = workspace / params.paths.head
+    assert sorted(p.name for p in out.iterdir()) == ["frame", "skipped.json"]
+    assert json.loads((out / "frame" / "frame.json").read_text()) == {"source": "classical",
+                                                                      "why": "no fetal-head champion"}
+    assert stages.frame_head(params, workspace) is None

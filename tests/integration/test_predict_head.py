@@ -99,6 +99,21 @@ def test_without_a_localiser_the_skull_fit_gives_the_head(mlflow_registry, tmp_p
     assert blank["reason"].startswith("no fetal head found")
 
 
+def test_a_missing_or_impossible_ga_is_never_read_as_normal(mlflow_registry, tmp_path):
+    from pipelines.data.synth import example_png
+
+    model = mlflow.pyfunc.load_model(_register(tmp_path, "ga", None))
+    png, spacing = example_png()
+    cases = [(None, "no gestational age"), (math.nan, "no gestational age"), (math.inf, "no gestational age"),
+             (-5.0, "outside 14-42 weeks")]
+    image = base64.b64encode(png).decode()
+    out = model.predict(pd.DataFrame({"image": [image] * len(cases), "ga_weeks": [g for g, _ in cases],
+                                      "pixel_spacing_mm": [spacing] * len(cases)}, dtype=object))
+    for (_, words), (_, row) in zip(cases, out.iterrows(), strict=True):
+        assert row["prediction"] == "not_assessable" and words in row["reason"], row["reason"]
+        assert all(math.isnan(row[c]) for c in ("hypoplasia_probability", "tcd_mm", "cm_mm", "tcd_centile"))
+
+
 def test_a_real_hc18_frame_through_cbh_predict(mlflow_registry, tmp_path):
     """A real HC18 PNG (transthalamic plane) with its sidecar, through `cbh predict`'s path with a
     tiny saved localiser: a finite HC where the head is found, else head_found=false with a

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.workspace import cbh, commit_workspace, make_workspace, set_params
+from tests.integration.workspace import TINY_HEAD, cbh, commit_workspace, make_workspace, set_params
 
 pytestmark = pytest.mark.servers
 
-TINY = {"segment.max_epochs": 3, "train.max_epochs": 3, "preprocess.size": 64, "evaluate.bootstrap": 50}
+TINY = {"segment.max_epochs": 3, "train.max_epochs": 3, "preprocess.size": 64, "evaluate.bootstrap": 50, **TINY_HEAD}
 CRON = "17 3 * * 1"
 
 

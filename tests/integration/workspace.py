@@ -12,8 +12,13 @@ import yaml
 
 from tests.conftest import ROOT, TEST_KEY
 
+# a tiny head localiser from the synthetic heads, and a gate it passes: the crops are then cut
+# around the learned frame, as with a real head model
+TINY_HEAD = {"head.size": 64, "head.max_epochs": 6, "head.tta": False, "head.min_dice": 0.0,
+             "head.max_hc_mae_mm": 1000.0, "head.max_refused": 1.0}
 # a tiny training run: what the integration tests train with (also as `cbh train --set`)
-TINY_PARAMS = {"segment.max_epochs": 3, "train.max_epochs": 3, "preprocess.size": 64, "evaluate.bootstrap": 50}
+TINY_PARAMS = {"segment.max_epochs": 3, "train.max_epochs": 3, "preprocess.size": 64, "evaluate.bootstrap": 50,
+               **TINY_HEAD}
 
 
 def make_workspace(tmp: Path, tiny: bool = True) -> Path:

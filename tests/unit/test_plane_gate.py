@@ -44,7 +44,12 @@ def test_hypoplasia_is_not_refused_as_implausible():
     ({"cerebellum_confidence": 0.45}, "cerebellum not segmented with confidence (0.45)"),
     ({"cisterna_confidence": math.nan}, "cisterna magna not segmented with confidence"),
     ({"tcd_mm": 45.0}, "implausible at 22.0 weeks"),
-    ({"tcd_mm": 12.0, "ga_weeks": 10.0}, "implausible for a head of HC 192 mm"),     # GA outside the standard
+    ({"tcd_mm": 12.0, "ga_weeks": 41.0}, "implausible for a head of HC 192 mm"),     # GA outside the standard
+    ({"cerebellum_position": 0.1}, "not in the posterior fossa"),                   # thalami, not cerebellum
+    ({"ga_weeks": math.nan}, "no gestational age given"),                               # never read as normal
+    ({"ga_weeks": math.inf}, "no gestational age given"),
+    ({"ga_weeks": -5.0}, "gestational age -5 weeks outside 14-42 weeks"),
+    ({"ga_weeks": 10.0}, "gestational age 10 weeks outside 14-42 weeks"),
 ])
 def test_each_refusal_has_its_reason(change, words):
     ok, reason = assess(replace(_good(), **change))
@@ -75,3 +80,11 @@ def test_structure_confidence_is_the_mean_probability_over_each_structure():
     prob[:, 0, :2] = [[0.2], [0.7], [0.1]]
     cer, cis = structure_confidence(prob, labels)
     assert cer == pytest.approx(0.7) and math.isnan(cis)
+
+
+def test_the_cerebellum_position_is_measured_along_the_long_axis():
+    labels = np.zeros((64, 64), np.uint8)
+    labels[30:34, 50:54] = 1                       # centroid x 51.5: 20 px from the centre 31.5
+    assert plane.cerebellum_position(labels, 64, 25.0) == pytest.approx(0.8)
+    assert math.isnan(plane.cerebellum_position(np.zeros((64, 64), np.uint8), 64, 25.0))
+    assert assess(replace(_good(), cerebellum_position=0.6)) == (True, "")

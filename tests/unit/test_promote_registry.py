@@ -78,6 +78,28 @@ def test_data_that_failed_the_contract_is_never_promoted(registry, tmp_path):
         client.get_model_version_by_alias("m", "champion")
 
 
+def test_rollback_steps_back_through_the_champion_history(registry, tmp_path):
+    """Each rollback goes one champion further back; it never flips back to the version it just
+    left, and past the first champion it refuses."""
+    from pipelines.registry.promote import PromotionError, rollback
+
+    client, version = registry
+    audit = tmp_path / "audit" / "promotions.jsonl"
+    for auc in (0.95, 0.96, 0.97):                           # champions 1, 2, 3
+        version({"test_auc": auc, "test_sensitivity": 0.9, "test_ece": 0.05}, "t1")
+        promote("m", P, audit)
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "3"
+    assert str(rollback("m", audit).champion) == "2"
+    assert str(rollback("m", audit).champion) == "1"
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
+    with pytest.raises(PromotionError, match="no champion before version 1"):
+        rollback("m", audit)
+    # a new promotion after the rollbacks: rolling it back returns to 1, not to 3
+    version({"test_auc": 0.98, "test_sensitivity": 0.9, "test_ece": 0.05}, "t1")
+    promote("m", P, audit)
+    assert str(rollback("m", audit).champion) == "1"
+
+
 def test_rollback_reads_only_its_own_models_records(registry, tmp_path):
     """One trail holds every model's decisions; version numbers are per model, so a head-model
     record naming the same version must not choose the diagnosis model's previous champion."""
