@@ -299,6 +299,7 @@ def score_cohort(cohort, site: str, model_uri: str) -> dict[str, Any]:
     import pydicom
 
     from pipelines.data.ingest import read_annotations
+    from pipelines.serving.plane import ga_problem
     from pipelines.serving.predict import load_model, predict_items, prediction_inputs
 
     rows = read_annotations(cohort)
@@ -309,7 +310,8 @@ def score_cohort(cohort, site: str, model_uri: str) -> dict[str, Any]:
     if not keep:
         raise CommissionError(f"{cohort}: no row of annotations.csv has site {site!r} "
                               f"(sites there: {', '.join(sorted(sites - {''}))})")
-    counts = {"rows": len(keep), "other_sites": len(rows) - len(keep), "unlabelled": 0, "unreadable": 0}
+    counts = {"rows": len(keep), "other_sites": len(rows) - len(keep), "unlabelled": 0, "unreadable": 0,
+              "without_usable_GA": 0}
     labelled = [i for i in keep if (rows[i].get("label") or "").strip() in ("normal", "hypoplasia")]
     counts["unlabelled"] = len(keep) - len(labelled)
     model = load_model(model_uri)
@@ -318,7 +320,8 @@ def score_cohort(cohort, site: str, model_uri: str) -> dict[str, Any]:
     for i, pred in zip(labelled, preds, strict=True):
         prob = pred.get("hypoplasia_probability")
         if prob is None or prob == "" or (isinstance(prob, float) and math.isnan(prob)):
-            counts["unreadable"] += 1
+            # a GA the model is not given for (missing, outside 14-42 weeks) is no measurement of it
+            counts["without_usable_GA" if ga_problem(items[i][3]) else "unreadable"] += 1
             continue
         pid = (rows[i].get("patient_id") or "").strip()
         if not pid:
