@@ -94,6 +94,11 @@ def _plausible(ellipse: tuple) -> bool:
             and MIN_HEAD_SEMI_AXIS_MM <= long_axis <= MAX_HEAD_SEMI_AXIS_MM)
 
 
+# the narrowest side a frame may have: a strip or a thumbnail is not an ultrasound frame (the
+# data contract's scanner frames start at 128 px)
+MIN_FRAME_PX = 32
+
+
 def fit_skull(grey: NDArray[np.float32], valid: NDArray[np.bool_], spacing: tuple[float, float]) -> Skull:
     """Fit the head: the large echogenic ellipse (skull and brain) surrounded by darker tissue
     and fluid.
@@ -112,6 +117,9 @@ def fit_skull(grey: NDArray[np.float32], valid: NDArray[np.bool_], spacing: tupl
     least FILL_GOOD and better than the first one did.
     """
     sr, sc = spacing
+    if min(grey.shape) < MIN_FRAME_PX:
+        raise PreprocessError(f"a {grey.shape[1]}x{grey.shape[0]} frame is too small to hold a fetal head "
+                              f"(at least {MIN_FRAME_PX} pixels a side)")
     f = max(1, int(math.ceil(max(grey.shape) / 320)))
     small = cv2.resize(np.where(valid, grey, 0).astype(np.float32),
                        (grey.shape[1] // f, grey.shape[0] // f), interpolation=cv2.INTER_AREA)

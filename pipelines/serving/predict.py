@@ -111,13 +111,35 @@ def predict_items(items: list[Item], model, overlay_dir: Path | None, use_masks:
     errors = 0
     pending: list[tuple[int, str, int, tuple, np.ndarray | None]] = []
 
+    def predict_pending() -> list[dict]:
+        """The model's rows for the pending frames; where the batch fails, frame by frame, so a
+        frame the model cannot take costs only its own row (`_failed`: why)."""
+        masks = [m for *_, m in pending] if use_masks else None
+        try:
+            return model.predict_rows([f for _, _, _, f, _ in pending], [n for _, n, _, _, _ in pending],
+                                      [fi for _, _, fi, _, _ in pending], masks, assess=assess)
+        except Exception:  # boundary: retried one by one below, each failure named on its row
+            pass
+        out = []
+        for _k, name, fi, f, m in pending:
+            try:
+                out.append(model.predict_rows([f], [name], [fi], [m] if use_masks else None, assess=assess)[0])
+            except Exception as exc:  # boundary: one frame, named in the CSV
+                text = str(exc).strip().splitlines()
+                out.append({"_failed": f"{type(exc).__name__}: {text[-1][:200] if text else ''}"})
+        return out
+
     def flush() -> None:
+        nonlocal errors
         if not pending:
             return
-        masks = [m for *_, m in pending] if use_masks else None
-        results = model.predict_rows([f for _, _, _, f, _ in pending], [n for _, n, _, _, _ in pending],
-                                     [fi for _, _, fi, _, _ in pending], masks, assess=assess)
-        for (k, _name, _fi, (grey, valid, _sp, _ga), _m), res in zip(pending, results, strict=True):
+        results = predict_pending()
+        for (k, name, fi, (grey, valid, _sp, ga), _m), res in zip(pending, results, strict=True):
+            if "_failed" in res:
+                errors += 1
+                rows[k] = {c: "" for c in COLUMNS} | {"image": name, "frame": fi, "ga_weeks": ga,
+                                                      "prediction": f"error: {res['_failed']}", "model_uri": model_uri}
+                continue
             overlay = ""
             if res.get("_labels") is not None and overlay_dir is not None:
                 overlay_path = overlay_dir / f"{k:05d}.png"

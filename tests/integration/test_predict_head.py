@@ -191,3 +191,42 @@ def test_a_crop_the_learned_head_disagrees_with_is_not_assessable(tmp_path):
     # commissioning measures the model itself: the same frame keeps its numbers ungated
     (raw,) = _model(tmp_path, _StubHead(far)).predict_rows([frame], ["x"], [0], assess=False)
     assert raw["prediction"] in ("normal", "hypoplasia") and not raw["_assessable"]
+
+
+def test_bad_files_in_a_folder_cost_only_their_own_rows(mlflow_registry, tmp_path, monkeypatch):
+    """A zero-byte and a non-DICOM `.dcm`, a 2x5000 PNG, and a frame the model itself fails on
+    (the batch is retried frame by frame): every file gets its row, the good one its answer."""
+    from pipelines.data.synth import example_png
+
+    src = tmp_path / "in"
+    src.mkdir()
+    png, spacing = example_png()
+    for name, data in (("good.png", png), ("zero.dcm", b""), ("text.dcm", b"not a DICOM file")):
+        (src / name).write_bytes(data)
+    cv2.imwrite(str(src / "strip.png"), np.full((2, 5000), 128, np.uint8))
+    cv2.imwrite(str(src / "odd.png"), np.full((300, 301), 90, np.uint8))
+    for name in ("good", "strip", "odd"):
+        (src / f"{name}.json").write_text(json.dumps({"pixel_spacing_mm": [spacing, spacing]}))
+    real = CBHModel.predict_rows
+
+    def fails_on_odd(self, frames, *args, **kwargs):           # the model cannot take the 300x301 frame
+        if any(f[0].shape == (300, 301) for f in frames):
+            raise RuntimeError("cannot take this frame")
+        return real(self, frames, *args, **kwargs)
+
+    monkeypatch.setattr(CBHModel, "predict_rows", fails_on_odd)
+    out = tmp_path / "pred.csv"
+    n, errors, _, _ = predict_path(src, out, _register(tmp_path, "bad", None), ga_weeks=24.0)
+    rows = {r["image"]: r for r in csv.DictReader(out.open())}
+    assert n == len(rows) == 5 and errors == 3
+    assert rows["zero.dcm"]["prediction"].startswith("error: ") and rows["text.dcm"]["prediction"].startswith("error: ")
+    assert rows["odd.png"]["prediction"] == "error: RuntimeError: cannot take this frame"
+    assert rows["strip.png"]["prediction"] == "not_assessable" and rows["strip.png"]["head_found"] == "false"
+    assert rows["good.png"]["head_found"] == "true"
+
+
+def test_a_strip_is_no_frame_for_the_skull_fit():
+    from pipelines.imaging.preprocess import PreprocessError, fit_skull
+
+    with pytest.raises(PreprocessError, match="2x5000 frame is too small"):
+        fit_skull(np.full((5000, 2), 0.5, np.float32), np.ones((5000, 2), bool), (0.2, 0.2))
