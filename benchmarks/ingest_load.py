@@ -33,7 +33,7 @@ def main() -> None:
     from pipelines.config import load_params, replace
     from pipelines.data.synth import synth_cohort
 
-    os.environ.setdefault("CBH_DEID_KEY", "benchmark-key-not-a-secret")
+    os.environ.setdefault("CBH_DEID_KEY", "benchmark-key-not-a-secret-0123456789")
     with tempfile.TemporaryDirectory(prefix="cbh-ingest-load-") as tmp:
         tmp = Path(tmp)
         os.environ["PREFECT_HOME"] = str(tmp / "prefect")

@@ -377,6 +377,7 @@ def cmd_serve(a: argparse.Namespace, root: Path) -> int:
 
     params = _params(root)
     env = dict(os.environ, MLFLOW_TRACKING_URI=os.environ.get("MLFLOW_TRACKING_URI", params.paths.mlflow_uri))
+    env.pop(params.deid.key_env, None)        # the scoring server pseudonymises nothing: it never gets the key
     # mlflow starts uvicorn by name: the environment's own scripts must come first on PATH
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     uri, note = f"models:/{params.promote.model_name}@champion", ""

@@ -52,7 +52,12 @@ class StageError(CbhError, RuntimeError):
 def pseudonymizer(params: Params, root: Path) -> Pseudonymizer:
     """The keyed pseudonymiser; only the demo (CBH_DEMO=1) may create a workspace key."""
     demo = os.environ.get("CBH_DEMO") == "1"
-    key = load_key(params.deid.key_env, root / params.paths.key_file, create=demo)
+    key_file = root / params.paths.key_file
+    if not demo and not os.environ.get(params.deid.key_env, "").strip() and key_file.is_file():
+        # the workspace keeps its pseudonyms consistent, but real data deserves its own key
+        log.warning("%s is not set: using the demo's key file %s; set %s to your own key for real data",
+                    params.deid.key_env, params.paths.key_file, params.deid.key_env)
+    key = load_key(params.deid.key_env, key_file, create=demo)
     return Pseudonymizer(key, params.deid.max_date_shift_days)
 
 

@@ -32,7 +32,7 @@ from pydicom.sequence import Sequence
 from pipelines.deid import profile as P
 from pipelines.deid.ocr import DEFAULT_ALLOWED, DEFAULT_VOCABULARY, OcrSettings, OcrUnavailable, residual_text  # noqa: F401
 from pipelines.deid.ocr import available as ocr_available  # noqa: F401
-from pipelines.errors import EXIT_UNAVAILABLE, CbhError
+from pipelines.errors import EXIT_UNAVAILABLE, CbhError, UsageError
 from pipelines.imaging.scan import ScanError, decode, region_mask, regions
 
 DEFAULT_OPTIONS = ("clean_pixel_data", "clean_descriptors", "retain_longitudinal_modified_dates",
@@ -53,13 +53,34 @@ class MissingKeyError(CbhError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class WeakKeyError(UsageError):
+    """The pseudonymisation key is too short, or its file is readable by others."""
+
+
+# HMAC-SHA256 keys: 32 characters (128 bits as hex) at least; a guessable key lets anyone
+# recompute every pseudonym from a name list
+MIN_KEY_CHARS = 32
+
+
+def _strong(key: str, source: str) -> bytes:
+    if len(key) < MIN_KEY_CHARS:
+        raise WeakKeyError(f"{source}: the pseudonymisation key has {len(key)} characters, fewer than the "
+                           f"{MIN_KEY_CHARS} it needs (make one with `openssl rand -hex 32`)")
+    return key.encode()
+
+
 def load_key(env_name: str, key_file: Path | None, create: bool = False) -> bytes:
-    """The secret key: the environment variable, else the key file (created by the demo only)."""
+    """The secret key: the environment variable, else the key file (created by the demo only;
+    refused when others may read it). At least MIN_KEY_CHARS characters either way."""
     value = os.environ.get(env_name, "").strip()
     if value:
-        return value.encode()
+        return _strong(value, env_name)
     if key_file is not None and key_file.is_file():
-        return key_file.read_text(encoding="utf-8").strip().encode()
+        mode = key_file.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise WeakKeyError(f"{key_file}: mode {mode:04o} lets others read the pseudonymisation key; "
+                               f"`chmod 600 {key_file}`, or set {env_name}")
+        return _strong(key_file.read_text(encoding="utf-8").strip(), str(key_file))
     if not create or key_file is None:
         raise MissingKeyError(
             f"{env_name} is not set: de-identification needs the secret pseudonymisation key "

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 from pipelines.deid import core as D
+from tests.conftest import TEST_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not D.ocr_available(), reason="tesseract missing: run `make ocr`")
 
 
 def _deid(src: Path, dst: Path, tmp: Path, *extra: str) -> dict:
-    env = {**os.environ, "CBH_DEID_KEY": "test-key-not-a-secret", "PREFECT_HOME": str(tmp / "prefect")}
+    env = {**os.environ, "CBH_DEID_KEY": TEST_KEY, "PREFECT_HOME": str(tmp / "prefect")}
     res = subprocess.run([sys.executable, "-m", "flows.cli", "deid", str(src), str(dst), *extra], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -44,6 +45,7 @@ INGEST = """
 import json, sys
 from pathlib import Path
 from pipelines.deid import core as D
+from tests.conftest import TEST_KEY
 from pipelines.data.ingest import ingest_cohort
 from flows.executors import runner_for
 cohort, ws, executor, workers = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
@@ -82,7 +84,7 @@ def test_killed_mid_run_the_rerun_completes_without_duplicates(tmp_path):
     from deid_throughput import build_corpus
 
     build_corpus(tmp_path / "corpus", 45)
-    env = {**os.environ, "CBH_DEID_KEY": "test-key-not-a-secret", "PREFECT_HOME": str(tmp_path / "prefect")}
+    env = {**os.environ, "CBH_DEID_KEY": TEST_KEY, "PREFECT_HOME": str(tmp_path / "prefect")}
     cmd = [sys.executable, "-m", "flows.cli", "deid", str(tmp_path / "corpus"), str(tmp_path / "out"), "--workers", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

@@ -457,6 +457,12 @@ def test_served_champion_answers_images_and_refuses_garbage_with_400(flow_run):
                 pass
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(1)
+        # the scoring server (every process `cbh serve` started) never holds the pseudonymisation key
+        session = [int(p) for p in subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True,
+                                                  text=True).stdout.split() if int(p) != proc.pid]
+        assert session
+        for pid in session:
+            assert b"CBH_DEID_KEY=" not in Path(f"/proc/{pid}/environ").read_bytes()
         png = sorted(cohort.glob("scans/*.png"))[0]
         spacing = json.loads(png.with_suffix(".json").read_text())["pixel_spacing_mm"][0]
         dcm = sorted(cohort.glob("scans/*.dcm"))[0]

@@ -41,6 +41,18 @@ def test_missing_key_is_one_clear_sentence(tmp_path, monkeypatch):
     assert len(key) >= 32 and (tmp_path / "deid.key").stat().st_mode & 0o777 == 0o600
 
 
+def test_a_guessable_key_or_a_readable_key_file_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("CBH_DEID_KEY", "a")
+    with pytest.raises(D.WeakKeyError, match="CBH_DEID_KEY: the pseudonymisation key has 1 characters"):
+        D.load_key("CBH_DEID_KEY", None)
+    monkeypatch.delenv("CBH_DEID_KEY")
+    key_file = tmp_path / "deid.key"
+    D.load_key("CBH_DEID_KEY", key_file, create=True)
+    key_file.chmod(0o644)
+    with pytest.raises(D.WeakKeyError, match="mode 0644 lets others read"):
+        D.load_key("CBH_DEID_KEY", key_file)
+
+
 def _identifiers(ds: pydicom.Dataset) -> list[str]:
     values = [str(ds.PatientName).replace("^", " "), str(ds.PatientName).split("^")[0], ds.PatientID,
               ds.PatientBirthDate, ds.AccessionNumber, ds.InstitutionName, ds.StudyDate,
