@@ -190,7 +190,8 @@ def manifest_suites(params: ValidateParams) -> dict[str, list[Any]]:
              "two annotation rows for one image frame: conflicting labels", column_list=["deid_path", "frame"]),
     ]
     masks = [
-        in_set("mask_status", ["ok", "none"], "the annotated mask is missing or cannot be decoded"),
+        in_set("mask_status", ["ok", "none"], "the annotated mask is missing, cannot be decoded or holds "
+               "values other than its classes (never copied)"),
         in_set("mask_decodes", [True], "the de-identified mask is gone or unreadable: its checks would pass empty"),
         _exp(gxe.ExpectColumnPairValuesToBeEqual, CRITICAL, ROW, "mask and frame differ in size: wrong pairing",
              column_A="mask_rows", column_B="rows", ignore_row_if="either_value_is_missing"),
@@ -204,7 +205,8 @@ def manifest_suites(params: ValidateParams) -> dict[str, list[Any]]:
         between("mask_tcd_diff_mm", -tol, tol, f"mask TCD and annotated TCD differ by more than {tol} mm"),
     ]
     heads = [
-        in_set("head_mask_status", ["ok", "none"], "the head mask is missing or cannot be decoded"),
+        in_set("head_mask_status", ["ok", "none"], "the head mask is missing, cannot be decoded or is not "
+               "binary (never copied)"),
         between("hc_mm", 40.0, 400.0, "HC implausible for a fetal head (unit error, typo)"),
         between("head_mask_components", 1, 1, "the head mask is not one closed shape: stray strokes move the frame"),
         between("head_mask_ellipse_iou", params.head_min_ellipse_iou, 1.0,

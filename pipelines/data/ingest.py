@@ -115,8 +115,14 @@ def _exam_date(row: dict[str, str], today: dt.date) -> tuple[dt.date, str]:
     return date, ("future" if date > today else "ok")
 
 
-def _read_mask(path: Path) -> tuple[np.ndarray | None, str]:
-    """The mask and its status; size, classes and anatomy are the data contract's to judge."""
+# the values a mask may hold: a label mask its classes, a head mask 0/1 or 0/255. Anything else
+# (a screenshot given as a mask: pixels that may show names and dates) is never written to the
+# de-identified store; size and anatomy are the data contract's to judge
+MASK_VALUES = {"mask": ({0, 1, 2},), "head_mask": ({0, 1}, {0, 255})}
+
+
+def _read_mask(path: Path, column: str) -> tuple[np.ndarray | None, str]:
+    """The mask and its status (`unexpected_values` when it holds more than a mask's values)."""
     if not path.is_file():
         return None, "missing"
     mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
@@ -124,6 +130,9 @@ def _read_mask(path: Path) -> tuple[np.ndarray | None, str]:
         return None, "undecodable"
     if mask.ndim != 2:
         return None, "not_single_channel"
+    values = set(np.unique(mask).tolist())
+    if not any(values <= allowed for allowed in MASK_VALUES[column]):
+        return None, "unexpected_values"
     return mask, "ok"
 
 
@@ -139,7 +148,7 @@ def _inside(cohort: Path, rel: str, column: str) -> Path:
 def _optional_mask(cohort: Path, row: dict[str, str], column: str) -> tuple[np.ndarray | None, str]:
     """The mask a row names in `column` and its status (`none` when the column is empty)."""
     rel = (row.get(column) or "").strip()
-    return _read_mask(_inside(cohort, rel, column)) if rel else (None, "none")
+    return _read_mask(_inside(cohort, rel, column), column) if rel else (None, "none")
 
 
 @dataclass

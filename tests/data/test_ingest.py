@@ -3,6 +3,8 @@
 import datetime as dt
 import shutil
 
+import cv2
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -121,6 +123,22 @@ def test_same_patient_same_pseudonym_across_exams(small_cohort, tmp_path, pseudo
         by_stem.setdefault(patient_number, set()).add(m["patient_pseudo"])
     assert all(len(v) == 1 for v in by_stem.values())
     assert len({next(iter(v)) for v in by_stem.values()}) == len(by_stem)
+
+
+def test_a_mask_that_is_no_mask_is_never_copied(cohort_copy, tmp_path, pseudo):
+    """A screenshot given as a mask (grey values, text that may name the patient) is not
+    written to the de-identified store: its row says so, and the data contract quarantines it."""
+    rows = read_annotations(cohort_copy)
+    n, row = next((n, r) for n, r in enumerate(rows, 1) if r["mask"])
+    shot = np.zeros((200, 300), np.uint8)
+    cv2.putText(shot, "DOE JANE 1980-02-03", (10, 100), cv2.FONT_HERSHEY_SIMPLEX, 0.8, 200, 2)
+    cv2.imwrite(str(cohort_copy / row["mask"]), shot)
+    res = _ingest(cohort_copy, tmp_path / "ws", pseudo)
+    m = next(m for m in res.manifest if m["source_row"] == n)
+    assert m["mask_status"] == "unexpected_values" and m["mask_path"] is None
+    written = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in (tmp_path / "ws" / "data/deid").rglob("*_mask.png")]
+    assert len(written) == sum(1 for r in rows if r["mask"]) - 1
+    assert all(set(np.unique(w).tolist()) <= {0, 1, 2} for w in written)
 
 
 def test_png_without_sidecar_is_quarantined(cohort_copy, tmp_path, pseudo):
