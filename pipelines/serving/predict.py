@@ -111,6 +111,11 @@ def predict_items(items: list[Item], model, overlay_dir: Path | None, use_masks:
     errors = 0
     pending: list[tuple[int, str, int, tuple, np.ndarray | None]] = []
 
+    def error_row(name: str, frame: int, ga: float, why: str) -> dict:
+        """The CSV row of a file or frame that could not be predicted: its name and why."""
+        return {c: "" for c in COLUMNS} | {"image": name, "frame": frame, "ga_weeks": ga,
+                                           "prediction": f"error: {why}", "model_uri": model_uri}
+
     def predict_pending() -> list[dict]:
         """The model's rows for the pending frames; where the batch fails, frame by frame, so a
         frame the model cannot take costs only its own row (`_failed`: why)."""
@@ -137,8 +142,7 @@ def predict_items(items: list[Item], model, overlay_dir: Path | None, use_masks:
         for (k, name, fi, (grey, valid, _sp, ga), _m), res in zip(pending, results, strict=True):
             if "_failed" in res:
                 errors += 1
-                rows[k] = {c: "" for c in COLUMNS} | {"image": name, "frame": fi, "ga_weeks": ga,
-                                                      "prediction": f"error: {res['_failed']}", "model_uri": model_uri}
+                rows[k] = error_row(name, fi, ga, res["_failed"])
                 continue
             overlay = ""
             if res.get("_labels") is not None and overlay_dir is not None:
@@ -164,8 +168,7 @@ def predict_items(items: list[Item], model, overlay_dir: Path | None, use_masks:
             errors += 1
             # an OSError's text repeats the full path, which the `image` column gives relative already
             why = (exc.strerror or type(exc).__name__) if isinstance(exc, OSError) else str(exc)
-            rows[k] = {c: "" for c in COLUMNS} | {"image": name, "frame": frame, "ga_weeks": ga,
-                                                  "prediction": f"error: {why}", "model_uri": model_uri}
+            rows[k] = error_row(name, frame, ga, why)
             continue
         mask = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED) if mask_path else None
         pending.append((k, name, frame, (grey, valid, spacing, ga), mask))
