@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
-from PIL import Image
 from pydicom.dataset import Dataset
 
 from pipelines.deid import core as D
@@ -107,13 +106,14 @@ def audit_path(dst: Path, output: str) -> Path:
 
 
 def raster_size(path: Path) -> tuple[int, int]:
-    """(rows, cols) of a PNG/JPEG from its header alone."""
+    """(rows, cols) of a PNG/JPEG from its header alone (ScanError 'too_many_pixels' past the limit)."""
     try:
-        with Image.open(path) as im:
-            cols, rows = im.size
-    except (OSError, ValueError) as exc:
+        size = S.raster_size(path)
+    except OSError as exc:
         raise D.DeidError("unreadable_image", "PNG/JPEG cannot be decoded") from exc
-    return rows, cols
+    if size is None:
+        raise D.DeidError("unreadable_image", "PNG/JPEG cannot be decoded")
+    return size[1], size[0]
 
 
 class Worker:

@@ -30,8 +30,43 @@ class ScanError(InputFileError):
     """A scan cannot be read; `code` is the quarantine reason code."""
 
 
+# A PNG or JPEG declares its size in a few header bytes and may inflate far beyond its own size
+# (a 214 KB PNG of 14000x14000 decodes to 196 million pixels): the size is checked before the
+# pixels are decoded. 64 Mpx is eight times the largest ultrasound frame in clinical use.
+MAX_RASTER_PIXELS = 64_000_000
+
+
+def raster_size(source: bytes | Path) -> tuple[int, int] | None:
+    """(width, height) a PNG/JPEG (bytes or file) declares in its header, without decoding it; None
+    if the header cannot be read. Raises ScanError('too_many_pixels') past MAX_RASTER_PIXELS."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+                width, height = im.size
+    except Image.DecompressionBombError:
+        raise ScanError("too_many_pixels", f"the image declares over {Image.MAX_IMAGE_PIXELS * 2:,} pixels, more "
+                        f"than the {MAX_RASTER_PIXELS:,} any ultrasound frame has") from None
+    except OSError:
+        if isinstance(source, Path):
+            raise                     # the file itself cannot be read: the caller reports that
+        return None
+    except Exception:  # boundary: not an image PIL knows; cv2 still gets its try
+        return None
+    if width * height > MAX_RASTER_PIXELS:
+        raise ScanError("too_many_pixels", f"the image declares {width}x{height} pixels, more than the "
+                        f"{MAX_RASTER_PIXELS:,} any ultrasound frame has")
+    return width, height
+
+
 def decode_raster(data: bytes) -> np.ndarray | None:
-    """PNG/JPEG bytes as pixels (grey, or RGB in that order), None if they do not decode."""
+    """PNG/JPEG bytes as pixels (grey, or RGB in that order), None if they do not decode.
+    Raises ScanError('too_many_pixels') before decoding an image larger than MAX_RASTER_PIXELS."""
+    raster_size(data)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is not None and img.ndim == 3:
         img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2RGB)
@@ -54,7 +89,9 @@ def regions(ds: Dataset) -> list[tuple[int, int, int, int]]:
         try:
             out.append((int(r.RegionLocationMinX0), int(r.RegionLocationMinY0),
                         int(r.RegionLocationMaxX1), int(r.RegionLocationMaxY1)))
-        except AttributeError:
+        except (AttributeError, TypeError, ValueError):
+            # a region with a missing or empty bound is not used: its pixels are then blanked as
+            # outside every region, or, with no region left, the frame needs a device template
             continue
     return out
 
@@ -63,13 +100,18 @@ def pixel_spacing_mm(ds: Dataset) -> tuple[float, float] | None:
     """(row, col) spacing in mm from the ultrasound regions (cm, units code 3) or PixelSpacing."""
     for r in ds.get("SequenceOfUltrasoundRegions", []):
         if r.get("PhysicalUnitsXDirection") == 3 and r.get("PhysicalUnitsYDirection") == 3:
-            dx, dy = float(r.get("PhysicalDeltaX", 0)), float(r.get("PhysicalDeltaY", 0))
-            if dx > 0 and dy > 0:
+            try:
+                dx, dy = float(r.get("PhysicalDeltaX") or 0), float(r.get("PhysicalDeltaY") or 0)
+            except (TypeError, ValueError):
+                continue   # an empty or malformed delta: this region gives no spacing
+            if dx > 0 and dy > 0 and np.isfinite(dx) and np.isfinite(dy):
                 return abs(dy) * 10.0, abs(dx) * 10.0
-    if "PixelSpacing" in ds:
-        row, col = (float(v) for v in ds.PixelSpacing)
-        if row > 0 and col > 0:
-            return row, col
+    try:
+        row, col = (float(v) for v in ds.get("PixelSpacing") or ())
+    except (TypeError, ValueError):
+        return None   # missing, empty or not two numbers
+    if row > 0 and col > 0 and np.isfinite(row) and np.isfinite(col):
+        return row, col
     return None
 
 
