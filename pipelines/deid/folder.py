@@ -71,8 +71,32 @@ def is_dicom(path: Path) -> bool:
         return False
 
 
+def _short(name: str, limit: int = 200) -> str:
+    """`name` cut to at most `limit` UTF-8 bytes, its suffix kept."""
+    if len(name.encode()) <= limit:
+        return name
+    suffix = Path(name).suffix[:16]
+    stem = name[: len(name) - len(suffix)].encode()[: limit - len(suffix.encode())].decode(errors="ignore")
+    return stem + suffix
+
+
 def discover(src: Path) -> list[Path]:
-    return sorted(p for p in src.rglob("*") if p.is_file() and (p.suffix.lower() in S.RASTER_SUFFIXES or is_dicom(p)))
+    """Every scan under `src`, through symlinked sub-folders too (a site's export often links its
+    days in), each folder visited once: a link loop or two links to one folder add nothing."""
+    seen: set[tuple[int, int]] = set()
+    found = []
+    for root, dirs, files in os.walk(src, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        for name in files:
+            p = Path(root) / name
+            if p.is_file() and (p.suffix.lower() in S.RASTER_SUFFIXES or is_dicom(p)):
+                found.append(p)
+    return sorted(found)
 
 
 @contextmanager
@@ -327,6 +351,11 @@ def deid_folder(src: Path, dst: Path, pseudo: D.Pseudonymizer, link: Path | None
     settings = settings or D.Settings()
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: source folder not found")
+    for what, path, want_dir in (("destination", dst, True), ("quarantine folder", quarantine, True),
+                                 ("link file", link, False)):
+        if path is not None and path.exists() and path.is_dir() != want_dir:
+            raise FolderError(f"{path}: the {what} is {'a file' if want_dir else 'a folder'}; "
+                              f"give {'a folder' if want_dir else 'a file name'}")
     dst_r = dst.resolve()
     quarantine = quarantine or default_quarantine(dst)
     for name, path in (("link file", link), ("quarantine folder", quarantine)):
@@ -403,7 +432,8 @@ def _write_quarantine(folder: Path, held: list[Outcome], src: Path) -> None:
     rows = []
     for r in sorted(held, key=lambda r: r.source):
         source = Path(r.source)
-        copy = files / f"{hashlib.sha256(r.source.encode()).hexdigest()[:12]}_{source.name}"
+        # names are cut to stay within the file system's 255 bytes (the digest keeps them apart)
+        copy = files / f"{hashlib.sha256(r.source.encode()).hexdigest()[:12]}_{_short(source.name)}"
         if source.is_file() and not copy.exists():
             with atomic_target(copy) as tmp:           # a killed copy never passes for the original
                 shutil.copy2(source, tmp)

@@ -63,3 +63,29 @@ def test_a_corpus_with_broken_regions_and_a_pixel_bomb_is_processed_file_by_file
     assert rep["reasons"] == {"no_pixel_template": 1, "too_many_pixels": 1}
     held = sorted(p.name.split("_", 1)[1] for p in (tmp_path / "held" / "files").iterdir())
     assert held == ["bomb.png", "empty_region.dcm"]                  # both kept for the steward
+
+
+def test_deid_follows_linked_folders_once_and_refuses_wrong_targets_before_work(small_cohort, tmp_path, pseudo):
+    from pipelines.deid.folder import FolderError, discover
+
+    days = tmp_path / "days"
+    days.mkdir()
+    dicoms = sorted((small_cohort / "scans").glob("*.dcm"))
+    shutil.copy(dicoms[0], days / "a.dcm")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "monday").symlink_to(days, target_is_directory=True)        # a site's export links its days in
+    (days / "loop").symlink_to(src, target_is_directory=True)          # and a loop back to the top
+    long_name = "x" * 240 + ".dcm"
+    (src / long_name).write_bytes(b"not a dicom file at all")
+    assert [p.name for p in discover(src)] == ["a.dcm", long_name]
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(FolderError, match="the destination is a file"):
+        deid_folder(src, tmp_path / "afile", pseudo)
+    with pytest.raises(FolderError, match="the link file is a folder"):
+        deid_folder(src, tmp_path / "out", pseudo, link=days)
+    rep = deid_folder(src, tmp_path / "out", pseudo, link=tmp_path / "link.csv", quarantine=tmp_path / "held")
+    assert (rep["inputs"], rep["deidentified"], rep["reasons"]) == (2, 1, {"unreadable_dicom": 1})
+    held = [p.name for p in (tmp_path / "held" / "files").iterdir()]
+    assert len(held) == 1 and held[0].endswith(".dcm") and len(held[0].encode()) <= 255
+    assert (tmp_path / "out" / "deid-report.json").is_file() and (tmp_path / "link.csv").is_file()
