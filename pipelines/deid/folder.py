@@ -75,7 +75,9 @@ def _short(name: str, limit: int = 200) -> str:
     """`name` cut to at most `limit` UTF-8 bytes, its suffix kept."""
     if len(name.encode()) <= limit:
         return name
-    suffix = Path(name).suffix[:16]
+    suffix = Path(name).suffix
+    if len(suffix.encode()) > 16:                  # not a file type's suffix: cut like the rest
+        suffix = ""
     stem = name[: len(name) - len(suffix)].encode()[: limit - len(suffix.encode())].decode(errors="ignore")
     return stem + suffix
 
