@@ -82,7 +82,7 @@ test: setup ocr browser
 test-heavy: setup
 	$(BIN)/pytest -m heavy -q -n 2 --dist loadfile
 
-## test-servers: the team-server test (starts PostgreSQL, Prefect and MLflow servers, retrains against them)
+## test-servers: the team-server and scheduler tests (real PostgreSQL, Prefect, MLflow servers and workers)
 test-servers: setup ocr postgres
 	$(BIN)/pytest -m servers -q
 

@@ -186,22 +186,43 @@ def cmd_promote(a: argparse.Namespace, root: Path) -> int:
     from pipelines.registry import promote, tracking
 
     params = _params(root)
-    audit = root / params.paths.audit
-    if a.history:
-        for rec in promote.history(audit):
-            print(f"{rec['time']}  {rec.get('model', '-')}  {rec['action']:8s} {rec['decision']:11s} "
-                  f"challenger={rec['challenger']} champion={rec['champion']}  {rec['reason']}  ({rec['user']})")
-        broken = promote.verify_trail(audit)
-        if broken:
-            print(f"cbh promote: {audit}: the hash chain breaks at line(s) {broken}: the trail was edited",
-                  file=sys.stderr)
-            return EXIT_FAILURE
-        print(f"{len(promote.history(audit))} records; hash chain intact ({audit})")
-        return 0
     tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
-    d = promote.rollback(params.promote.model_name, audit) if a.rollback else stages.promote(params, root)
+    if a.history:
+        return _history(params, stages.audit_trail(params, root, create=False))
+    trail = stages.audit_trail(params, root)
+    d = promote.rollback(params.promote.model_name, trail) if a.rollback else stages.promote(params, root)
     print(f"{d.decision}: {d.reason}; champion is version {d.champion}")
     return 0 if d.decision != "rejected" else EXIT_REJECTED
+
+
+def _history(params, trail) -> int:
+    """`cbh promote --history`: every decision, then the checks: the keyed chain line by line,
+    and each registered model's last recorded decision still in the trail."""
+    from mlflow import MlflowClient
+
+    from pipelines.registry import promote
+
+    records = promote.history(trail)
+    for rec in records:
+        status = "" if rec["status"] in ("final", "confirmed") else f" [{rec['status']}]"
+        print(f"{rec.get('time', '?')}  {rec.get('model') or '-'}  {str(rec.get('action')):10s} "
+              f"{str(rec.get('decision')):11s}{status} challenger={rec.get('challenger')} "
+              f"champion={rec.get('champion')}  {rec.get('reason', '')}  ({rec.get('user', '?')})")
+    broken = promote.verify_trail(trail)
+    models = {r.get("model") for r in records if r.get("model")} | {params.promote.model_name, params.head.model_name}
+    missing = trail.check_registry(MlflowClient(), models)
+    if broken:
+        print(f"cbh promote: {trail.path}: the keyed hash chain breaks at line(s) {broken}: the trail was edited, "
+              f"or its key ({params.paths.audit_key} or CBH_AUDIT_KEY) is not the one it was written with",
+              file=sys.stderr)
+    for problem in missing:
+        print(f"cbh promote: {trail.path}: {problem}", file=sys.stderr)
+    if broken or missing:
+        return EXIT_FAILURE
+    pending = sum(r["status"] == "pending" for r in records)
+    print(f"{len(records)} decisions; keyed hash chain intact, registry heads present ({trail.path})"
+          + (f"; {pending} pending: the next promotion settles it against the registry" if pending else ""))
+    return 0
 
 
 def cmd_lineage(a: argparse.Namespace, root: Path) -> int:
@@ -279,6 +300,7 @@ def _segmenter_check(uri: str, outside: int, scored: int) -> None:
 
 
 def cmd_commission(a: argparse.Namespace, root: Path) -> int:
+    from flows import stages
     from pipelines.registry import commission, tracking
 
     params = _params(root, a.set)
@@ -315,7 +337,7 @@ def cmd_commission(a: argparse.Namespace, root: Path) -> int:
     if a.dry_run:
         print("dry run: nothing recorded")
         return 0
-    commission.record(name, version, r, root / params.paths.audit)
+    commission.record(name, version, r, stages.audit_trail(params, root))
     print(f"recorded on {name} version {version} (tags {commission.TAG_PREFIX}{site}.*) and in the audit trail; "
           f"`cbh predict INPUT --site {site}` uses it")
     return 0
@@ -362,9 +384,14 @@ def cmd_schedule(a: argparse.Namespace, root: Path) -> int:
         return 0
     if not a.cron:
         raise UsageError("give --cron EXPR to register a schedule, or --list to show them")
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UsageError("no Prefect server to keep the schedule: start this machine's with `cbh scheduler up` "
+                         "(or point PREFECT_API_URL at a team server), then register it")
     name = register(root, a.cron, a.pool, a.train_pool)
-    print(f"deployment {name} registered on pool {a.pool!r} with schedule {a.cron!r}; "
-          f"start a worker with `prefect worker start --pool {a.pool}`")
+    print(f"deployment {name} registered on pool {a.pool!r} with schedule {a.cron!r} at "
+          f"{os.environ['PREFECT_API_URL']}; a worker on the pool runs it (`cbh scheduler up` starts one here)")
     if a.train_pool:
         print(f"training runs as deployment cbh-train/train-{a.train_pool} on pool {a.train_pool!r} "
               f"(a GPU worker: `prefect worker start --pool {a.train_pool}`)")
@@ -372,32 +399,60 @@ def cmd_schedule(a: argparse.Namespace, root: Path) -> int:
 
 
 def cmd_serve(a: argparse.Namespace, root: Path) -> int:
+    import json
     import os
     import subprocess
+    from dataclasses import asdict
+
+    from mlflow.models import get_model_info
+    from mlflow.models.model import MODEL_CONFIG
+    from mlflow.pyfunc.scoring_server import SERVING_MODEL_CONFIG
+
+    from pipelines.registry import commission, tracking
 
     params = _params(root)
     env = dict(os.environ, MLFLOW_TRACKING_URI=os.environ.get("MLFLOW_TRACKING_URI", params.paths.mlflow_uri))
-    env.pop(params.deid.key_env, None)        # the scoring server pseudonymises nothing: it never gets the key
+    # the scoring server pseudonymises nothing and promotes nothing: it never gets either key
+    env.pop(params.deid.key_env, None)
+    env.pop("CBH_AUDIT_KEY", None)
     # mlflow starts uvicorn by name: the environment's own scripts must come first on PATH
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    uri, note = f"models:/{params.promote.model_name}@champion", ""
+    env["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(params.limits.max_request_seconds)
+    tracking.setup(env["MLFLOW_TRACKING_URI"], root / params.paths.mlflow_artifacts)
+    uri, note, config = f"models:/{params.promote.model_name}@champion", "", {}
     if a.site:
-        import json
-
-        from mlflow.pyfunc.scoring_server import SERVING_MODEL_CONFIG
-
-        from pipelines.registry import commission, tracking
-
-        tracking.setup(env["MLFLOW_TRACKING_URI"], root / params.paths.mlflow_artifacts)
         point = commission.operating_point(uri, a.site)
-        # read by MLflow's scoring server as it loads the model: the pyfunc's model_config
-        env[SERVING_MODEL_CONFIG] = json.dumps(commission.serving_config(point))
+        config = commission.serving_config(point)
         uri, note = point.uri, f" at the threshold {point.threshold:.4f} commissioned for site {a.site}"
         if point.biometry_warning:
             print(f"cbh serve: warning: {point.biometry_warning}", file=sys.stderr)
+    if "limits" in (get_model_info(uri).flavors.get("python_function", {}).get(MODEL_CONFIG) or {}):
+        config["limits"] = asdict(params.limits)      # this workspace's limits, not the training run's
+    if config:
+        # read by MLflow's scoring server as it loads the model: the pyfunc's model_config
+        env[SERVING_MODEL_CONFIG] = json.dumps(config)
     print(f"serving {uri} on http://127.0.0.1:{a.port}/invocations{note}", flush=True)
     return subprocess.call([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
                             "local", "--host", "127.0.0.1", "--port", str(a.port)], cwd=root, env=env)
+
+
+def cmd_scheduler(a: argparse.Namespace, root: Path) -> int:
+    from ops.scheduler import Scheduler
+
+    scheduler = Scheduler(root)
+    if a.action == "up":
+        state = scheduler.up(a.port, tuple(a.pools) if a.pools else None)
+        for name, s in state["services"].items():
+            print(f"{name:11s} pid {s['pid']:<8d} log {s['log']}")
+        print(f"Prefect API {state['url']}; cbh commands of this workspace now use it "
+              f"(other shells: source {scheduler.env_file})")
+        print("register a schedule:  cbh schedule --cron '17 3 * * 1' --pool cpu;  stop: cbh scheduler down")
+    elif a.action == "down":
+        stopped = scheduler.down()
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    else:
+        print("\n".join(scheduler.status()))
+    return 0
 
 
 def cmd_servers(a: argparse.Namespace, root: Path) -> int:
@@ -660,6 +715,18 @@ def _ops_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--train-pool", help="run training as its own deployment on this (GPU) pool, e.g. gpu")
     s.add_argument("--list", action="store_true", help="list the deployments instead")
     s.set_defaults(fn=cmd_schedule)
+    s = _command(sub, "scheduler", "scheduled retraining on this machine: a Prefect server and workers "
+                 "(up | down | status)",
+                 "Start, stop or show the workspace's scheduler: a Prefect server (SQLite, 127.0.0.1) and a "
+                 "process worker for the cpu pool (and the gpu pool where a GPU is present), in the "
+                 "background with logs and PID files in .cbh/scheduler. While it runs, cbh commands use it, "
+                 "so a schedule registered with `cbh schedule` fires.",
+                 "example:\n  cbh scheduler up && cbh schedule --cron '17 3 * * 1' --pool cpu")
+    s.add_argument("action", choices=("up", "down", "status"), help="start it, stop it, or show its state")
+    s.add_argument("--port", type=int, default=4200, help="the Prefect server's port (default: 4200)")
+    s.add_argument("--pool", action="append", dest="pools", metavar="POOL",
+                   help="a work pool to start a worker for (repeatable; default: cpu, and gpu with a GPU)")
+    s.set_defaults(fn=cmd_scheduler)
     s = _command(sub, "servers", "team servers on 127.0.0.1: PostgreSQL, a Prefect server and an MLflow "
                  "tracking server on it (up | down | status)",
                  "Start, stop or show the team servers on 127.0.0.1: PostgreSQL, and a Prefect server and "

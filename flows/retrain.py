@@ -118,7 +118,8 @@ def commission_task(params: Params, root: Path, version: str) -> dict[str, str]:
     """The sites of `commission.cohorts` get their thresholds on the champion (a new one has none)."""
     from pipelines.registry.commission import recommission
 
-    out = recommission(params.promote.model_name, version, params.commission, root / params.paths.audit)
+    out = recommission(params.promote.model_name, version, params.commission,
+                         stages.audit_trail(params, root))
     for site, what in out.items():
         get_run_logger().info("site %s: %s", site, what)
     return out

@@ -37,10 +37,12 @@ def register(root: Path, cron: str, pool: str, train_pool: str | None = None) ->
         asyncio.run(_ensure_pool(train_pool))
         train = prefect_flow.from_source(source=str(root), entrypoint="flows/retrain.py:train_flow")
         train.deploy(name=f"train-{train_pool}", work_pool_name=train_pool, parameters={"workspace": str(root)},
-                     job_variables=GPU_JOB_VARIABLES, build=False, push=False, print_next_steps=False)
+                     job_variables=GPU_JOB_VARIABLES, concurrency_limit=1, build=False, push=False,
+                     print_next_steps=False)
         parameters["train_deployment"] = f"cbh-train/train-{train_pool}"
     remote = prefect_flow.from_source(source=str(root), entrypoint="flows/retrain.py:retrain_flow")
-    remote.deploy(name=f"{DEPLOYMENT}-{pool}", work_pool_name=pool, cron=cron,
+    # one retrain at a time: a run scheduled while the last still runs waits for it
+    remote.deploy(name=f"{DEPLOYMENT}-{pool}", work_pool_name=pool, cron=cron, concurrency_limit=1,
                   parameters=parameters, build=False, push=False, print_next_steps=False)
     return f"cbh-retrain/{DEPLOYMENT}-{pool}"
 
@@ -53,7 +55,8 @@ async def _list() -> list[str]:
         for d in await client.read_deployments():
             crons = ", ".join(str(getattr(s.schedule, "cron", s.schedule)) for s in (d.schedules or []))
             runs = await client.get_scheduled_flow_runs_for_deployments([d.id], limit=3)
-            nxt = ", ".join(str(r.next_scheduled_start_time) for r in runs) or "none yet (no scheduler running)"
+            nxt = ", ".join(str(r.next_scheduled_start_time) for r in runs) or \
+                "none yet (no scheduler running: `cbh scheduler up`)"
             extra = ""
             if (d.parameters or {}).get("train_deployment"):
                 extra += f"  trains with={d.parameters['train_deployment']}"

@@ -61,18 +61,33 @@ def pseudonymizer(params: Params, root: Path) -> Pseudonymizer:
     return Pseudonymizer(key, params.deid.max_date_shift_days)
 
 
+def audit_trail(params: Params, root: Path, create: bool = True):
+    """The workspace's promotion audit trail with its chain key (created for a new trail by a
+    writer, `create`)."""
+    from pipelines.registry.audit import Trail
+
+    return Trail.open(root / params.paths.audit, root / params.paths.audit_key, create)
+
+
 def add_cohort(params: Params, root: Path, cohort: Path) -> Path:
     """Copy a hospital export into the incoming area (immutable raw data; a DVC dependency).
 
     The copy is named by the content of annotations.csv, so adding the same cohort again
-    changes nothing.
+    changes nothing. Linked sub-folders are copied as folders under every name they have (the
+    annotations may use any), a link loop is not followed round; a copy cut short stays
+    `.partial`, which ingest skips and the next add replaces.
     """
+    from pipelines.deid.folder import tree_files
+
     read_annotations(cohort)                   # fail early, with the file named
     dest = root / params.paths.incoming / cohort_name(cohort)
     if not dest.exists():
         tmp = dest.with_name(dest.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(cohort, tmp)
+        for src in tree_files(cohort, each_folder_once=False):
+            target = tmp / src.relative_to(cohort)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
         tmp.rename(dest)
     return dest
 
@@ -346,7 +361,7 @@ def promote(params: Params, root: Path):
         plt.close("all")
         return metrics
 
-    decision = gatekeeper.promote(params.promote.model_name, params.promote, root / params.paths.audit,
+    decision = gatekeeper.promote(params.promote.model_name, params.promote, audit_trail(params, root),
                                   current, reevaluate)
     if decision.decision == "rejected":
         from flows.notify import notify
@@ -439,7 +454,7 @@ def head(params: Params, root: Path) -> dict[str, Any]:
             params_flat={f"head.{k}": v for k, v in params.raw["head"].items()}, metrics=metrics, tags=tags,
             head_dir=model_dir, split=frames, model_name=p.model_name,
             lineage_dir=lineage.artifacts(root, params, Path(tmp) / "lineage"), input_example=example)
-    decision = registry.promote_head(p, root / params.paths.audit)
+    decision = registry.promote_head(p, audit_trail(params, root))
     return {"frames": frames, "metrics": metrics, "run_id": run_id, "version": version,
             "promotion": {"decision": decision.decision, "reason": decision.reason, "champion": decision.champion},
             "frame": _write_frame_head(params, out)}

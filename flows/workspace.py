@@ -41,6 +41,12 @@ def prepare_environment(root: Path, prefect_home: str = ".prefect") -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    if "PREFECT_API_URL" not in os.environ:
+        from ops.scheduler import running_url
+
+        url = running_url(root)            # `cbh scheduler up` runs: flows and schedules go to it
+        if url:
+            os.environ["PREFECT_API_URL"] = url
 
 
 def ensure_workspace(root: Path, params: Params) -> None:

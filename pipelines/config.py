@@ -86,10 +86,11 @@ class Paths:
     contract: Text = Field(description="steward summary (html, md) and the contract's quarantine table")
     split_contract: Text = Field(description="the split suite's summary and JSON")
     plots: Text = Field(description="ROC, reliability and per-image test predictions (dvc plots)")
-    audit: Text = Field(description="the promotion audit trail (JSON lines, hash-chained)")
+    audit: Text = Field(description="the promotion audit trail (JSON lines, keyed hash chain)")
     cache: Text = Field(description="disposable: prepared crops shared by train and evaluate")
     gx_root: Text = Field(description="Great Expectations project: suites and Data Docs")
     key_file: Text = Field(description="the de-identification key file `make demo` creates (demo only)")
+    audit_key: Text = Field(description="the audit trail's chain key (unless CBH_AUDIT_KEY is set)")
     dvc_remote: Text = Field(description="the local DVC remote folder")
     mlflow_uri: Text = Field(description="MLflow tracking URI (unless MLFLOW_TRACKING_URI is set)")
     mlflow_artifacts: Text = Field(description="MLflow artifact folder for a local tracking store")
@@ -323,6 +324,29 @@ class HeadSection:
         return self
 
 
+@dataclass(frozen=True, config=_STRICT)
+class LimitsSection:
+    """What one input may cost; past a limit it is quarantined (ingest, cbh deid), an error row
+    (cbh predict) or HTTP 400 (serving), with one sentence naming the limit."""
+
+    max_frame_pixels: int = Field(gt=0, description="rows x columns of one frame (PNG/JPEG: from its header, "
+                                                    "before decoding)")
+    max_file_pixels: int = Field(gt=0, description="rows x columns x frames of one DICOM file")
+    max_frames: int = Field(gt=0, description="frames of one multi-frame DICOM file")
+    min_spacing_mm: float = Field(gt=0, description="smallest plausible pixel spacing, mm per pixel")
+    max_spacing_mm: float = Field(gt=0, description="largest plausible pixel spacing, mm per pixel")
+    max_inflated_bytes: int = Field(gt=0, description="a deflated DICOM's dataset once inflated, bytes")
+    max_request_bytes: int = Field(gt=0, description="serving: the images of one request, base64 characters")
+    max_request_seconds: int = Field(gt=0, description="serving: time for one request (MLflow answers 504 past it)")
+
+    @model_validator(mode="after")
+    def _range(self) -> LimitsSection:
+        if self.min_spacing_mm >= self.max_spacing_mm:
+            raise ValueError(f"min_spacing_mm ({self.min_spacing_mm}) must be below max_spacing_mm "
+                             f"({self.max_spacing_mm})")
+        return self
+
+
 @dataclasses.dataclass(frozen=True)
 class Params:
     """Every section, validated; `raw` is the dict they came from (overrides applied)."""
@@ -339,6 +363,7 @@ class Params:
     promote: PromoteParams
     commission: CommissionParams
     head: HeadSection
+    limits: LimitsSection
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def flat(self) -> dict[str, Any]:
@@ -443,7 +468,8 @@ def _sentence(err: Any, section: str, source: str, overridden: dict[str, str]) -
 def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = None,
                 profile: str | None = None) -> Params:
     """Read params.yaml, apply a named profile's overrides (section `profiles:`), then
-    `overrides`, and validate."""
+    `overrides`, and validate. Its `limits` become the limits of every scan reader in this
+    process (pipelines.imaging.scan.configure)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run cbh from the workspace root)")
@@ -456,7 +482,11 @@ def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = 
     chosen = _profile(raw.pop("profiles", None) or {}, profile, path.name)
     origin = {_split_override(o)[0]: f"profile '{profile}'" for o in chosen}
     origin |= {_split_override(o)[0]: "override" for o in overrides or []}
-    return parse_params(apply_overrides(raw, chosen + list(overrides or [])), path.name, origin)
+    params = parse_params(apply_overrides(raw, chosen + list(overrides or [])), path.name, origin)
+    from pipelines.imaging import scan
+
+    scan.configure(dataclasses.asdict(params.limits))
+    return params
 
 
 def _profile(profiles: Any, name: str | None, source: str) -> list[str]:

@@ -190,6 +190,7 @@ def _ingest_file(path: Path, csv_pid: str, root: Path, deid_dir: str, first: boo
         if spacing is None:
             raise D.DeidError("no_pixel_spacing", f"sidecar {path.with_suffix('.json').name} with "
                               "pixel_spacing_mm [row, col] is missing or invalid")
+        S.check_spacing(spacing)                   # out of range: quarantined before any pixel work
         data = path.read_bytes()
         img = S.decode_raster(data)
         if img is None:
@@ -203,6 +204,7 @@ def _ingest_file(path: Path, csv_pid: str, root: Path, deid_dir: str, first: boo
         if spacing is None:
             raise D.DeidError("no_pixel_spacing", "pixel spacing cannot be established "
                               "(no calibrated ultrasound region, no PixelSpacing)")
+        S.check_spacing(spacing)
         cleaned = deid.clean_dicom(ds, first)
         stem, header_pid, fmt = pseudo.image("dicom:" + str(ds.SOPInstanceUID)), \
             str(ds.get("PatientID", "") or "").strip(), "dicom"

@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from pipelines.deid import profile as P
 from pipelines.deid.ocr import DEFAULT_ALLOWED, DEFAULT_VOCABULARY, OcrSettings, OcrUnavailable, residual_text  # noqa: F401
 from pipelines.deid.ocr import available as ocr_available  # noqa: F401
 from pipelines.errors import EXIT_UNAVAILABLE, CbhError, UsageError
+from pipelines.imaging import scan as S
 from pipelines.imaging.scan import ScanError, decode, region_mask, regions
 
 DEFAULT_OPTIONS = ("clean_pixel_data", "clean_descriptors", "retain_longitudinal_modified_dates",
@@ -62,25 +63,26 @@ class WeakKeyError(UsageError):
 MIN_KEY_CHARS = 32
 
 
-def _strong(key: str, source: str) -> bytes:
+def _strong(key: str, source: str, what: str = "pseudonymisation key") -> bytes:
     if len(key) < MIN_KEY_CHARS:
-        raise WeakKeyError(f"{source}: the pseudonymisation key has {len(key)} characters, fewer than the "
+        raise WeakKeyError(f"{source}: the {what} has {len(key)} characters, fewer than the "
                            f"{MIN_KEY_CHARS} it needs (make one with `openssl rand -hex 32`)")
     return key.encode()
 
 
-def load_key(env_name: str, key_file: Path | None, create: bool = False) -> bytes:
-    """The secret key: the environment variable, else the key file (created by the demo only;
+def load_key(env_name: str, key_file: Path | None, create: bool = False,
+             what: str = "pseudonymisation key") -> bytes:
+    """The secret key: the environment variable, else the key file (created only when `create`;
     refused when others may read it). At least MIN_KEY_CHARS characters either way."""
     value = os.environ.get(env_name, "").strip()
     if value:
-        return _strong(value, env_name)
+        return _strong(value, env_name, what)
     if key_file is not None and key_file.is_file():
         mode = key_file.stat().st_mode & 0o777
         if mode & 0o077:
-            raise WeakKeyError(f"{key_file}: mode {mode:04o} lets others read the pseudonymisation key; "
+            raise WeakKeyError(f"{key_file}: mode {mode:04o} lets others read the {what}; "
                                f"`chmod 600 {key_file}`, or set {env_name}")
-        return _strong(key_file.read_text(encoding="utf-8").strip(), str(key_file))
+        return _strong(key_file.read_text(encoding="utf-8").strip(), str(key_file), what)
     if not create or key_file is None:
         raise MissingKeyError(
             f"{env_name} is not set: de-identification needs the secret pseudonymisation key "
@@ -90,6 +92,13 @@ def load_key(env_name: str, key_file: Path | None, create: bool = False) -> byte
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(secret + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())            # a key lost to a crash would orphan everything made with it
+    dir_fd = os.open(key_file.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     return secret.encode()
 
 
@@ -317,13 +326,15 @@ class Settings:
     templates: tuple[Template, ...] = ()
     ocr_sample: float = 0.1
     ocr: OcrSettings = OcrSettings()
+    # the limits of this process when built; they travel to worker processes, which never read params.yaml
+    limits: S.Limits = field(default_factory=lambda: S.LIMITS)
 
     @classmethod
     def from_params(cls, deid: Any) -> Settings:
         return cls(tuple(deid.options), parse_templates(deid.templates), float(deid.ocr_sample),
                    OcrSettings(int(deid.ocr_min_chars), float(deid.ocr_min_confidence),
                                DEFAULT_ALLOWED + tuple(deid.ocr_allowed),
-                               DEFAULT_VOCABULARY + tuple(deid.ocr_vocabulary)))
+                               DEFAULT_VOCABULARY + tuple(deid.ocr_vocabulary)), S.LIMITS)
 
 
 @dataclass

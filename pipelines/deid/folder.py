@@ -82,23 +82,41 @@ def _short(name: str, limit: int = 200) -> str:
     return stem + suffix
 
 
-def discover(src: Path) -> list[Path]:
-    """Every scan under `src`, through symlinked sub-folders too (a site's export often links its
-    days in), each folder visited once: a link loop or two links to one folder add nothing."""
+def tree_files(src: Path, each_folder_once: bool = True) -> list[Path]:
+    """Every regular file under `src`, through symlinked sub-folders too (a site's export often
+    links its days in), sorted and spelled through `src` (relative_to(src) works). A folder that
+    is its own ancestor (a link loop) is never entered again; with `each_folder_once` a folder
+    reached by a second path adds nothing either (de-identification needs each scan once; a copy
+    of an export needs every path its annotations may name)."""
     seen: set[tuple[int, int]] = set()
-    found = []
-    for root, dirs, files in os.walk(src, followlinks=True):
-        st = os.stat(root)
-        if (st.st_dev, st.st_ino) in seen:
-            dirs.clear()
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs.sort()
-        for name in files:
-            p = Path(root) / name
-            if p.is_file() and (p.suffix.lower() in S.RASTER_SUFFIXES or is_dicom(p)):
-                found.append(p)
+    found: list[Path] = []
+
+    def walk(folder: Path, ancestors: frozenset[tuple[int, int]]) -> None:
+        try:
+            st = os.stat(folder)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return                    # an unreadable folder holds nothing we can use (as os.walk)
+        key = (st.st_dev, st.st_ino)
+        if key in ancestors or (each_folder_once and key in seen):
+            return
+        seen.add(key)
+        for entry in entries:
+            path = folder / entry.name
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    walk(path, ancestors | {key})
+                elif entry.is_file(follow_symlinks=True):
+                    found.append(path)
+            except OSError:
+                continue              # a broken link: nothing to read
+    walk(Path(src), frozenset())
     return sorted(found)
+
+
+def discover(src: Path) -> list[Path]:
+    """Every scan under `src` (PNG/JPEG by suffix, DICOM by content), as `tree_files` walks it."""
+    return [p for p in tree_files(src) if p.suffix.lower() in S.RASTER_SUFFIXES or is_dicom(p)]
 
 
 @contextmanager
@@ -151,7 +169,8 @@ class Worker:
         pseudo = self.deid.pseudo
         # names the settings and the key (not recoverable from it): an audit from other ones is stale
         self.fingerprint = hashlib.sha256(json.dumps(
-            [self.deid.record(), [t.__dict__ for t in settings.templates], pseudo.patient("fingerprint")],
+            [self.deid.record(), [t.__dict__ for t in settings.templates], pseudo.patient("fingerprint"),
+             settings.limits.__dict__],
             sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     def audit_path(self, output: str) -> Path:
@@ -256,6 +275,7 @@ def worker_for(init: Init) -> Worker:
     if _WORKER is None or _WORKER[0] != init:
         if multiprocessing.parent_process() is not None:
             _reuse_freed_memory()
+        S.configure(init[3].limits)           # the parent's params.yaml limits, in this process too
         _WORKER = (init, Worker(*init))
     return _WORKER[1]
 

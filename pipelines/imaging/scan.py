@@ -30,15 +30,119 @@ class ScanError(InputFileError):
     """A scan cannot be read; `code` is the quarantine reason code."""
 
 
-# A PNG or JPEG declares its size in a few header bytes and may inflate far beyond its own size
-# (a 214 KB PNG of 14000x14000 decodes to 196 million pixels): the size is checked before the
-# pixels are decoded. 64 Mpx is eight times the largest ultrasound frame in clinical use.
-MAX_RASTER_PIXELS = 64_000_000
+@dataclass(frozen=True)
+class Limits:
+    """What any one input may cost before it is refused (a quarantine reason, a predict error row,
+    HTTP 400). A PNG or JPEG declares its size in a few header bytes and may inflate far beyond
+    its own size (a 214 KB PNG of 14000x14000 decodes to 196 million pixels), a DICOM declares
+    rows, columns and frames, a deflated DICOM inflates: each is checked before the work. The
+    defaults are params.yaml's `limits`; `configure` sets them for the process."""
+
+    max_frame_pixels: int = 64_000_000       # eight times the largest ultrasound frame in clinical use
+    max_file_pixels: int = 1_000_000_000     # every frame of one file together
+    max_frames: int = 5_000                  # frames of one multi-frame file
+    min_spacing_mm: float = 0.01             # mm per pixel: finer than any ultrasound probe resolves
+    max_spacing_mm: float = 5.0
+    max_inflated_bytes: int = 1_000_000_000  # a deflated DICOM's dataset once inflated (pydicom holds it)
+    max_request_bytes: int = 100_000_000     # one serving request's images (base64 characters)
+    max_request_seconds: int = 60            # MLflow's scoring server answers 504 past it
+
+
+LIMITS = Limits()
+_CONFIGURED = False
+
+
+def configure(limits: Limits | dict | None) -> Limits:
+    """Set the limits every reader in this process applies (None: the defaults)."""
+    global LIMITS, _CONFIGURED
+    if isinstance(limits, dict):
+        limits = Limits(**{k: v for k, v in limits.items() if k in Limits.__dataclass_fields__})
+    LIMITS, _CONFIGURED = limits or Limits(), True
+    return LIMITS
+
+
+def configured() -> bool:
+    """Whether this process set its limits (from params.yaml, or a worker from its parent's)."""
+    return _CONFIGURED
+
+
+def check_dimensions(ds: Dataset) -> None:
+    """Refuse a DICOM whose header declares more pixels or frames than the limits, before decoding."""
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        raise ScanError("bad_pixel_layout", "Rows, Columns or NumberOfFrames is not a number") from exc
+    lim = LIMITS
+    if rows * cols > lim.max_frame_pixels:
+        raise ScanError("too_many_pixels", f"the file declares {cols}x{rows} pixels per frame, more than the "
+                        f"{lim.max_frame_pixels:,} of limits.max_frame_pixels")
+    if frames > lim.max_frames:
+        raise ScanError("too_many_frames", f"the file declares {frames:,} frames, more than the "
+                        f"{lim.max_frames:,} of limits.max_frames")
+    if rows * cols * frames > lim.max_file_pixels:
+        raise ScanError("too_many_pixels", f"the file declares {rows * cols * frames:,} pixels in {frames} frames, "
+                        f"more than the {lim.max_file_pixels:,} of limits.max_file_pixels")
+
+
+def check_spacing(spacing: tuple[float, float] | None) -> tuple[float, float] | None:
+    """The spacing if it lies in the limits' range (None stays None: the caller decides)."""
+    if spacing is None:
+        return None
+    lim = LIMITS
+    if not all(lim.min_spacing_mm <= v <= lim.max_spacing_mm for v in spacing):
+        raise ScanError("implausible_spacing", f"pixel spacing {spacing[0]:.4g} x {spacing[1]:.4g} mm lies outside "
+                        f"{lim.min_spacing_mm}-{lim.max_spacing_mm} mm (limits.min_spacing_mm, max_spacing_mm)")
+    return spacing
+
+
+def _deflated_start(fp: Any) -> int | None:
+    """Where the dataset of a Part-10 file with the deflated transfer syntax starts, read with
+    pydicom's own file-meta reader (the one dcmread uses, so both agree on the syntax; it does not
+    inflate); None for any other file."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    try:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+    except Exception:  # boundary: not Part 10, or a meta dcmread will refuse on its own
+        return None
+    syntax = str(meta.get("TransferSyntaxUID", "")).strip()
+    return fp.tell() if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian else None
+
+
+def check_inflation(source: Path | bytes) -> None:
+    """Refuse a deflated DICOM whose dataset inflates past limits.max_inflated_bytes, counted in
+    1 MiB steps and never held (a few KB of zeros deflate from gigabytes)."""
+    import zlib
+
+    if isinstance(source, Path):
+        with source.open("rb") as fh:
+            start = _deflated_start(fh)
+        if start is None:
+            return
+        raw = source.read_bytes()
+    else:
+        raw, start = source, _deflated_start(io.BytesIO(source))
+        if start is None:
+            return
+    limit, total = LIMITS.max_inflated_bytes, 0
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    data = raw[start:]
+    try:
+        while data:
+            total += len(inflater.decompress(data, 1 << 20))
+            if total > limit:
+                raise ScanError("inflated_too_large", f"the deflated dataset inflates past the {limit:,} bytes "
+                                f"of limits.max_inflated_bytes")
+            data = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise ScanError("unreadable_dicom", f"the deflated dataset does not inflate ({exc})") from exc
 
 
 def raster_size(source: bytes | Path) -> tuple[int, int] | None:
     """(width, height) a PNG/JPEG (bytes or file) declares in its header, without decoding it; None
-    if the header cannot be read. Raises ScanError('too_many_pixels') past MAX_RASTER_PIXELS."""
+    if the header cannot be read. Raises ScanError('too_many_pixels') past limits.max_frame_pixels."""
     import warnings
 
     from PIL import Image
@@ -50,22 +154,22 @@ def raster_size(source: bytes | Path) -> tuple[int, int] | None:
                 width, height = im.size
     except Image.DecompressionBombError:
         raise ScanError("too_many_pixels", f"the image declares over {Image.MAX_IMAGE_PIXELS * 2:,} pixels, more "
-                        f"than the {MAX_RASTER_PIXELS:,} any ultrasound frame has") from None
+                        f"than the {LIMITS.max_frame_pixels:,} of limits.max_frame_pixels") from None
     except OSError:
         if isinstance(source, Path):
             raise                     # the file itself cannot be read: the caller reports that
         return None
     except Exception:  # boundary: not an image PIL knows; cv2 still gets its try
         return None
-    if width * height > MAX_RASTER_PIXELS:
+    if width * height > LIMITS.max_frame_pixels:
         raise ScanError("too_many_pixels", f"the image declares {width}x{height} pixels, more than the "
-                        f"{MAX_RASTER_PIXELS:,} any ultrasound frame has")
+                        f"{LIMITS.max_frame_pixels:,} of limits.max_frame_pixels")
     return width, height
 
 
 def decode_raster(data: bytes) -> np.ndarray | None:
     """PNG/JPEG bytes as pixels (grey, or RGB in that order), None if they do not decode.
-    Raises ScanError('too_many_pixels') before decoding an image larger than MAX_RASTER_PIXELS."""
+    Raises ScanError('too_many_pixels') before decoding an image larger than limits.max_frame_pixels."""
     raster_size(data)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is not None and img.ndim == 3:
@@ -170,7 +274,9 @@ def region_mask(shape: tuple[int, int], boxes: list[tuple[int, int, int, int]]) 
 
 
 def read_dicom(path: Path, header_only: bool = False) -> Dataset:
-    """Read a DICOM file (the header alone if asked) or raise ScanError('unreadable_dicom')."""
+    """Read a DICOM file (the header alone if asked) or raise ScanError: 'unreadable_dicom', or a
+    limit's reason (the pixels are not decoded here, but a file past the limits is refused now)."""
+    check_inflation(path)
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=header_only, defer_size=None if header_only else DEFER)
         ds.SOPInstanceUID  # noqa: B018 - a file without it is not an image instance
@@ -178,6 +284,7 @@ def read_dicom(path: Path, header_only: bool = False) -> Dataset:
         raise                 # a missing or unreadable file is the caller's to report (its path may be PHI)
     except Exception as exc:  # boundary: record and quarantine
         raise ScanError("unreadable_dicom", f"not a readable DICOM image ({type(exc).__name__}: {exc})") from exc
+    check_dimensions(ds)
     return ds
 
 
@@ -222,20 +329,23 @@ def read_scan(source: Path | bytes, spacing: Any = None, frame: int | None = Non
     patient): the caller says which input it was, as it names it."""
     raw = source.read_bytes() if isinstance(source, Path) else source
     if is_dicom_bytes(raw) or (isinstance(source, Path) and source.suffix.lower() not in RASTER_SUFFIXES):
+        check_inflation(raw)
         try:
             ds = pydicom.dcmread(io.BytesIO(raw))
         except Exception as exc:  # boundary: any parse failure is the caller's bad input
             raise ScanError("unreadable_dicom", f"not a readable DICOM file ({type(exc).__name__})") from exc
+        check_dimensions(ds)
         arr, _ = frames_rgb_or_grey(ds)
         if frame is not None:
             if not 0 <= frame < len(arr):
                 raise ScanError("bad_frame", f"frame {frame} does not exist ({len(arr)} frames)")
             arr = arr[frame:frame + 1]
         grey = np.stack([to_grey(f) for f in arr])
-        return Scan(grey, region_mask(grey.shape[1:], regions(ds)), pixel_spacing_mm(ds) or given_spacing(spacing), ds)
+        spacing = check_spacing(pixel_spacing_mm(ds) or given_spacing(spacing))
+        return Scan(grey, region_mask(grey.shape[1:], regions(ds)), spacing, ds)
     img = decode_raster(raw)
     if img is None:
         raise ScanError("undecodable_image", "the image is neither a DICOM file nor a decodable PNG/JPEG")
     own = sidecar_spacing_mm(source) if isinstance(source, Path) else None
     grey = to_grey(img)[None]
-    return Scan(grey, np.ones(grey.shape[1:], bool), own or given_spacing(spacing))
+    return Scan(grey, np.ones(grey.shape[1:], bool), check_spacing(own or given_spacing(spacing)))

@@ -355,22 +355,22 @@ def version_metric(name: str, version: str, key: str) -> float:
 
 
 def record(name: str, version: str, result: Commissioning, audit) -> None:
-    """Tags on the model version, and a record in the promotion audit trail (hash-chained)."""
+    """Tags on the model version, and a record in the promotion audit trail (`audit`: a Trail)."""
     import datetime as dt
     import getpass
 
     from mlflow import MlflowClient
 
     from pipelines.locks import exclusive_lock
-    from pipelines.registry.promote import Decision, append_record
+    from pipelines.registry.promote import Decision, append_record, settle
 
     if result.threshold is None:
         raise CommissionError(f"site {result.site}: {result.reason}; nothing recorded")
     client = MlflowClient()
-    with exclusive_lock(audit.with_suffix(".lock")):
-        for key, value in result.tags().items():
-            client.set_model_version_tag(name, version, key, value)
-        append_record(audit, Decision(
+    with exclusive_lock(audit.lock):
+        settle(client, audit, name)
+        # the record first: a threshold in force is never one the trail does not name
+        _, mac, line_no = append_record(audit, Decision(
             time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), user=getpass.getuser(),
             action="commission", decision="commissioned",
             reason=f"site {result.site}, version {version}: {result.reason}; "
@@ -381,6 +381,9 @@ def record(name: str, version: str, result: Commissioning, audit) -> None:
                      "normal_patients": float(result.normal_patients),
                      "image_specificity": float(result.image_specificity)},
             thresholds={"trained": result.trained_threshold, result.site: float(result.threshold)}))
+        for key, value in result.tags().items():
+            client.set_model_version_tag(name, version, key, value)
+        audit.anchor(client, name, mac, line_no)
 
 
 def commission_site(cohort, site: str, name: str, version: str, p) -> tuple[Commissioning, dict[str, int]]:

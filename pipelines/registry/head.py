@@ -24,6 +24,7 @@ from pipelines.config import HeadSection
 from pipelines.locks import exclusive_lock
 from pipelines.registry import promote as gatekeeper
 from pipelines.registry import tracking
+from pipelines.registry.audit import Trail
 
 EXPERIMENT = "fetal-head"
 GATED = ("test_dice_mean", "test_hc_mae_mean", "test_refused_share")
@@ -155,11 +156,12 @@ def gate(challenger: dict[str, float], champion: dict[str, float] | None, p: Hea
     return True, f"test HC error {mae:.2f} mm vs champion {ref:.2f} mm (margin {p.hc_margin_mm} mm); Dice {dice:.3f}"
 
 
-def promote_head(p: HeadSection, audit: Path) -> gatekeeper.Decision:
+def promote_head(p: HeadSection, trail: Trail) -> gatekeeper.Decision:
     """Gate the `challenger` of `p.model_name` against its `champion`; move `champion` only if
     it passes. Recorded as model-version tags and in the promotion audit trail, under its lock."""
     name, client = p.model_name, MlflowClient()
-    with exclusive_lock(audit.with_suffix(".lock")):
+    with exclusive_lock(trail.lock):
+        gatekeeper.settle(client, trail, name)
         chal = gatekeeper.aliased_version(client, name, "challenger")
         if chal is None:
             raise gatekeeper.PromotionError(f"registered model {name!r} has no 'challenger' version: run the "
@@ -173,4 +175,4 @@ def promote_head(p: HeadSection, audit: Path) -> gatekeeper.Decision:
             passed, reason = gate(m_chal, m_champ, p)
         thresholds = {"min_dice": p.min_dice, "max_hc_mae_mm": p.max_hc_mae_mm, "max_refused": p.max_refused,
                       "hc_margin_mm": p.hc_margin_mm}
-        return gatekeeper.decide(client, name, chal, champ, passed, reason, m_chal, m_champ, thresholds, audit)
+        return gatekeeper.decide(client, name, chal, champ, passed, reason, m_chal, m_champ, thresholds, trail)

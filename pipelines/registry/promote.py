@@ -1,17 +1,16 @@
 """Champion/challenger promotion through a gate, with an audit trail.
 
 The decision is recorded on the challenger's model version (tags `promotion.decision`,
-`promotion.reason`), on its MLflow run (`promotion/decision-*.json`) and appended to a
-JSON-lines audit trail whose records are hash-chained (each names the SHA-256 of the line
-before it), so an edited or deleted record shows. Aliases are moved under a file lock so
-two promotions at once cannot interleave.
+`promotion.reason`), on its MLflow run (`promotion/decision-*.json`) and in the audit trail
+(`pipelines/registry/audit.py`: keyed hash chain, fsync, head anchored in the registry). A
+decision that moves the `champion` alias is recorded as pending before the alias moves and
+confirmed after, so no champion change can go unrecorded; everything happens under the trail's
+file lock so two promotions at once cannot interleave.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import getpass
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from pipelines.config import PromoteParams
 from pipelines.errors import CbhError
 from pipelines.locks import exclusive_lock
+from pipelines.registry.audit import ABANDONED, CONFIRMED, PENDING, AuditError, Trail, decisions, now
 
 
 class PromotionError(CbhError, RuntimeError):
@@ -43,7 +43,10 @@ class Decision:
     thresholds: dict[str, float]
     model: str = ""
     champion_metrics: dict[str, float] | None = None
-    prev: str = ""              # SHA-256 of the previous line of the trail ("" for the first)
+    phase: str = ""             # pending | confirmed | abandoned; "" for a one-step record
+    confirms: str = ""          # a confirmation's (or abandonment's) pending record id
+    id: str = ""                # set when written
+    prev: str = ""              # keyed hash of the previous line of the trail ("" for the first)
 
 
 def aliased_version(client: MlflowClient, name: str, alias: str):
@@ -82,42 +85,22 @@ def gate(challenger: dict[str, float], champion: dict[str, float] | None, p: Pro
     return True, f"test AUC {auc:.3f} vs champion {ref:.3f} (margin {p.auc_margin}); sensitivity {sens:.3f}"
 
 
-def _last_line_hash(audit: Path) -> str:
-    if not audit.is_file():
-        return ""
-    lines = [ln for ln in audit.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    return hashlib.sha256(lines[-1].encode()).hexdigest() if lines else ""
+def append_record(trail: Trail, d: Decision) -> tuple[Decision, str, int]:
+    """Write one record (the caller holds the trail's lock); the record as written (its `prev`
+    and `id` filled), its keyed hash and its line number."""
+    mac, line_no, rid = trail.append(asdict(d))
+    return Decision(**{**asdict(d), "prev": trail.records()[-1]["prev"], "id": rid}), mac, line_no
 
 
-def append_record(audit: Path, d: Decision) -> Decision:
-    audit.parent.mkdir(parents=True, exist_ok=True)
-    d = Decision(**{**asdict(d), "prev": _last_line_hash(audit)})
-    with audit.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(asdict(d), sort_keys=True) + "\n")
-    return d
-
-
-def verify_trail(audit: Path) -> list[int]:
-    """Line numbers (1-based) whose hash link to the line before is broken."""
-    if not audit.is_file():
-        return []
-    lines = [ln for ln in audit.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    broken, prev = [], ""
-    for i, line in enumerate(lines, 1):
-        try:
-            ok = json.loads(line).get("prev", "") == prev
-        except json.JSONDecodeError:
-            ok = False
-        if not ok:
-            broken.append(i)
-        prev = hashlib.sha256(line.encode()).hexdigest()
-    return broken
+def verify_trail(trail: Trail) -> list[int]:
+    """Line numbers (1-based) whose keyed link to the line before is broken."""
+    return trail.verify()
 
 
 Reevaluate = Callable[[str], dict[str, float]]
 
 
-def promote(name: str, p: PromoteParams, audit: Path, current_test_md5: str | None = None,
+def promote(name: str, p: PromoteParams, trail: Trail, current_test_md5: str | None = None,
             reevaluate: Reevaluate | None = None) -> Decision:
     """Compare challenger with champion; move `champion` only if the gate passes.
 
@@ -126,7 +109,8 @@ def promote(name: str, p: PromoteParams, audit: Path, current_test_md5: str | No
     (`current_test_md5`), `reevaluate(version)` scores the champion on it first.
     """
     client = MlflowClient()
-    with exclusive_lock(audit.with_suffix(".lock")):
+    with exclusive_lock(trail.lock):
+        settle(client, trail, name)
         chal = aliased_version(client, name, "challenger")
         if chal is None:
             raise PromotionError(f"registered model {name!r} has no 'challenger' version: run cbh train first")
@@ -146,47 +130,101 @@ def promote(name: str, p: PromoteParams, audit: Path, current_test_md5: str | No
             reason += note
         thresholds = {"min_auc": p.min_auc, "min_sensitivity": p.min_sensitivity, "auc_margin": p.auc_margin,
                       "max_ece": p.max_ece, "require_valid_data": float(p.require_valid_data)}
-        return decide(client, name, chal, champ, passed, reason, m_chal, m_champ, thresholds, audit)
+        return decide(client, name, chal, champ, passed, reason, m_chal, m_champ, thresholds, trail)
 
 
 def decide(client: MlflowClient, name: str, chal, champ, passed: bool, reason: str, m_chal: dict[str, float],
-           m_champ: dict[str, float] | None, thresholds: dict[str, float], audit: Path) -> Decision:
-    """One gate decision made visible: tags on the challenger, the `champion` alias moved if it
-    passed, a record in the audit trail and a copy on the challenger's run. The caller holds
-    the trail's lock. Every registered model's gate (diagnosis, head) ends here."""
+           m_champ: dict[str, float] | None, thresholds: dict[str, float], trail: Trail) -> Decision:
+    """One gate decision made visible. The caller holds the trail's lock and has settled it.
+    A pass: a pending record, the `champion` alias moved, a confirmation; a rejection: one
+    record. Then tags on the challenger, a copy on its run and the trail's head on the
+    registered model. Every registered model's gate (diagnosis, head) ends here."""
     decision = "promoted" if passed else "rejected"
-    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    user = getpass.getuser()
-    for key, value in (("promotion.decision", decision), ("promotion.reason", reason),
-                       ("promotion.time", now), ("promotion.user", user)):
-        client.set_model_version_tag(name, chal.version, key, value)
+    d = Decision(now(), getpass.getuser(), "promote", decision, reason, chal.version,
+                 champ.version if champ else None, chal.version if passed else (champ.version if champ else None),
+                 {k: v for k, v in m_chal.items() if k.startswith("test_")}, thresholds,
+                 name, {k: v for k, v in (m_champ or {}).items() if k.startswith("test_")} or None,
+                 phase=PENDING if passed else "")
+    d, mac, line_no = append_record(trail, d)
     if passed:
         client.set_registered_model_alias(name, "champion", chal.version)
-    d = Decision(now, user, "promote", decision, reason, chal.version, champ.version if champ else None,
-                 chal.version if passed else (champ.version if champ else None),
-                 {k: v for k, v in m_chal.items() if k.startswith("test_")}, thresholds,
-                 name, {k: v for k, v in (m_champ or {}).items() if k.startswith("test_")} or None)
-    d = append_record(audit, d)
-    seq = len(history(audit))                 # the record's line in the trail: unique per decision
-    client.log_text(chal.run_id, json.dumps(asdict(d), indent=2, sort_keys=True),
-                    f"promotion/decision-{seq:05d}.json")
+        mac, line_no = _close(trail, d, CONFIRMED, "the champion alias moved")
+    _finish(client, trail, d, mac, line_no)
     return d
 
 
-def history(audit: Path) -> list[dict]:
-    if not audit.is_file():
-        return []
-    return [json.loads(line) for line in audit.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _close(trail: Trail, pending: Decision, phase: str, note: str) -> tuple[str, int]:
+    """The second record of a two-step decision: it names the pending record it settles."""
+    closing = Decision(now(), getpass.getuser(), pending.action, pending.decision if phase == CONFIRMED else phase,
+                       note, pending.challenger, pending.previous_champion,
+                       pending.champion if phase == CONFIRMED else pending.previous_champion, {}, {}, pending.model,
+                       phase=phase, confirms=pending.id)
+    _, mac, line_no = append_record(trail, closing)
+    return mac, line_no
+
+
+def _finish(client: MlflowClient, trail: Trail, d: Decision, mac: str, line_no: int) -> None:
+    """What follows a recorded decision: the version's tags, the decision on the challenger's run
+    (promotions), and the trail's head on the registered model."""
+    name = d.model
+    if d.action == "rollback":
+        client.set_model_version_tag(name, d.previous_champion, "promotion.decision", "rolled-back")
+        client.set_model_version_tag(name, d.previous_champion, "promotion.reason", d.reason)
+    else:
+        for key, value in (("promotion.decision", d.decision), ("promotion.reason", d.reason),
+                           ("promotion.time", d.time), ("promotion.user", d.user)):
+            client.set_model_version_tag(name, d.challenger, key, value)
+        run_id = client.get_model_version(name, d.challenger).run_id
+        logged = {**asdict(d), "phase": CONFIRMED if d.phase == PENDING else d.phase}   # what took effect
+        client.log_text(run_id, json.dumps(logged, indent=2, sort_keys=True),
+                        f"promotion/decision-{line_no:05d}.json")   # the record's line: unique per decision
+    trail.anchor(client, name, mac, line_no)
+
+
+def settle(client: MlflowClient, trail: Trail, model: str) -> list[str]:
+    """What every writer does first, under the trail's lock: refuse a trail the registry says was
+    cut or replaced (Trail.guard), then close every pending record that nothing confirmed (a
+    process stopped between its record and its confirmation): confirmed if the registry's
+    champion is the one it names, else abandoned. Returns one line per record settled."""
+    trail.guard(client, [model])
+    said = []
+    for rec in decisions(trail.records()):
+        if rec["status"] != PENDING:
+            continue
+        try:
+            d = Decision(**{k: v for k, v in rec.items() if k in Decision.__dataclass_fields__})
+        except TypeError:
+            raise AuditError(f"{trail.path}: a pending record lacks fields ({rec.get('id', '?')}): the trail was "
+                             f"edited; restore it from its backup") from None
+        champ = aliased_version(client, d.model, "champion")
+        if champ is not None and str(champ.version) == str(d.champion):
+            mac, line_no = _close(trail, d, CONFIRMED, "confirmed when settling the trail: the champion alias "
+                                  "had moved before the process that recorded it stopped")
+            _finish(client, trail, d, mac, line_no)
+            said.append(f"{d.model}: {d.action} to version {d.champion} (recorded {d.time}) confirmed")
+        else:
+            _close(trail, d, ABANDONED, f"abandoned when settling the trail: the champion alias did not move "
+                                        f"(champion is {champ.version if champ else 'none'})")
+            said.append(f"{d.model}: {d.action} to version {d.champion} (recorded {d.time}) did not take effect")
+    return said
+
+
+def history(audit: Path | Trail) -> list[dict]:
+    """The trail's decisions, oldest first, each with its `status` (see audit.decisions); reading
+    needs no key, checking does (`Trail.verify`)."""
+    trail = audit if isinstance(audit, Trail) else Trail(Path(audit), b"")
+    return decisions(trail.records())
 
 
 def champion_stack(name: str, records: list[dict]) -> list[str]:
     """The model's champions as the trail has them, oldest first, the current last: a promotion
     pushes its champion, a rollback pops the one it rolled back. So each rollback steps one
-    further back (a rollback's own `previous_champion` is the version it left, never a target)."""
+    further back (a rollback's own `previous_champion` is the version it left, never a target).
+    `records` are decisions (`history`): a pending or abandoned one changed nothing."""
     stack: list[str] = []
     for rec in records:
         # one trail holds every registered model's decisions: version numbers are per model
-        if rec.get("model", name) != name:
+        if rec.get("model", name) != name or rec.get("status", "final") not in ("final", CONFIRMED):
             continue
         if rec["decision"] == "promoted":
             if not stack and rec.get("previous_champion") is not None:
@@ -197,23 +235,24 @@ def champion_stack(name: str, records: list[dict]) -> list[str]:
     return stack
 
 
-def rollback(name: str, audit: Path) -> Decision:
+def rollback(name: str, trail: Trail) -> Decision:
     """Restore the champion that preceded the current one in the champion history: one step back
-    per call."""
+    per call. Recorded pending, then the alias moved, then confirmed."""
     client = MlflowClient()
-    with exclusive_lock(audit.with_suffix(".lock")):
+    with exclusive_lock(trail.lock):
+        settle(client, trail, name)
         champ = aliased_version(client, name, "champion")
         if champ is None:
             raise PromotionError(f"registered model {name!r} has no champion to roll back")
-        stack = champion_stack(name, history(audit))
+        stack = champion_stack(name, history(trail))
         previous = stack[-2] if len(stack) >= 2 and stack[-1] == str(champ.version) else None
         if previous is None:
             raise PromotionError(f"the audit trail records no champion before version {champ.version}")
+        d = Decision(now(), getpass.getuser(), "rollback", "rolled-back",
+                     f"champion {champ.version} rolled back to {previous}", None, champ.version, previous, {}, {},
+                     name, phase=PENDING)
+        d, _, _ = append_record(trail, d)
         client.set_registered_model_alias(name, "champion", previous)
-        d = Decision(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), getpass.getuser(),
-                     "rollback", "rolled-back", f"champion {champ.version} rolled back to {previous}",
-                     None, champ.version, previous, {}, {}, name)
-        d = append_record(audit, d)
-        client.set_model_version_tag(name, champ.version, "promotion.decision", "rolled-back")
-        client.set_model_version_tag(name, champ.version, "promotion.reason", d.reason)
+        mac, line_no = _close(trail, d, CONFIRMED, "the champion alias moved")
+        _finish(client, trail, d, mac, line_no)
         return d

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,8 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
+
+from pipelines.imaging import scan
 
 EXPERIMENT = "cerebellar-hypoplasia"
 
@@ -34,7 +36,7 @@ def setup(tracking_uri: str, artifacts: Path) -> None:
 
 # what the served pyfunc's model_config may carry; only keys logged here can be set when it is
 # loaded (`cbh serve --site` sets the site's threshold; None: the trained operating point)
-MODEL_CONFIG: dict[str, Any] = {"model_uri": "", "site": None, "threshold": None}
+MODEL_CONFIG: dict[str, Any] = {"model_uri": "", "site": None, "threshold": None, "limits": None}
 
 
 def signature() -> ModelSignature:
@@ -103,7 +105,8 @@ def log_training_run(*, params_flat: dict[str, Any], metrics: dict[str, float], 
         artifacts = {"weights": str(weights_dir)} | ({"head": str(head_dir)} if head_dir is not None else {})
         info = mlflow.pyfunc.log_model(
             name="model", python_model=CBHModel(), artifacts=artifacts,
-            signature=signature(), model_config=MODEL_CONFIG | {"model_uri": uri}, input_example=input_example,
+            signature=signature(), model_config=MODEL_CONFIG | {"model_uri": uri, "limits": asdict(scan.LIMITS)},
+            input_example=input_example,
             registered_model_name=model_name, code_paths=code_paths(), pip_requirements=requirements())
         version = str(info.registered_model_version)
         # the registered version's logged model carries the same lineage, and its test metrics

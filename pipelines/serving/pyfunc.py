@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.errors import CbhError
+from pipelines.imaging import scan as S
 from pipelines.imaging.scan import ScanError, is_dicom_bytes, read_scan
 
 OUTPUT_COLUMNS = ["image", "frame", "hypoplasia_probability", "prediction", "reason", "tcd_mm", "tcd_z",
@@ -28,7 +29,6 @@ OUTPUT_COLUMNS = ["image", "frame", "hypoplasia_probability", "prediction", "rea
                   "model_uri"]
 # what a not_assessable row leaves empty: no diagnosis and no posterior-fossa number from the wrong picture
 WITHHELD = ("hypoplasia_probability", "tcd_mm", "tcd_z", "tcd_centile", "cm_mm", "cm_centile")
-
 
 
 def _ga_weeks(value: Any, n: int) -> float:
@@ -41,15 +41,17 @@ def _ga_weeks(value: Any, n: int) -> float:
     except (TypeError, ValueError):
         raise InputError(f"row {n}: ga_weeks {value!r} is not a number") from None
 
+
 class InputError(CbhError, ValueError):
     """A request row cannot be read (bad base64, unknown format, no spacing)."""
 
 
 def decode_image(payload: str, spacing_mm: Any) -> list[tuple[np.ndarray, np.ndarray, tuple[float, float]]]:
-    """Frames (grey, valid region, spacing) of a base64 PNG/JPEG or DICOM file."""
+    """Frames (grey, valid region, spacing) of a base64 PNG/JPEG or DICOM file. Base64 wrapped in
+    lines (MIME's 76 columns, PEM's 64) is read as one."""
     try:
-        raw = base64.b64decode(payload, validate=True)
-    except (ValueError, TypeError) as exc:
+        raw = base64.b64decode("".join(payload.split()), validate=True)
+    except (ValueError, TypeError, AttributeError) as exc:
         raise InputError("image is not valid base64") from exc
     try:
         scan = read_scan(raw, spacing=spacing_mm)
@@ -79,6 +81,10 @@ class CBHModel(mlflow.pyfunc.PythonModel):
             self.head = HeadLocaliser.load(Path(context.artifacts["head"]))
         config = context.model_config or {}
         self.model_uri = config.get("model_uri", "")
+        # a scoring server's limits: those the model was registered under (or `cbh serve`'s); in a
+        # process that read params.yaml (cbh predict, commissioning, a flow) the workspace's stay
+        if not S.configured():
+            S.configure(config.get("limits"))
         # `cbh serve --site` sets a commissioned site's threshold through the model_config
         if config.get("threshold") is not None:
             self.predictor.with_threshold(float(config["threshold"]))
@@ -132,6 +138,7 @@ class CBHModel(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Served by `mlflow models serve`: a row that cannot be read is the caller's error, answered
         with 400 and one sentence (an MlflowException), never a 500 or a stack trace."""
+        import cv2
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
@@ -140,10 +147,17 @@ class CBHModel(mlflow.pyfunc.PythonModel):
         except (InputError, ValueError, TypeError) as exc:
             raise MlflowException(f"{type(exc).__name__ if not isinstance(exc, InputError) else 'bad input'}: "
                                   f"{exc}", error_code=INVALID_PARAMETER_VALUE) from None
+        except cv2.error:        # an image OpenCV cannot resample (e.g. 2x5000): the input's fault, not ours
+            raise MlflowException("bad input: the image cannot be processed at this size or shape",
+                                  error_code=INVALID_PARAMETER_VALUE) from None
 
     def _predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
         if "image" not in model_input or "ga_weeks" not in model_input:
             raise InputError("input needs columns 'image' (base64 PNG or DICOM) and 'ga_weeks'")
+        size = sum(len(v) for v in model_input["image"] if isinstance(v, str))
+        if size > S.LIMITS.max_request_bytes:
+            raise InputError(f"the request's images hold {size:,} base64 characters, more than the "
+                             f"{S.LIMITS.max_request_bytes:,} of limits.max_request_bytes")
         frames, names, idx = [], [], []
         for n, row in enumerate(model_input.itertuples(index=False)):
             spacing = getattr(row, "pixel_spacing_mm", None)

@@ -177,3 +177,19 @@ def test_hc18_import_ingests_head_masks_and_hc(tmp_path, pseudo):
     assert sorted(m["hc_mm"] for m in res.manifest) == [68.75, 71.91]
     table = upsert(ws / "manifest.parquet", res.manifest, MANIFEST_SCHEMA, ("image_id",))
     assert table.schema.field("hc_mm").type == "double" and "head_mask_status" in table.column_names
+
+
+def test_a_spacing_outside_the_limits_is_quarantined_before_any_pixel_work(cohort_copy, tmp_path, pseudo):
+    """A sidecar in the wrong unit (0.0001 mm per pixel: metres read as mm) would be measured in
+    nonsense and resampled without bound: the scan's rows are held with `implausible_spacing`."""
+    import json
+
+    rows = read_annotations(cohort_copy)
+    n, row = next((n, r) for n, r in enumerate(rows, 1) if r["image"].endswith(".png"))
+    sidecar = (cohort_copy / row["image"]).with_suffix(".json")
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "pixel_spacing_mm": [0.0001, 0.0001]}))
+    res = _ingest(cohort_copy, tmp_path / "ws", pseudo)
+    held = [q for q in res.quarantine if q["source_row"] == n]
+    assert [q["reason_code"] for q in held] == ["implausible_spacing"]
+    assert "0.0001 x 0.0001 mm lies outside" in held[0]["reason"]
+    assert all(m["source_row"] != n for m in res.manifest)

@@ -90,11 +90,14 @@ def test_killed_mid_run_the_rerun_completes_without_duplicates(tmp_path):
                             start_new_session=True)
     audit = tmp_path / "out" / ".cbh-deid" / "audit"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(list(audit.glob("*.json"))) < 5 and proc.poll() is None:
+    def finished() -> int:                  # a record being written is a hidden .tmp-*.json: not done yet
+        return sum(not p.name.startswith(".") for p in audit.glob("*.json"))
+
+    while time.monotonic() < deadline and finished() < 5 and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(list(audit.glob("*.json")))
+    done_before = finished()
     assert 5 <= done_before < 45, "the kill should land mid-run"
     assert not (tmp_path / "out" / "deid-report.json").exists()
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -89,3 +89,142 @@ def test_deid_follows_linked_folders_once_and_refuses_wrong_targets_before_work(
     held = [p.name for p in (tmp_path / "held" / "files").iterdir()]
     assert len(held) == 1 and held[0].endswith(".dcm") and len(held[0].encode()) <= 255
     assert (tmp_path / "out" / "deid-report.json").is_file() and (tmp_path / "link.csv").is_file()
+
+
+@pytest.fixture()
+def limits():
+    """Set the process's limits for one test, and put params.yaml's back after it."""
+    before = S.LIMITS
+    yield lambda **kw: S.configure({**S.Limits().__dict__, **kw})
+    S.configure(before)
+
+
+def _deflated_bomb(path, inflated: int) -> None:
+    """A Part-10 file with the deflated transfer syntax whose dataset inflates to `inflated` bytes
+    of zeros (a few KB on disk)."""
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = pydicom.uid.UltrasoundImageStorage
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    head = pydicom.filebase.DicomBytesIO()
+    pydicom.filewriter.write_file_meta_info(head, meta, enforce_standard=True)
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = b"".join(squeeze.compress(b"\0" * (1 << 20)) for _ in range(inflated >> 20)) + squeeze.flush()
+    path.write_bytes(b"\0" * 128 + b"DICM" + head.getvalue() + body)
+
+
+def test_limits_refuse_frames_pixels_inflation_and_spacing_before_the_work(small_cohort, tmp_path, limits):
+    """Each limit of params.yaml's `limits` is one reason, raised from the header (or while
+    counting inflated bytes), before pixels are decoded; the readers of ingest, cbh deid,
+    cbh predict and serving all go through these checks."""
+    import cv2
+    import numpy as np
+
+    dicom = sorted((small_cohort / "scans").glob("*.dcm"))[0]
+    ds = pydicom.dcmread(dicom)
+    limits(max_frames=5)
+    many = pydicom.dcmread(dicom, stop_before_pixels=True)
+    many.NumberOfFrames = 6
+    with pytest.raises(S.ScanError, match="6 frames, more than the 5 of limits.max_frames") as err:
+        S.check_dimensions(many)
+    assert err.value.code == "too_many_frames"
+    limits(max_file_pixels=ds.Rows * ds.Columns - 1)
+    with pytest.raises(S.ScanError, match="limits.max_file_pixels"):
+        S.read_dicom(dicom)
+    with pytest.raises(S.ScanError, match="limits.max_file_pixels"):
+        S.read_scan(dicom.read_bytes())
+
+    limits(max_inflated_bytes=8 << 20)
+    bomb = tmp_path / "bomb.dcm"
+    _deflated_bomb(bomb, 64 << 20)
+    assert bomb.stat().st_size < 200_000
+    for source in (bomb, bomb.read_bytes()):
+        with pytest.raises(S.ScanError, match="inflates past the 8,388,608 bytes") as err:
+            S.read_dicom(source) if isinstance(source, type(bomb)) else S.read_scan(source)
+        assert err.value.code == "inflated_too_large"
+
+    limits()
+    png = cv2.imencode(".png", np.full((64, 64), 90, np.uint8))[1].tobytes()
+    with pytest.raises(S.ScanError, match=r"pixel spacing 0.0001 x 0.0001 mm lies outside 0.01-5.0 mm") as err:
+        S.read_scan(png, spacing=0.0001)
+    assert err.value.code == "implausible_spacing"
+    assert S.read_scan(png, spacing=0.2).spacing == (0.2, 0.2)
+
+
+def test_serving_reads_wrapped_base64_and_answers_limits_and_cv2_with_400(limits, monkeypatch):
+    """Base64 wrapped at 76 columns (MIME) is read; a request past limits.max_request_bytes, an
+    implausible spacing and an image OpenCV cannot process are 400s with one sentence."""
+    import base64
+
+    import cv2
+    import numpy as np
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.serving.pyfunc import CBHModel, InputError, decode_image
+
+    png = cv2.imencode(".png", np.full((64, 64), 90, np.uint8))[1].tobytes()
+    wrapped = base64.encodebytes(png).decode()                      # MIME: a newline every 76 characters
+    assert "\n" in wrapped.strip()
+    assert decode_image(wrapped, 0.2)[0][0].shape == (64, 64)
+    with pytest.raises(InputError, match="lies outside"):
+        decode_image(wrapped, 0.0001)
+
+    limits(max_request_bytes=100)
+    model = CBHModel()
+    with pytest.raises(MlflowException, match="more than the 100 of limits.max_request_bytes") as err:
+        model.predict(None, pd.DataFrame({"image": [wrapped], "ga_weeks": [22.0]}))
+    assert err.value.get_http_status_code() == 400
+
+    limits()
+
+    def resize_fails(*_):
+        raise cv2.error("OpenCV(4.10) resize.cpp:4152: error: (-215:Assertion failed) !ssize.empty()")
+
+    monkeypatch.setattr(model, "_predict", resize_fails)
+    with pytest.raises(MlflowException, match="cannot be processed at this size") as err:
+        model.predict(None, pd.DataFrame({"image": [wrapped], "ga_weeks": [22.0]}))
+    assert err.value.get_http_status_code() == 400 and "resize.cpp" not in str(err.value)
+
+
+def test_adding_a_cohort_with_a_link_loop_copies_each_file_once(small_cohort, tmp_path):
+    """`cbh ingest COHORT` copies the export into the incoming area; a symlink loop inside it
+    used to make copytree copy the tree 41 times and then fail, leaving the copy in the way."""
+    from pathlib import Path
+
+    from flows.stages import add_cohort
+    from pipelines.config import load_params
+
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    cohort = tmp_path / "export"
+    shutil.copytree(small_cohort, cohort)
+    days = tmp_path / "day1"
+    (cohort / "scans").rename(days)
+    (cohort / "scans").symlink_to(days, target_is_directory=True)      # the day linked in
+    (days / "back").symlink_to(cohort, target_is_directory=True)        # and a loop to the top
+    dest = add_cohort(params, tmp_path / "ws", cohort)
+    copied = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    original = sorted(str(p.relative_to(small_cohort)) for p in small_cohort.rglob("*") if p.is_file())
+    assert copied == original
+    assert not any(p.is_symlink() for p in dest.rglob("*"))
+    assert add_cohort(params, tmp_path / "ws", cohort) == dest            # the same cohort again: nothing new
+
+
+def test_a_folder_linked_under_a_second_name_is_copied_under_both(small_cohort, tmp_path):
+    """Copying an export keeps every path its annotations may name (`scans/` and `latest/`
+    pointing at it), while de-identification's walk reads each scan once."""
+    from pathlib import Path
+
+    from flows.stages import add_cohort
+    from pipelines.config import load_params
+    from pipelines.deid.folder import discover
+
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    cohort = tmp_path / "export"
+    shutil.copytree(small_cohort, cohort)
+    (cohort / "latest").symlink_to(cohort / "scans", target_is_directory=True)
+    dest = add_cohort(params, tmp_path / "ws", cohort)
+    scans = sorted(p.name for p in (small_cohort / "scans").iterdir())
+    assert sorted(p.name for p in (dest / "scans").iterdir()) == scans
+    assert sorted(p.name for p in (dest / "latest").iterdir()) == scans
+    assert len(discover(cohort)) == len(discover(small_cohort))            # each scan once

@@ -4,10 +4,12 @@ tests/integration/test_flow.py)."""
 import json
 
 from pipelines.config import PromoteParams
+from pipelines.registry.audit import Trail
 from pipelines.registry.promote import Decision, append_record, gate, verify_trail
 
 P = PromoteParams(min_auc=0.75, min_sensitivity=0.8, auc_margin=0.02, max_ece=0.15, require_valid_data=True,
                   model_name="m")
+KEY = b"k" * 32
 GOOD = {"test_auc": 0.96, "test_sensitivity": 0.9, "test_ece": 0.05}
 
 
@@ -34,15 +36,15 @@ def test_challenger_against_champion():
 
 
 def test_audit_trail_is_hash_chained(tmp_path):
-    trail = tmp_path / "promotions.jsonl"
+    trail = Trail(tmp_path / "promotions.jsonl", KEY)
     for i in range(3):
         append_record(trail, Decision("t", "u", "promote", "promoted", "r", str(i + 1), None, str(i + 1), {}, {}, "m"))
     assert verify_trail(trail) == []
-    lines = trail.read_text().splitlines()
+    lines = trail.path.read_text().splitlines()
     edited = json.loads(lines[1])
     edited["decision"] = "rejected"                       # someone rewrites history
     lines[1] = json.dumps(edited, sort_keys=True)
-    trail.write_text("\n".join(lines) + "\n")
+    trail.path.write_text("\n".join(lines) + "\n")
     assert verify_trail(trail) == [3]                     # the next record no longer links
-    trail.write_text("\n".join([lines[0], lines[2]]) + "\n")    # a record deleted
+    trail.path.write_text("\n".join([lines[0], lines[2]]) + "\n")    # a record deleted
     assert verify_trail(trail) == [2]
