@@ -41,8 +41,15 @@ def evaluate_models(predictor: Predictor, data: Prepared, params: Params) -> Eva
     for name, idx in (("val", va), ("test", te)):
         for k, v in ev.binary_metrics(y[idx], prob[idx], thr).items():
             metrics[f"{name}_{k}"] = v
-    lo, hi = ev.auc_ci(y[te], prob[te], params.evaluate.bootstrap, params.train.seed)
-    metrics["test_auc_ci_low"], metrics["test_auc_ci_high"] = lo, hi
+    # intervals by patient (the unit the test set is drawn in); the image-level AUC interval is
+    # kept beside it so a reviewer sees how much resampling images would have narrowed it
+    intervals = ev.patient_bootstrap(y[te], prob[te], data.frame["patient_pseudo"].to_numpy()[te], thr,
+                                     params.evaluate.bootstrap, params.train.seed)
+    for key, (lo, hi) in intervals.items():
+        metrics[f"test_{key}_ci_low"], metrics[f"test_{key}_ci_high"] = lo, hi
+    metrics["test_auc_image_ci_low"], metrics["test_auc_image_ci_high"] = ev.auc_ci(
+        y[te], prob[te], params.evaluate.bootstrap, params.train.seed)
+    metrics["test_patients"] = float(len(set(data.frame["patient_pseudo"].to_numpy()[te].tolist())))
     has_mask = data.labels[te].reshape(len(te), -1).max(1) > 0 if len(te) else np.zeros(0, bool)
     t_idx = te[has_mask]
     # per test image (NaN: no annotated mask), for the overall figures and for each subgroup

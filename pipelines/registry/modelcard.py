@@ -38,8 +38,10 @@ def markdown(meta: dict[str, Any]) -> str:
 
     lines = [f"# Model card: {meta['name']} ({meta['model']})", "", f"**{meta['disclaimer']}**", "",
              "## Intended use", meta["intended_use"], "", "## Test metrics (frozen test set)",
-             f"- ROC AUC {f('test_auc')} (95% bootstrap interval {f('test_auc_ci_low')}-{f('test_auc_ci_high')})",
-             f"- sensitivity {f('test_sensitivity')}, specificity {f('test_specificity')} "
+             f"- ROC AUC {f('test_auc')} (95% interval {f('test_auc_ci_low')}-{f('test_auc_ci_high')}, "
+             f"bootstrap over patients)",
+             f"- sensitivity {f('test_sensitivity')} ({f('test_sensitivity_ci_low')}-{f('test_sensitivity_ci_high')}), "
+             f"specificity {f('test_specificity')} ({f('test_specificity_ci_low')}-{f('test_specificity_ci_high')}) "
              f"at threshold {f('test_threshold')} chosen on validation",
              f"- Brier {f('test_brier')}, expected calibration error {f('test_ece')}",
              f"- Dice cerebellum {f('test_dice_cerebellum')}, cisterna magna {f('test_dice_cisterna')}",

@@ -21,9 +21,10 @@ from pipelines.evaluation import figures as plots
 from pipelines.registry.tracking import EXPERIMENT
 from pipelines.reports.tables import Table, render
 
-# (label, metric, interval low, interval high)
+# (label, metric, interval low, interval high): 95% intervals resampling patients
 METRICS = (("AUC", "test_auc", "test_auc_ci_low", "test_auc_ci_high"),
-           ("Sensitivity", "test_sensitivity", None, None), ("Specificity", "test_specificity", None, None),
+           ("Sensitivity", "test_sensitivity", "test_sensitivity_ci_low", "test_sensitivity_ci_high"),
+           ("Specificity", "test_specificity", "test_specificity_ci_low", "test_specificity_ci_high"),
            ("Balanced accuracy", "test_balanced_accuracy", None, None), ("Accuracy", "test_accuracy", None, None),
            ("Brier score", "test_brier", None, None), ("Calibration error (ECE)", "test_ece", None, None),
            ("Dice cerebellum", "test_dice_cerebellum", None, None),
@@ -31,7 +32,8 @@ METRICS = (("AUC", "test_auc", "test_auc_ci_low", "test_auc_ci_high"),
            ("TCD abs. error (mm)", "test_tcd_mae_mm", None, None), ("CM abs. error (mm)", "test_cm_mae_mm", None, None),
            ("Cerebellum outside the skull (share, cleared)", "test_cerebellum_outside_head", None, None),
            ("Biometry rule AUC (same masks)", "test_biometry_rule_auc", None, None),
-           ("Operating threshold", "val_threshold", None, None), ("Test images", "test_n", None, None))
+           ("Operating threshold", "val_threshold", None, None), ("Test images", "test_n", None, None),
+           ("Test patients (the bootstrap's unit)", "test_patients", None, None))
 # the fetal-head localiser's test figures (its own test subjects: pipelines/training/head.py)
 HEAD_METRICS = (("Dice", "test_dice_mean", 3), ("HC abs. error, mean (mm)", "test_hc_mae_mean", 2),
                 ("HC abs. error, median (mm)", "test_hc_mae_median", 2),
@@ -97,7 +99,7 @@ def _metric_rows(runs: list[Run]) -> list[tuple[str, list[str]]]:
             m = run.data.metrics
             if key not in m:
                 cells.append("-")
-            elif key == "test_n":
+            elif key in ("test_n", "test_patients"):
                 cells.append(f"{m[key]:.0f}")
             elif lo and lo in m and hi in m:
                 cells.append(f"{m[key]:.3f} [{m[lo]:.3f}-{m[hi]:.3f}]")
@@ -127,8 +129,13 @@ def _history(audit: Path | None, limit: int = 20) -> Table:
     head = ["time (UTC)", "model", "action", "decision", "challenger", "champion after", "reason", "user"]
     recs = history(audit)[-limit:] if audit else []
     # a commission record names the version it set a site's threshold on, and moves no alias; a
-    # record without a model name is the diagnosis model's (the trail held only it at first)
-    return Table(head, [[r["time"], r.get("model") or "cerebellar-hypoplasia", r["action"], r["decision"],
+    # record without a model name is the diagnosis model's (the trail held only it at first); a
+    # decision still pending or abandoned says so
+    def decision(r: dict) -> str:
+        return r["decision"] + ("" if r.get("status", "final") in ("final", "confirmed") else f" ({r['status']})")
+
+    return Table(head, [[r["time"], r.get("model") or ("-" if r["action"] == "repair" else "cerebellar-hypoplasia"),
+                         r["action"], decision(r),
                          str(r["challenger"] or "-"), str(r["champion"] or "-"), r["reason"], r["user"]]
                         for r in reversed(recs)])
 

@@ -67,3 +67,26 @@ def test_bias_keeps_the_sign_the_absolute_error_drops():
     mixed = truth + np.array([2.0, -2.0, 0.0, 0.0])
     assert mean_error(mixed, truth) == pytest.approx(0.0) and mean_abs_error(mixed, truth) == pytest.approx(4 / 3)
     assert np.isnan(mean_error(np.array([np.nan]), np.array([1.0])))
+
+
+def test_intervals_resample_patients_not_images():
+    """Ten images per patient are one patient's evidence, not ten: resampling images would
+    narrow the AUC interval as if the test set were ten times larger. Sensitivity and
+    specificity get their own intervals, around their point estimates."""
+    from pipelines.evaluation import metrics as ev
+
+    rng = np.random.default_rng(3)
+    n_pat, per = 30, 10
+    y_pat = np.arange(n_pat) % 2
+    score_pat = y_pat * 0.6 + rng.normal(0, 0.45, n_pat)            # one score per patient, repeated
+    y, p = np.repeat(y_pat, per), np.repeat(score_pat, per)
+    patients = np.repeat([f"p{i}" for i in range(n_pat)], per)
+    got = ev.patient_bootstrap(y, p, patients, 0.3, 500, seed=1)
+    image_lo, image_hi = ev.auc_ci(y, p, 500, seed=1)
+    lo, hi = got["auc"]
+    assert lo <= ev.auc(y, p) <= hi
+    assert (hi - lo) > 2.0 * (image_hi - image_lo)                     # sqrt(10) wider, give or take
+    sens, spec = ev.sensitivity_specificity(y, p, 0.3)
+    assert got["sensitivity"][0] <= sens <= got["sensitivity"][1] and got["sensitivity"][1] > got["sensitivity"][0]
+    assert got["specificity"][0] <= spec <= got["specificity"][1]
+    assert ev.patient_bootstrap(y, p, patients, 0.3, 500, seed=1) == got       # seeded: the same numbers
