@@ -249,7 +249,9 @@ def cmd_compare(a: argparse.Namespace, root: Path) -> int:
 
     params = _params(root)
     tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
-    html, md = report.compare_runs(a.run_ids, Path(a.out), audit=root / params.paths.audit)
+    html, md = report.compare_runs(a.run_ids, Path(a.out), audit=root / params.paths.audit,
+                                   frozen=root / params.paths.frozen_test, bootstrap=params.evaluate.bootstrap,
+                                   seed=params.train.seed)
     print(f"comparison written to {html} and {md}")
     return 0
 

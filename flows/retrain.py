@@ -131,7 +131,9 @@ def report_task(params: Params, root: Path, run_id: str) -> str:
     Prefect flow run as an artifact and to the MLflow run."""
     from pipelines.reports import compare as report
 
-    html, md = report.compare_runs([], root / "reports" / run_id[:12], audit=root / params.paths.audit)
+    html, md = report.compare_runs([], root / "reports" / run_id[:12], audit=root / params.paths.audit,
+                                   frozen=root / params.paths.frozen_test, bootstrap=params.evaluate.bootstrap,
+                                   seed=params.train.seed)
     report.attach_to_run(run_id, html, md)
     create_markdown_artifact(key="review-report", description="cbh compare: the latest run of each model",
                              markdown=md.read_text(encoding="utf-8") + f"\n\nHTML report: `{html}`")

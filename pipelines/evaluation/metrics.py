@@ -79,6 +79,30 @@ def patient_bootstrap(y: NDArray, p: NDArray, patients: NDArray, threshold: floa
     return out
 
 
+def paired_auc_difference(y: NDArray, p_ref: NDArray, p_other: NDArray, patients: NDArray, n_boot: int,
+                          seed: int) -> dict[str, float]:
+    """AUC(other) - AUC(ref) on the same images, with a 95% percentile interval and a two-sided
+    bootstrap p-value from resampling patients (both models scored on each draw, so the
+    correlation between them is kept). Keys: difference, ci_low, ci_high, p_value, n_boot."""
+    ids, inverse = np.unique(np.asarray(patients).astype(str), return_inverse=True)
+    members = [np.flatnonzero(inverse == k) for k in range(len(ids))]
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot if len(ids) else 0):
+        idx = np.concatenate([members[k] for k in rng.integers(0, len(ids), len(ids))])
+        if len(np.unique(y[idx])) == 2:
+            diffs.append(roc_auc_score(y[idx], p_other[idx]) - roc_auc_score(y[idx], p_ref[idx]))
+    point = auc(y, p_other) - auc(y, p_ref)
+    if not diffs:
+        return {"difference": point, "ci_low": float("nan"), "ci_high": float("nan"), "p_value": float("nan"),
+                "n_boot": 0.0}
+    d = np.asarray(diffs)
+    lo, hi = np.percentile(d, [2.5, 97.5])
+    p_value = min(1.0, 2 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
+    return {"difference": point, "ci_low": float(lo), "ci_high": float(hi), "p_value": p_value,
+            "n_boot": float(len(d))}
+
+
 def sensitivity_specificity(y: NDArray, p: NDArray, threshold: float) -> tuple[float, float]:
     """At `threshold` (a score at or above it is called hypoplasia); NaN for a class absent."""
     pred = p >= threshold

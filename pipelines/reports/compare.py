@@ -179,8 +179,49 @@ def _gate_reason(client: MlflowClient, model_name: str, run_id: str) -> str:
     return "-"
 
 
-def compare_runs(run_ids: list[str], out: Path, audit: Path | None = None) -> tuple[Path, Path]:
-    """Write compare.html and compare.md for the runs (the latest of each model if none); their paths."""
+def _paired(runs: list[Run], frozen: Path | None, n_boot: int, seed: int) -> Table:
+    """Each run against the first on the images both scored of the same frozen test set: the AUC
+    difference with its interval and p-value from a bootstrap over patients (the workspace's
+    frozen test table names each image's patient; without it, or for another version of it,
+    images are the unit and the row says so)."""
+    from pipelines.evaluation.metrics import paired_auc_difference
+    from pipelines.registry.lineage import md5_file
+
+    head = ["run", "against", "images", "unit", "AUC difference [95% interval]", "p (two-sided)"]
+    if len(runs) < 2:
+        return Table(head, [])
+    ref = runs[0]
+    ref_pred = _table(ref.info.run_id, "test_predictions")
+    test_md5 = ref.data.tags.get("data.frozen_test_md5")
+    patients: dict[str, str] = {}
+    if frozen is not None and frozen.is_file() and test_md5 and md5_file(frozen) == test_md5:
+        table = pd.read_parquet(frozen, columns=["image_id", "patient_pseudo"])
+        patients = dict(zip(table["image_id"].astype(str), table["patient_pseudo"].astype(str), strict=True))
+    rows = []
+    for run in runs[1:]:
+        cells = [_label(run), _label(ref)]
+        other = _table(run.info.run_id, "test_predictions")
+        if run.data.tags.get("data.frozen_test_md5") != test_md5 or ref_pred is None or other is None:
+            rows.append(cells + ["-", "-", "not comparable: another frozen test set, or no test predictions", "-"])
+            continue
+        both = ref_pred.merge(other, on="image_id", suffixes=("_ref", "_other"))
+        both = both[both["actual_ref"] == both["actual_other"]]
+        ids = both["image_id"].astype(str)
+        unit = ids.map(patients) if patients and ids.isin(patients).all() else ids
+        r = paired_auc_difference((both["actual_ref"] == "hypoplasia").to_numpy().astype(int),
+                                  both["probability_ref"].to_numpy(), both["probability_other"].to_numpy(),
+                                  unit.to_numpy(), n_boot, seed)
+        rows.append(cells + [str(len(both)), f"{unit.nunique()} patients" if unit is not ids else "images",
+                             f"{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]",
+                             f"{r['p_value']:.3f}"])
+    return Table(head, rows)
+
+
+def compare_runs(run_ids: list[str], out: Path, audit: Path | None = None, frozen: Path | None = None,
+                 bootstrap: int = 1000, seed: int = 0) -> tuple[Path, Path]:
+    """Write compare.html and compare.md for the runs (the latest of each model if none); their
+    paths. `frozen` (the workspace's frozen test table) lets the paired comparison resample
+    patients; `bootstrap` draws with `seed` (params.yaml's evaluate.bootstrap, train.seed)."""
     runs = _runs(run_ids)
     if not runs:
         raise FileNotFoundError("no runs to compare")
@@ -199,6 +240,7 @@ def compare_runs(run_ids: list[str], out: Path, audit: Path | None = None) -> tu
                                                 for k in differing]),
         "n_params": len(keys),
         "subgroups": _subgroups(runs),
+        "paired": _paired(runs, frozen, bootstrap, seed),
         "history": _history(audit),
         "head": _head_runs(),
         "figures": _figures(runs),

@@ -90,3 +90,23 @@ def test_intervals_resample_patients_not_images():
     assert got["sensitivity"][0] <= sens <= got["sensitivity"][1] and got["sensitivity"][1] > got["sensitivity"][0]
     assert got["specificity"][0] <= spec <= got["specificity"][1]
     assert ev.patient_bootstrap(y, p, patients, 0.3, 500, seed=1) == got       # seeded: the same numbers
+
+
+def test_paired_difference_keeps_the_pairing_and_the_patients():
+    """The same images under two models: a model against itself differs by exactly 0 (p = 1); a
+    clearly better one differs with an interval above 0; patients, not images, are drawn."""
+    from pipelines.evaluation import metrics as ev
+
+    rng = np.random.default_rng(5)
+    n_pat, per = 60, 3
+    y = np.repeat(np.arange(n_pat) % 2, per)
+    patients = np.repeat(np.arange(n_pat), per)
+    weak = y * 0.3 + rng.normal(0, 0.5, len(y))
+    strong = y * 1.5 + rng.normal(0, 0.5, len(y))
+    same = ev.paired_auc_difference(y, weak, weak, patients, 300, seed=2)
+    assert same["difference"] == 0 and same["ci_low"] == same["ci_high"] == 0 and same["p_value"] == 1.0
+    better = ev.paired_auc_difference(y, weak, strong, patients, 300, seed=2)
+    assert better["difference"] == pytest.approx(ev.auc(y, strong) - ev.auc(y, weak))
+    assert 0 < better["ci_low"] < better["difference"] < better["ci_high"] and better["p_value"] < 0.01
+    worse = ev.paired_auc_difference(y, strong, weak, patients, 300, seed=2)
+    assert worse["ci_high"] < 0 and worse["difference"] == pytest.approx(-better["difference"])
