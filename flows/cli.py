@@ -671,7 +671,8 @@ def _site_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="CSV file to write")
     s.add_argument("--model-uri", help="default: models:/cerebellar-hypoplasia@champion")
     s.add_argument("--use-masks", action="store_true", help="use the cohort's annotated masks (as in the paper)")
-    s.add_argument("--ga-weeks", type=float, help="GA for inputs that are not a cohort")
+    s.add_argument("--ga-weeks", type=float, help="GA for every input that is not a cohort (default: each DICOM "
+                   "header's StudyDate minus LastMenstrualDate; a file with neither is refused)")
     s.add_argument("--tta", action="store_true", help="test-time augmentation: average with the mirrored crop")
     s.add_argument("--site", help="use the operating threshold commissioned for this site on the model version")
     s.add_argument("--head-model", metavar="PATH_OR_URI",

@@ -16,7 +16,7 @@ import cv2
 import mlflow.pyfunc
 import numpy as np
 
-from pipelines.errors import CbhError, UsageError
+from pipelines.errors import CbhError
 from pipelines.imaging.preprocess import PreprocessError, load_frame, unwarp
 from pipelines.imaging.scan import RASTER_SUFFIXES, ScanError, pixel_spacing_mm, read_dicom, sidecar_spacing_mm
 from pipelines.serving.pyfunc import OUTPUT_COLUMNS
@@ -25,13 +25,42 @@ COLUMNS = OUTPUT_COLUMNS + ["overlay"]
 
 
 class PredictInputError(CbhError, ValueError):
-    """The input cannot be predicted on as given (no GA, nothing to read)."""
+    """The input cannot be predicted on as given (a cohort's row without a number, nothing to read)."""
 
 
 def _spacing(path: Path) -> tuple[float, float] | None:
     if path.suffix.lower() in RASTER_SUFFIXES:
         return sidecar_spacing_mm(path)
     return pixel_spacing_mm(read_dicom(path, header_only=True))
+
+
+NO_GA = ("no gestational age: none given with --ga-weeks or in annotations.csv, and the DICOM header has no "
+         "LastMenstrualDate with a StudyDate to count it from")
+
+
+def header_ga_weeks(path: Path) -> float:
+    """Gestational age in weeks from a DICOM header: StudyDate (else AcquisitionDate, ContentDate)
+    minus LastMenstrualDate. De-identification shifts a patient's dates together, so the interval
+    survives it. NaN when either date is absent or unreadable, or the file is not DICOM (the
+    frame is then refused, never given a default)."""
+    import datetime as dt
+
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        return math.nan
+    try:
+        ds = read_dicom(path, header_only=True)
+    except (ScanError, OSError):
+        return math.nan                       # the file's own error is reported when it is read
+
+    def date(keyword: str) -> dt.date | None:
+        try:
+            return dt.datetime.strptime(str(ds.get(keyword, "") or "").strip()[:8], "%Y%m%d").date()
+        except ValueError:
+            return None
+
+    lmp = date("LastMenstrualDate")
+    exam = date("StudyDate") or date("AcquisitionDate") or date("ContentDate")
+    return (exam - lmp).days / 7.0 if lmp and exam else math.nan
 
 
 def prediction_inputs(inp: Path, ga_default: float | None,
@@ -49,14 +78,13 @@ def prediction_inputs(inp: Path, ga_default: float | None,
                                         f"ga_weeks {row.get('ga_weeks')!r} is not a number") from None
             out.append((inp / row["image"], row["image"], frame, ga, mask))
         return out
-    if ga_default is None:
-        raise UsageError("--ga-weeks is required when INPUT is not a cohort folder with annotations.csv")
     suffixes = (".dcm", *RASTER_SUFFIXES)
     files = [inp] if inp.is_file() else sorted(p for p in inp.rglob("*") if p.suffix.lower() in suffixes)
     if not files:
         raise FileNotFoundError(f"{inp}: no DICOM/PNG/JPEG input found")
     base = inp.parent if inp.is_file() else inp
-    return [(f, str(f.relative_to(base)), 0, ga_default, None) for f in files]
+    return [(f, str(f.relative_to(base)), 0, ga_default if ga_default is not None else header_ga_weeks(f), None)
+            for f in files]
 
 
 Item = tuple[Path, str, int, float, "Path | None"]     # file, display name, frame, GA, mask
@@ -164,6 +192,8 @@ def predict_items(items: list[Item], model, overlay_dir: Path | None, use_masks:
             if spacing is None:
                 raise PreprocessError("pixel spacing cannot be established")
             grey, valid = load_frame(path, frame)
+            if not math.isfinite(ga):
+                raise PreprocessError(NO_GA)
         except (PreprocessError, ScanError, OSError, ValueError, KeyError) as exc:
             errors += 1
             # an OSError's text repeats the full path, which the `image` column gives relative already
