@@ -274,8 +274,11 @@ def cmd_predict(a: argparse.Namespace, root: Path) -> int:
             print(f"cbh predict: warning: {point.biometry_warning}", file=sys.stderr)
     n, errors, outside, refused = predict_path(Path(a.input), Path(a.out), uri, a.use_masks, a.ga_weeks, tta=a.tta,
                                                threshold=threshold, head_model=a.head_model,
-                                               progress=_progress("predicting"))
-    print(f"{n} predictions written to {a.out} with {uri}" + (f"; {errors} could not be read" if errors else "")
+                                               progress=_progress("predicting"),
+                                               frame_stride=params.predict.frame_stride)
+    exams = Path(a.out).parent / (Path(a.out).stem + "-exams.csv")
+    print(f"{n} predictions written to {a.out} (one row per exam: {exams}) with {uri}"
+          + (f"; {errors} could not be used" if errors else "")
           + (f"; {refused} not assessable (no head, or not a usable transcerebellar plane: see `reason`)"
              if refused else "") + note)
     scored = n - errors

@@ -325,6 +325,14 @@ class HeadSection:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class PredictSection:
+    """`cbh predict` on files and folders."""
+
+    frame_stride: int = Field(gt=0, description="every how many frames of a multi-frame DICOM (cine) are predicted "
+                                                "(1: all)")
+
+
+@dataclass(frozen=True, config=_STRICT)
 class LimitsSection:
     """What one input may cost; past a limit it is quarantined (ingest, cbh deid), an error row
     (cbh predict) or HTTP 400 (serving), with one sentence naming the limit."""
@@ -363,6 +371,7 @@ class Params:
     promote: PromoteParams
     commission: CommissionParams
     head: HeadSection
+    predict: PredictSection
     limits: LimitsSection
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 

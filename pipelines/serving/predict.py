@@ -38,19 +38,26 @@ NO_GA = ("no gestational age: none given with --ga-weeks or in annotations.csv, 
          "LastMenstrualDate with a StudyDate to count it from")
 
 
-def header_ga_weeks(path: Path) -> float:
+def _header(path: Path):
+    """The DICOM header of `path`, or None (a raster, or a file whose own error comes later)."""
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        return None
+    try:
+        return read_dicom(path, header_only=True)
+    except (ScanError, OSError):
+        return None
+
+
+def header_ga_weeks(path: Path, ds=None) -> float:
     """Gestational age in weeks from a DICOM header: StudyDate (else AcquisitionDate, ContentDate)
     minus LastMenstrualDate. De-identification shifts a patient's dates together, so the interval
     survives it. NaN when either date is absent or unreadable, or the file is not DICOM (the
     frame is then refused, never given a default)."""
     import datetime as dt
 
-    if path.suffix.lower() in RASTER_SUFFIXES:
+    ds = ds if ds is not None else _header(path)
+    if ds is None:
         return math.nan
-    try:
-        ds = read_dicom(path, header_only=True)
-    except (ScanError, OSError):
-        return math.nan                       # the file's own error is reported when it is read
 
     def date(keyword: str) -> dt.date | None:
         try:
@@ -63,9 +70,17 @@ def header_ga_weeks(path: Path) -> float:
     return (exam - lmp).days / 7.0 if lmp and exam else math.nan
 
 
-def prediction_inputs(inp: Path, ga_default: float | None,
-                      use_masks: bool) -> list[tuple[Path, str, int, float, Path | None]]:
-    """(file, display name, frame, GA, mask) for every image to predict."""
+def _frames(ds) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1)) if ds is not None else 1
+    except (TypeError, ValueError):
+        return 1
+
+
+def prediction_inputs(inp: Path, ga_default: float | None, use_masks: bool,
+                      frame_stride: int = 1) -> list[tuple[Path, str, int, float, Path | None]]:
+    """(file, display name, frame, GA, mask) for every frame to predict: a cohort's rows as
+    listed; a file or folder's images, every `frame_stride`-th frame of a multi-frame DICOM."""
     if (inp / "annotations.csv").is_file():
         from pipelines.data.ingest import read_annotations
         out = []
@@ -83,8 +98,57 @@ def prediction_inputs(inp: Path, ga_default: float | None,
     if not files:
         raise FileNotFoundError(f"{inp}: no DICOM/PNG/JPEG input found")
     base = inp.parent if inp.is_file() else inp
-    return [(f, str(f.relative_to(base)), 0, ga_default if ga_default is not None else header_ga_weeks(f), None)
-            for f in files]
+    out = []
+    for f in files:
+        ds = _header(f)
+        ga = ga_default if ga_default is not None else header_ga_weeks(f, ds)
+        out += [(f, str(f.relative_to(base)), k, ga, None) for k in range(0, _frames(ds), max(1, frame_stride))]
+    return out
+
+
+EXAM_COLUMNS = ["exam", "images", "frames", "frames_used", "hypoplasia_probability", "prediction", "reason",
+                "tcd_mm", "cm_mm", "hc_mm", "ga_weeks", "model_uri"]
+
+
+def exam_key(path: Path) -> str:
+    """What groups frames into one exam: the DICOM study (StudyInstanceUID), else the file."""
+    ds = _header(path)
+    uid = str(ds.get("StudyInstanceUID", "") or "").strip() if ds is not None else ""
+    return f"study:{uid}" if uid else f"file:{path}"
+
+
+def exam_rows(items: list[Item], rows: list[dict], threshold: float, model_uri: str) -> list[dict]:
+    """One row per exam, numbered in input order (the study's UID is an identifier: never
+    written): the mean probability over its usable frames (assessable, not an error) called at
+    the model's threshold, the median TCD, CM and HC over them, and how many frames it has and
+    used. An exam with no usable frame is not_assessable."""
+    groups: dict[str, list[int]] = {}
+    keys: dict[Path, str] = {}                   # one header read per file, not per frame
+    for k, item in enumerate(items):
+        if item[0] not in keys:
+            keys[item[0]] = exam_key(item[0])
+        key = keys[item[0]]
+        groups.setdefault(key, []).append(k)
+    out = []
+    for n, members in enumerate(groups.values(), 1):
+        used = [k for k in members if rows[k].get("_assessable") and not str(rows[k].get("prediction", "")).startswith(
+            "error") and rows[k].get("prediction") != "not_assessable"]
+
+        def over_used(col: str, how: Callable = np.median, members: list[int] = used) -> float:
+            vals = [float(rows[k][col]) for k in members if rows[k].get(col) not in (None, "")]
+            vals = [v for v in vals if math.isfinite(v)]
+            return float(how(vals)) if vals else math.nan
+
+        prob = over_used("hypoplasia_probability", np.mean)
+        names = list(dict.fromkeys(items[k][1] for k in members))
+        out.append({"exam": f"exam-{n}", "images": ";".join(names), "frames": len(members), "frames_used": len(used),
+                    "hypoplasia_probability": prob,
+                    "prediction": ("hypoplasia" if prob >= threshold else "normal") if prob == prob else
+                    "not_assessable",
+                    "reason": "" if used else "no frame of the exam was assessable (see its frame rows)",
+                    "tcd_mm": over_used("tcd_mm"), "cm_mm": over_used("cm_mm"), "hc_mm": over_used("hc_mm"),
+                    "ga_weeks": over_used("ga_weeks"), "model_uri": model_uri})
+    return out
 
 
 Item = tuple[Path, str, int, float, "Path | None"]     # file, display name, frame, GA, mask
@@ -218,16 +282,18 @@ def _cell(value: object) -> object:
 def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = False,
                  ga_weeks: float | None = None, tta: bool = False, batch: int = 16,
                  threshold: float | None = None, head_model: str | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> tuple[int, int, int, int]:
+                 progress: Callable[[int, int], None] | None = None,
+                 frame_stride: int = 1) -> tuple[int, int, int, int]:
     """Write predictions and overlays, `batch` frames per forward pass; returns (rows written,
     rows that failed, rows whose segmentation left the skull: the label-free drift signal,
     rows not assessable). `tta` averages each prediction with that of the mirrored crop;
     `threshold` replaces the model's operating point (a commissioned site's); `head_model`
-    the model's head localiser (`load_head`)."""
+    the model's head localiser (`load_head`). Beside the CSV, `<stem>-exams.csv` holds one row
+    per exam (`exam_rows`); a multi-frame DICOM gives every `frame_stride`-th frame."""
     if not inp.exists():
         raise FileNotFoundError(f"{inp}: input not found")
     model = load_model(model_uri, tta, threshold, head_model)
-    items = prediction_inputs(inp, ga_weeks, use_masks)
+    items = prediction_inputs(inp, ga_weeks, use_masks, frame_stride)
     rows, errors = predict_items(items, model, out_csv.parent / (out_csv.stem + "-overlays"), use_masks, batch,
                                  assess=True, progress=progress)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -236,6 +302,11 @@ def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = Fal
         w.writeheader()
         for r in rows:
             w.writerow({k: _cell(v) for k, v in r.items() if not k.startswith("_")})
+    with (out_csv.parent / (out_csv.stem + "-exams.csv")).open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=EXAM_COLUMNS)
+        w.writeheader()
+        for r in exam_rows(items, rows, float(model.predictor.cfg.threshold), model.model_uri):
+            w.writerow({k: _cell(v) for k, v in r.items()})
     not_assessable = sum(r.get("prediction") == "not_assessable" for r in rows)
     return len(rows), errors, sum(bool(r.get("_outside")) for r in rows), not_assessable
 

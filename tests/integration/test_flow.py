@@ -364,6 +364,11 @@ def test_predict_on_a_dicom_file_a_png_and_a_folder(flow_run, tmp_path):
         expected = 1 if inp.is_file() else len(list(inp.glob("*.dcm"))) + len(list(inp.glob("*.png")))
         assert len(rows) == expected
         assert all(_answered(r) for r in rows), rows[0]
+    # beside the frame rows, one row per exam (study): every frame counted once, no study UID written
+    exams_text = (tmp_path / "scans-exams.csv").read_text()
+    exams = list(csv.DictReader(exams_text.splitlines()))
+    assert exams and sum(int(e["frames"]) for e in exams) == len(list(csv.DictReader((tmp_path / "scans.csv").open())))
+    assert "study:" not in exams_text and all(e["exam"].startswith("exam-") for e in exams)
     # no --ga-weeks and a header without LastMenstrualDate: the file is refused in its row, not defaulted
     assert no_ga.returncode == 0, no_ga.stderr[-2000:]
     (row,) = list(csv.DictReader((tmp_path / "x.csv").open()))

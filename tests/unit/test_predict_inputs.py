@@ -57,3 +57,60 @@ def test_ga_comes_from_the_dicom_header_when_not_given(small_cohort, tmp_path):
     assert got["with_lmp.dcm"] == pytest.approx(162 / 7)
     assert math.isnan(got["without.dcm"]) and math.isnan(got["a.png"])
     assert all(ga == 21.0 for _, _, _, ga, _ in prediction_inputs(folder, 21.0, False))   # given: it wins
+
+
+def _multiframe(src, dst, n: int, study: str | None = None) -> None:
+    """`src`'s frame repeated `n` times as an uncompressed multi-frame DICOM (a cine)."""
+    import numpy as np
+    import pydicom
+
+    ds = pydicom.dcmread(src)
+    arr = ds.pixel_array
+    if ds.get("SamplesPerPixel", 1) == 3:
+        ds.PhotometricInterpretation, ds.PlanarConfiguration = "RGB", 0
+    ds.PixelData = np.ascontiguousarray(np.stack([arr] * n)).tobytes()
+    ds.NumberOfFrames = n
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    if study:
+        ds.StudyInstanceUID = study
+    ds.save_as(dst, enforce_file_format=True)
+
+
+def test_a_cine_is_read_frame_by_frame_at_the_stride(small_cohort, tmp_path):
+    from pipelines.serving.predict import prediction_inputs
+
+    folder = tmp_path / "cine"
+    folder.mkdir()
+    _multiframe(sorted((small_cohort / "scans").glob("*.dcm"))[0], folder / "cine.dcm", 5)
+    assert [fr for _, _, fr, _, _ in prediction_inputs(folder, 20.0, False)] == [0, 1, 2, 3, 4]
+    assert [fr for _, _, fr, _, _ in prediction_inputs(folder, 20.0, False, frame_stride=2)] == [0, 2, 4]
+
+
+def test_exam_rows_pool_the_usable_frames_of_one_study(small_cohort, tmp_path):
+    """Frames of one study (two files here) make one exam: the mean probability of its usable
+    frames at the threshold, the median measurements; an exam with none usable is
+    not_assessable; the study's UID is never written."""
+    import math
+
+    from pipelines.serving.predict import exam_rows
+
+    dicoms = sorted((small_cohort / "scans").glob("*.dcm"))
+    uid = "1.2.826.0.1.3680043.8.498.999"
+    _multiframe(dicoms[0], tmp_path / "a.dcm", 2, study=uid)
+    _multiframe(dicoms[1], tmp_path / "b.dcm", 1, study=uid)
+    _multiframe(dicoms[2], tmp_path / "c.dcm", 1, study=uid + ".1")
+    items = [(tmp_path / "a.dcm", "a.dcm", 0, 22.0, None), (tmp_path / "a.dcm", "a.dcm", 1, 22.0, None),
+             (tmp_path / "b.dcm", "b.dcm", 0, 22.0, None), (tmp_path / "c.dcm", "c.dcm", 0, 22.0, None)]
+
+    def row(p, tcd, ok=True):
+        return {"_assessable": ok, "prediction": "normal" if ok else "not_assessable", "hypoplasia_probability": p,
+                "tcd_mm": tcd, "cm_mm": 5.0, "hc_mm": 200.0, "ga_weeks": 22.0}
+
+    rows = [row(0.2, 20.0), row(0.6, 22.0), row(math.nan, math.nan, ok=False), row(math.nan, math.nan, ok=False)]
+    exams = exam_rows(items, rows, 0.35, "models:/m/1")
+    assert [(e["exam"], e["images"], e["frames"], e["frames_used"]) for e in exams] == [
+        ("exam-1", "a.dcm;b.dcm", 3, 2), ("exam-2", "c.dcm", 1, 0)]
+    assert exams[0]["hypoplasia_probability"] == pytest.approx(0.4) and exams[0]["prediction"] == "hypoplasia"
+    assert exams[0]["tcd_mm"] == pytest.approx(21.0)
+    assert exams[1]["prediction"] == "not_assessable" and math.isnan(exams[1]["hypoplasia_probability"])
+    assert uid not in str(exams)
