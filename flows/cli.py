@@ -272,18 +272,18 @@ def cmd_predict(a: argparse.Namespace, root: Path) -> int:
         note = f"; operating threshold {threshold:.4f}, commissioned for site {a.site} on version {point.version}"
         if point.biometry_warning:
             print(f"cbh predict: warning: {point.biometry_warning}", file=sys.stderr)
-    n, errors, outside, refused = predict_path(Path(a.input), Path(a.out), uri, a.use_masks, a.ga_weeks, tta=a.tta,
-                                               threshold=threshold, head_model=a.head_model,
-                                               progress=_progress("predicting"),
-                                               frame_stride=params.predict.frame_stride)
+    n, errors, refused, scored, outside = predict_path(
+        Path(a.input), Path(a.out), uri, a.use_masks, a.ga_weeks, tta=a.tta, threshold=threshold,
+        head_model=a.head_model, progress=_progress("predicting"), frame_stride=params.predict.frame_stride)
     exams = Path(a.out).parent / (Path(a.out).stem + "-exams.csv")
     print(f"{n} predictions written to {a.out} (one row per exam: {exams}) with {uri}"
           + (f"; {errors} could not be used" if errors else "")
           + (f"; {refused} not assessable (no head, or not a usable transcerebellar plane: see `reason`)"
              if refused else "") + note)
-    scored = n - errors
     if scored:
         _segmenter_check(uri, outside, scored)
+    if n and errors == n:
+        raise CommandError(f"none of the {n} inputs could be predicted: their rows in {a.out} say why")
     return 0
 
 
@@ -296,7 +296,8 @@ def _segmenter_check(uri: str, outside: int, scored: int) -> None:
         ref = version_metric(*registered_version(uri), "test_cerebellum_outside_head")
     except Exception:  # boundary: a runs:/ or file URI has no registered test set to compare with
         ref = float("nan")
-    print(f"segmenter check: cerebellum outside the skull in {outside} of {scored} images ({outside / scored:.1%})"
+    print(f"segmenter check: cerebellum outside the skull in {outside} of {scored} files (each file's first "
+          f"assessable frame; {outside / scored:.1%})"
           + (f"; the model's test set: {ref:.1%}" if ref == ref else ""))
     if excess(outside, scored, ref):
         print(f"cbh predict: warning: the segmenter left the skull significantly more often than on its test set "

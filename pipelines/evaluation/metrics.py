@@ -50,6 +50,18 @@ def auc_ci(y: NDArray, p: NDArray, n_boot: int, seed: int) -> tuple[float, float
     return float(lo), float(hi)
 
 
+MIN_PATIENTS_PER_CLASS = 2
+
+
+def _both_classes(y: NDArray, inverse: NDArray) -> bool:
+    """At least MIN_PATIENTS_PER_CLASS patients with a positive and as many with a negative
+    image: below that a bootstrap over patients has nothing to vary and would print a
+    zero-width interval (or p = 0) that looks like certainty."""
+    pos = len(np.unique(inverse[np.asarray(y) == 1]))
+    neg = len(np.unique(inverse[np.asarray(y) == 0]))
+    return pos >= MIN_PATIENTS_PER_CLASS and neg >= MIN_PATIENTS_PER_CLASS
+
+
 def patient_bootstrap(y: NDArray, p: NDArray, patients: NDArray, threshold: float, n_boot: int,
                       seed: int) -> dict[str, tuple[float, float]]:
     """95% percentile bootstrap intervals of the AUC, and of sensitivity and specificity at
@@ -57,6 +69,8 @@ def patient_bootstrap(y: NDArray, p: NDArray, patients: NDArray, threshold: floa
     independent (the same anatomy, several exams), and resampling images treats them as if they
     were, which narrows every interval. Keys: auc, sensitivity, specificity."""
     ids, inverse = np.unique(np.asarray(patients).astype(str), return_inverse=True)
+    if not _both_classes(y, inverse):
+        return {key: (float("nan"), float("nan")) for key in ("auc", "sensitivity", "specificity")}
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(len(ids) + 1))
     members = [order[bounds[k]:bounds[k + 1]] for k in range(len(ids))]
@@ -83,11 +97,15 @@ def paired_auc_difference(y: NDArray, p_ref: NDArray, p_other: NDArray, patients
                           seed: int) -> dict[str, float]:
     """AUC(other) - AUC(ref) on the same images, with a 95% percentile interval and a two-sided
     bootstrap p-value from resampling patients (both models scored on each draw, so the
-    correlation between them is kept). Keys: difference, ci_low, ci_high, p_value, n_boot."""
+    correlation between them is kept). Keys: difference, ci_low, ci_high, p_value (at least
+    1/n_boot: a finite bootstrap cannot say less), n_boot (draws used). Fewer than two patients
+    of either class: NaN interval and p."""
     ids, inverse = np.unique(np.asarray(patients).astype(str), return_inverse=True)
     members = [np.flatnonzero(inverse == k) for k in range(len(ids))]
     rng = np.random.default_rng(seed)
     diffs = []
+    if not _both_classes(y, inverse):
+        n_boot = 0                               # nothing to resample: no interval, no p-value
     for _ in range(n_boot if len(ids) else 0):
         idx = np.concatenate([members[k] for k in rng.integers(0, len(ids), len(ids))])
         if len(np.unique(y[idx])) == 2:
@@ -98,7 +116,7 @@ def paired_auc_difference(y: NDArray, p_ref: NDArray, p_other: NDArray, patients
                 "n_boot": 0.0}
     d = np.asarray(diffs)
     lo, hi = np.percentile(d, [2.5, 97.5])
-    p_value = min(1.0, 2 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
+    p_value = min(1.0, max(1.0 / len(d), 2 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0)))))
     return {"difference": point, "ci_low": float(lo), "ci_high": float(hi), "p_value": p_value,
             "n_boot": float(len(d))}
 

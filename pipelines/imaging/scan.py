@@ -227,27 +227,29 @@ def _plugin(syntax: str) -> str:
     return plugin if plugin and plugin in get_decoder(syntax).available_plugins else ""
 
 
-def decode(ds: Dataset, as_rgb: bool = True) -> np.ndarray:
+def decode(ds: Dataset, as_rgb: bool = True, index: int | None = None) -> np.ndarray:
     """pydicom's decoding, with the fastest plugin where pydicom's first choice is slow:
     libjpeg-turbo (Pillow's) for 8-bit baseline JPEG, about three times faster than the default
     and as conformant (the two differ by one level on about 1% of samples, within the IDCT
     tolerance JPEG allows); pylibjpeg-rle for RLE, seven times faster than pydicom's own and
     lossless like it. One decoder for everything that reads input pixels, so cleaning and
-    checking agree."""
+    checking agree. `index` decodes that frame alone (a cine read frame by frame costs one
+    decode per frame, not one of the whole cine per frame)."""
     from pydicom.pixels import pixel_array
 
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     try:
-        return pixel_array(ds, as_rgb=as_rgb, decoding_plugin=_plugin(syntax))
+        return pixel_array(ds, as_rgb=as_rgb, decoding_plugin=_plugin(syntax), index=index)
     except Exception as exc:  # boundary: any codec failure becomes a quarantine reason
         raise ScanError("undecodable_pixels", f"pixel data cannot be decoded ({exc})") from exc
 
 
-def frames_rgb_or_grey(ds: Dataset) -> tuple[np.ndarray, str]:
-    """Decoded pixels as (frames, rows, cols[, 3]) and the photometric interpretation they are in.
-    The array is the caller's own (not the dataset's cached `pixel_array`), so it may be cleaned in place."""
-    arr = decode(ds)
+def frames_rgb_or_grey(ds: Dataset, index: int | None = None) -> tuple[np.ndarray, str]:
+    """Decoded pixels as (frames, rows, cols[, 3]) and the photometric interpretation they are in
+    (with `index`, that frame alone, still with its frame axis). The array is the caller's own
+    (not the dataset's cached `pixel_array`), so it may be cleaned in place."""
+    arr = decode(ds, index=index)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     spp = int(ds.get("SamplesPerPixel", 1))
@@ -256,7 +258,7 @@ def frames_rgb_or_grey(ds: Dataset) -> tuple[np.ndarray, str]:
         arr, photometric, spp = apply_color_lut(arr, ds), "RGB", 3
     elif photometric.startswith("YBR"):
         photometric = "RGB"  # pydicom 3's pixel_array converts YBR to RGB (as_rgb=True)
-    if frames == 1:
+    if frames == 1 or index is not None:
         arr = arr[None]
     if spp == 3 and arr.ndim != 4:
         raise ScanError("bad_pixel_layout", f"unexpected pixel array shape {arr.shape}")
@@ -322,24 +324,60 @@ def is_dicom_bytes(raw: bytes) -> bool:
     return len(raw) > 132 and raw[128:132] == b"DICM"
 
 
+def _parse_dicom(raw: bytes) -> Dataset:
+    check_inflation(raw)
+    try:
+        ds = pydicom.dcmread(io.BytesIO(raw))
+    except Exception as exc:  # boundary: any parse failure is the caller's bad input
+        raise ScanError("unreadable_dicom", f"not a readable DICOM file ({type(exc).__name__})") from exc
+    check_dimensions(ds)
+    return ds
+
+
+# The last DICOM file read frame by frame, parsed: a cine's frames are read one after another,
+# and parsing the file again for each would make reading it cost frames x file size.
+_LAST: tuple[tuple[str, int, int], Dataset] | None = None
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_mtime_ns, st.st_size
+
+
+def _cached_dataset(source: Path | bytes) -> Dataset | None:
+    if not isinstance(source, Path) or _LAST is None:
+        return None
+    try:
+        return _LAST[1] if _LAST[0] == _file_key(source) else None
+    except OSError:
+        return None
+
+
+def _remember(path: Path, ds: Dataset) -> None:
+    global _LAST
+    _LAST = (_file_key(path), ds)
+
+
 def read_scan(source: Path | bytes, spacing: Any = None, frame: int | None = None) -> Scan:
     """Read a scan from a file or from its bytes. Spacing: the DICOM's own, else the sidecar (files),
     else `spacing` as given; None when none is known (the caller decides whether that is fatal).
     `frame` keeps one frame of a multi-frame DICOM. Messages never repeat the path (it may name the
     patient): the caller says which input it was, as it names it."""
-    raw = source.read_bytes() if isinstance(source, Path) else source
-    if is_dicom_bytes(raw) or (isinstance(source, Path) and source.suffix.lower() not in RASTER_SUFFIXES):
-        check_inflation(raw)
-        try:
-            ds = pydicom.dcmread(io.BytesIO(raw))
-        except Exception as exc:  # boundary: any parse failure is the caller's bad input
-            raise ScanError("unreadable_dicom", f"not a readable DICOM file ({type(exc).__name__})") from exc
-        check_dimensions(ds)
-        arr, _ = frames_rgb_or_grey(ds)
+    ds = _cached_dataset(source) if frame is not None else None
+    raw = b"" if ds is not None else source.read_bytes() if isinstance(source, Path) else source
+    if ds is not None or is_dicom_bytes(raw) or (isinstance(source, Path)
+                                                and source.suffix.lower() not in RASTER_SUFFIXES):
+        if ds is None:
+            ds = _parse_dicom(raw)
+            if frame is not None and isinstance(source, Path):
+                _remember(source, ds)
+        index = None                              # None: every frame
         if frame is not None:
-            if not 0 <= frame < len(arr):
-                raise ScanError("bad_frame", f"frame {frame} does not exist ({len(arr)} frames)")
-            arr = arr[frame:frame + 1]
+            count = int(ds.get("NumberOfFrames", 1) or 1)
+            if not 0 <= frame < count:
+                raise ScanError("bad_frame", f"frame {frame} does not exist ({count} frames)")
+            index = frame if count > 1 else None
+        arr, _ = frames_rgb_or_grey(ds, index=index)
         grey = np.stack([to_grey(f) for f in arr])
         spacing = check_spacing(pixel_spacing_mm(ds) or given_spacing(spacing))
         return Scan(grey, region_mask(grey.shape[1:], regions(ds)), spacing, ds)

@@ -102,7 +102,9 @@ def _metric_rows(runs: list[Run]) -> list[tuple[str, list[str]]]:
             elif key in ("test_n", "test_patients"):
                 cells.append(f"{m[key]:.0f}")
             elif lo and lo in m and hi in m:
-                cells.append(f"{m[key]:.3f} [{m[lo]:.3f}-{m[hi]:.3f}]")
+                # a run evaluated before intervals were drawn over patients says so
+                unit = "" if "test_patients" in m else " (images)"
+                cells.append(f"{m[key]:.3f} [{m[lo]:.3f}-{m[hi]:.3f}]{unit}")
             else:
                 cells.append(f"{m[key]:.3f}")
         rows.append((label, cells))
@@ -201,7 +203,8 @@ def _paired(runs: list[Run], frozen: Path | None, n_boot: int, seed: int) -> Tab
     for run in runs[1:]:
         cells = [_label(run), _label(ref)]
         other = _table(run.info.run_id, "test_predictions")
-        if run.data.tags.get("data.frozen_test_md5") != test_md5 or ref_pred is None or other is None:
+        if not test_md5 or run.data.tags.get("data.frozen_test_md5") != test_md5 or ref_pred is None \
+                or other is None:
             rows.append(cells + ["-", "-", "not comparable: another frozen test set, or no test predictions", "-"])
             continue
         both = ref_pred.merge(other, on="image_id", suffixes=("_ref", "_other"))
@@ -213,12 +216,13 @@ def _paired(runs: list[Run], frozen: Path | None, n_boot: int, seed: int) -> Tab
                                   unit.to_numpy(), n_boot, seed)
         rows.append(cells + [str(len(both)), f"{unit.nunique()} patients" if unit is not ids else "images",
                              f"{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]",
-                             f"{r['p_value']:.3f}"])
+                             "-" if r["p_value"] != r["p_value"] else
+                             f"< {r['p_value']:.3g}" if r["p_value"] * r["n_boot"] <= 1 else f"{r['p_value']:.3f}"])
     return Table(head, rows)
 
 
 def compare_runs(run_ids: list[str], out: Path, audit: Path | None = None, frozen: Path | None = None,
-                 bootstrap: int = 1000, seed: int = 0) -> tuple[Path, Path]:
+                 bootstrap: int = 500, seed: int = 0) -> tuple[Path, Path]:
     """Write compare.html and compare.md for the runs (the latest of each model if none); their
     paths. `frozen` (the workspace's frozen test table) lets the paired comparison resample
     patients; `bootstrap` draws with `seed` (params.yaml's evaluate.bootstrap, train.seed)."""

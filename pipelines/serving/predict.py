@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import cv2
 import mlflow.pyfunc
@@ -121,7 +121,8 @@ def exam_rows(items: list[Item], rows: list[dict], threshold: float, model_uri: 
     """One row per exam, numbered in input order (the study's UID is an identifier: never
     written): the mean probability over its usable frames (assessable, not an error) called at
     the model's threshold, the median TCD, CM and HC over them, and how many frames it has and
-    used. An exam with no usable frame is not_assessable."""
+    used. An exam with no usable frame is not_assessable. The threshold is the image-level
+    operating point: the exam call has no validated sensitivity of its own."""
     groups: dict[str, list[int]] = {}
     keys: dict[Path, str] = {}                   # one header read per file, not per frame
     for k, item in enumerate(items):
@@ -279,17 +280,30 @@ def _cell(value: object) -> object:
     return "" if isinstance(value, float) and math.isnan(value) else value
 
 
+class Summary(NamedTuple):
+    """What `predict_path` wrote: frame rows, rows that failed, rows not assessable, and the
+    drift signal counted once per file (its first assessable frame, else its first scored one):
+    files scored and, of those, files whose segmentation left the skull. A cine's frames are
+    one sweep, mostly off-plane and strongly correlated: counting them as independent trials
+    would make one odd cine look like a new scanner."""
+
+    rows: int
+    errors: int
+    not_assessable: int
+    files_scored: int
+    files_outside: int
+
+
 def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = False,
                  ga_weeks: float | None = None, tta: bool = False, batch: int = 16,
                  threshold: float | None = None, head_model: str | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 frame_stride: int = 1) -> tuple[int, int, int, int]:
-    """Write predictions and overlays, `batch` frames per forward pass; returns (rows written,
-    rows that failed, rows whose segmentation left the skull: the label-free drift signal,
-    rows not assessable). `tta` averages each prediction with that of the mirrored crop;
-    `threshold` replaces the model's operating point (a commissioned site's); `head_model`
-    the model's head localiser (`load_head`). Beside the CSV, `<stem>-exams.csv` holds one row
-    per exam (`exam_rows`); a multi-frame DICOM gives every `frame_stride`-th frame."""
+                 frame_stride: int = 1) -> Summary:
+    """Write predictions and overlays, `batch` frames per forward pass; returns a `Summary`.
+    `tta` averages each prediction with that of the mirrored crop; `threshold` replaces the
+    model's operating point (a commissioned site's); `head_model` the model's head localiser
+    (`load_head`). Beside the CSV, `<stem>-exams.csv` holds one row per exam (`exam_rows`); a
+    multi-frame DICOM gives every `frame_stride`-th frame."""
     if not inp.exists():
         raise FileNotFoundError(f"{inp}: input not found")
     model = load_model(model_uri, tta, threshold, head_model)
@@ -308,7 +322,14 @@ def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = Fal
         for r in exam_rows(items, rows, float(model.predictor.cfg.threshold), model.model_uri):
             w.writerow({k: _cell(v) for k, v in r.items()})
     not_assessable = sum(r.get("prediction") == "not_assessable" for r in rows)
-    return len(rows), errors, sum(bool(r.get("_outside")) for r in rows), not_assessable
+    per_file: dict[Path, dict] = {}
+    for item, r in zip(items, rows, strict=True):
+        if str(r.get("prediction", "")).startswith("error") or not r:
+            continue
+        if item[0] not in per_file or (r.get("_assessable") and not per_file[item[0]].get("_assessable")):
+            per_file[item[0]] = r
+    return Summary(len(rows), errors, not_assessable, len(per_file),
+                   sum(bool(r.get("_outside")) for r in per_file.values()))
 
 
 def _draw_overlay(grey: np.ndarray, footprint: np.ndarray, labels: np.ndarray, path: Path) -> None:

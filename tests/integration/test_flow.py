@@ -368,9 +368,13 @@ def test_predict_on_a_dicom_file_a_png_and_a_folder(flow_run, tmp_path):
     exams_text = (tmp_path / "scans-exams.csv").read_text()
     exams = list(csv.DictReader(exams_text.splitlines()))
     assert exams and sum(int(e["frames"]) for e in exams) == len(list(csv.DictReader((tmp_path / "scans.csv").open())))
-    assert "study:" not in exams_text and all(e["exam"].startswith("exam-") for e in exams)
+    assert all(e["exam"].startswith("exam-") for e in exams)
+    written = exams_text + (tmp_path / "scans.csv").read_text()
+    for f in (cohort / "scans").glob("*.dcm"):                      # no study UID, date or ID is written
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        assert ds.StudyInstanceUID not in written and ds.PatientID not in written
     # no --ga-weeks and a header without LastMenstrualDate: the file is refused in its row, not defaulted
-    assert no_ga.returncode == 0, no_ga.stderr[-2000:]
+    assert no_ga.returncode == 1 and "none of the 1 inputs could be predicted" in no_ga.stderr, no_ga.stderr[-2000:]
     (row,) = list(csv.DictReader((tmp_path / "x.csv").open()))
     assert row["prediction"].startswith("error: no gestational age") and row["hypoplasia_probability"] == ""
 

@@ -110,3 +110,15 @@ def test_paired_difference_keeps_the_pairing_and_the_patients():
     assert 0 < better["ci_low"] < better["difference"] < better["ci_high"] and better["p_value"] < 0.01
     worse = ev.paired_auc_difference(y, strong, weak, patients, 300, seed=2)
     assert worse["ci_high"] < 0 and worse["difference"] == pytest.approx(-better["difference"])
+    # patients are the unit: with each patient's images identical, treating images as patients
+    # would narrow the interval as if there were three times as many
+    w_pat, s_pat = np.repeat(weak[::per], per), np.repeat(strong[::per], per)
+    by_patient = ev.paired_auc_difference(y, w_pat, s_pat, patients, 300, seed=2)
+    by_image = ev.paired_auc_difference(y, w_pat, s_pat, np.arange(len(y)), 300, seed=2)
+    assert (by_patient["ci_high"] - by_patient["ci_low"]) > 1.3 * (by_image["ci_high"] - by_image["ci_low"])
+    # one patient per class: nothing to resample, so no interval and no p-value (never p = 0)
+    tiny = ev.paired_auc_difference(np.array([0, 0, 1, 1]), np.array([.1, .2, .3, .4]), np.array([.4, .3, .2, .1]),
+                                    np.array([0, 0, 1, 1]), 100, seed=0)
+    assert np.isnan(tiny["ci_low"]) and np.isnan(tiny["p_value"]) and tiny["n_boot"] == 0
+    assert all(np.isnan(v) for pair in ev.patient_bootstrap(np.array([0, 1]), np.array([.2, .8]), np.array([0, 1]),
+                                                            0.5, 100, seed=0).values() for v in pair)

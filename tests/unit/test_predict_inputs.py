@@ -103,7 +103,8 @@ def test_exam_rows_pool_the_usable_frames_of_one_study(small_cohort, tmp_path):
              (tmp_path / "b.dcm", "b.dcm", 0, 22.0, None), (tmp_path / "c.dcm", "c.dcm", 0, 22.0, None)]
 
     def row(p, tcd, ok=True):
-        return {"_assessable": ok, "prediction": "normal" if ok else "not_assessable", "hypoplasia_probability": p,
+        return {"_assessable": ok, "prediction": ("hypoplasia" if p >= 0.35 else "normal") if ok else "not_assessable",
+                "hypoplasia_probability": p,
                 "tcd_mm": tcd, "cm_mm": 5.0, "hc_mm": 200.0, "ga_weeks": 22.0}
 
     rows = [row(0.2, 20.0), row(0.6, 22.0), row(math.nan, math.nan, ok=False), row(math.nan, math.nan, ok=False)]
@@ -114,3 +115,28 @@ def test_exam_rows_pool_the_usable_frames_of_one_study(small_cohort, tmp_path):
     assert exams[0]["tcd_mm"] == pytest.approx(21.0)
     assert exams[1]["prediction"] == "not_assessable" and math.isnan(exams[1]["hypoplasia_probability"])
     assert uid not in str(exams)
+
+
+def test_a_cine_frame_is_decoded_alone_and_is_the_frame_asked_for(small_cohort, tmp_path):
+    """Reading frame k decodes frame k only (the parsed file is kept for the next frame), and
+    gives what decoding the whole cine gives at k; a frame past the end is one sentence."""
+    import numpy as np
+    import pydicom
+
+    from pipelines.imaging import scan as S
+
+    ds = pydicom.dcmread(sorted((small_cohort / "scans").glob("*.dcm"))[0])
+    base = ds.pixel_array.astype(np.int16)
+    frames = np.stack([np.clip(base + 20 * k, 0, 255) for k in range(4)]).astype(np.uint8)
+    if ds.get("SamplesPerPixel", 1) == 3:
+        ds.PhotometricInterpretation, ds.PlanarConfiguration = "RGB", 0
+    ds.PixelData, ds.NumberOfFrames = np.ascontiguousarray(frames).tobytes(), 4
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    cine = tmp_path / "cine.dcm"
+    ds.save_as(cine, enforce_file_format=True)
+    whole = S.read_scan(cine).frames
+    for k in (2, 0, 3):
+        assert np.array_equal(S.read_scan(cine, frame=k).frames[0], whole[k])
+    assert not np.array_equal(whole[0], whole[3])
+    with pytest.raises(S.ScanError, match="frame 4 does not exist"):
+        S.read_scan(cine, frame=4)
