@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from ops.servers import ServersError, _alive, _ours, _port_free, _wait_http
+from ops.servers import ServersError, _alive, _ours, _port_free, _wait_http, read_state, spawn, write_state
 
 STATE_DIR = Path(".cbh") / "scheduler"
 
@@ -68,13 +68,10 @@ class Scheduler:
         self.env_file = self.dir / "env"
 
     def state(self) -> dict:
-        return json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        return read_state(self.state_file)
 
     def _save(self, state: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self.state_file)
+        write_state(self.state_file, state)
         for name, entry in state.get("services", {}).items():       # PID files, for systemd and people
             pid_file = self.dir / f"{name}.pid"
             if entry.get("pid"):
@@ -92,13 +89,7 @@ class Scheduler:
         return env
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> tuple[int, Path]:
-        import subprocess
-
-        log = self.dir / f"{name}.log"
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, cwd=self.root, start_new_session=True)
-        return proc.pid, log
+        return spawn(self.dir, name, argv, env, self.root)
 
     def up(self, port: int = 4200, pools: tuple[str, ...] | None = None) -> dict:
         """Start the server and a worker per pool (`cpu`, and `gpu` where a GPU is present) unless

@@ -118,6 +118,29 @@ def _wait_http(url: str, what: str, log: Path, pid: int, timeout: float = 180.0)
     raise ServersError(f"{what} did not answer {url} within {timeout:.0f} s; see {log}")
 
 
+def read_state(state_file: Path) -> dict:
+    """A service folder's state (PIDs, ports, URLs), {} before the first start."""
+    return json.loads(state_file.read_text()) if state_file.is_file() else {}
+
+
+def write_state(state_file: Path, state: dict) -> None:
+    """Replace the state atomically (a reader never sees half of it)."""
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(state_file)
+
+
+def spawn(log_dir: Path, name: str, argv: list[str], env: dict[str, str], cwd: Path) -> tuple[int, Path]:
+    """Start a background service in its own session (so its whole process group can be
+    stopped), output appended to `<log_dir>/<name>.log`; returns its PID and log."""
+    log = log_dir / f"{name}.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, cwd=cwd, start_new_session=True)
+    return proc.pid, log
+
+
 class Servers:
     """The three servers of one state folder (default `.cbh/servers` in the workspace)."""
 
@@ -136,13 +159,10 @@ class Servers:
 
     # -- state ------------------------------------------------------------------------------
     def state(self) -> dict:
-        return json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        return read_state(self.state_file)
 
     def _save(self, state: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self.state_file)
+        write_state(self.state_file, state)
 
     def _password(self) -> str:
         if not self.pgpass.is_file():
@@ -227,11 +247,7 @@ class Servers:
 
     # -- Prefect and MLflow -----------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> tuple[int, Path]:
-        log = self.dir / f"{name}.log"
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, cwd=self.dir, start_new_session=True)
-        return proc.pid, log
+        return spawn(self.dir, name, argv, env, self.dir)
 
     def _base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
