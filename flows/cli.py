@@ -85,6 +85,16 @@ def cmd_deid(a: argparse.Namespace, root: Path) -> int:
 def cmd_import(a: argparse.Namespace, root: Path) -> int:
     import datetime as dt
 
+    if a.format != "hc18":
+        from pipelines.data.annotation_formats import import_annotations
+
+        rep = import_annotations(a.format, Path(a.src), Path(a.cohort), Path(a.table) if a.table else None,
+                                 Path(a.labels) if a.labels else None)
+        print(f"{rep['imported']} of {rep['images']} annotated images imported into {a.cohort} (annotations.csv, "
+              f"scans/, masks/), {len(rep['skipped'])} skipped; report: {Path(a.cohort) / 'import-report.json'}")
+        for s in rep["skipped"][:5]:
+            print(f"  skipped: {s['reason']}")
+        return 0
     from pipelines.data.importers import import_hc18
 
     try:
@@ -272,14 +282,22 @@ def cmd_predict(a: argparse.Namespace, root: Path) -> int:
         note = f"; operating threshold {threshold:.4f}, commissioned for site {a.site} on version {point.version}"
         if point.biometry_warning:
             print(f"cbh predict: warning: {point.biometry_warning}", file=sys.stderr)
-    n, errors, refused, scored, outside = predict_path(
+    dicom_out = Path(a.dicom_out) if a.dicom_out else None
+    if dicom_out is not None and dicom_out.exists() and not dicom_out.is_dir():
+        raise CommandError(f"--dicom-out {dicom_out}: is a file, not a folder")
+    done = predict_path(
         Path(a.input), Path(a.out), uri, a.use_masks, a.ga_weeks, tta=a.tta, threshold=threshold,
-        head_model=a.head_model, progress=_progress("predicting"), frame_stride=params.predict.frame_stride)
+        head_model=a.head_model, progress=_progress("predicting"), frame_stride=params.predict.frame_stride,
+        dicom_out=dicom_out)
+    n, errors, refused, scored, outside = done[:5]
     exams = Path(a.out).parent / (Path(a.out).stem + "-exams.csv")
     print(f"{n} predictions written to {a.out} (one row per exam: {exams}) with {uri}"
           + (f"; {errors} could not be used" if errors else "")
           + (f"; {refused} not assessable (no head, or not a usable transcerebellar plane: see `reason`)"
              if refused else "") + note)
+    if dicom_out is not None:
+        print(f"DICOM SEG and SR for {done.dicom_exams} exam(s) written to {dicom_out}/exam-N/"
+              + "".join(f"\n  {line}" for line in done.dicom_notes))
     if scored:
         _segmenter_check(uri, outside, scored)
     if n and errors == n:
@@ -602,20 +620,34 @@ def _data_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--executor", choices=("processes", "dask"), help="default: params.yaml deid.executor")
     s.add_argument("--dask-address", help="Dask scheduler (default: params.yaml deid.dask_address; '': local)")
     s.set_defaults(fn=cmd_deid)
-    s = _command(sub, "import", "convert another tool's annotations (HC18 head outlines) into a cohort",
+    s = _command(sub, "import", "convert another tool's annotations (DICOM SEG, NIfTI, COCO, CVAT, Label Studio, "
+                 "HC18) into a cohort",
                  "Convert annotations made elsewhere into the cohort format (CONTRACT.md section 1), so they go "
-                 "through de-identification, the data contract and DVC like any export. hc18: the HC18 "
+                 "through de-identification, the data contract and DVC like any export. dicom-seg, nifti, coco, "
+                 "cvat (CVAT for images 1.1 XML), labelstudio (JSON export): SRC holds the annotation files and "
+                 "the scans they name; masks are rasterised on each scan's pixel grid; class names map to "
+                 "cerebellum, cisterna magna and head by --labels (defaults: cerebellum/cb, cisterna magna/cm, "
+                 "head/skull; NIfTI values 1, 2, 3), and an unmapped label refuses its image. --table gives "
+                 "each image's clinical columns (patient_id, exam_date, ga_weeks, label, ...); a DICOM header "
+                 "fills the patient, the exam date and the GA (LastMenstrualDate). hc18: the HC18 "
                  "challenge layout: NNN_HC.png images, NNN_HC_Annotation.png head outlines and the table of "
                  "pixel sizes and head circumferences; each outline becomes a filled head mask (head_mask "
                  "column), each pixel size a SCAN.json, each HC the hc_mm column. HC18 has no GA and no "
                  "date: GA is estimated from the HC (ga_source column) and --exam-date is used for every row.",
                  "example:\n  cbh import hc18 ../shared/data/hc18-subset data/hc18-cohort\n"
+                 "  cbh import coco exports/coco data/site-east --table exports/clinical.csv\n"
                  "  cbh ingest data/hc18-cohort")
-    s.add_argument("format", choices=["hc18"], help="the annotation layout of SRC")
+    s.add_argument("format", choices=["hc18", "dicom-seg", "nifti", "coco", "cvat", "labelstudio"],
+                   help="the annotation layout of SRC")
     s.add_argument("src", help="the folder to import (read only)")
     s.add_argument("cohort", help="the cohort folder to write (must not hold a cohort yet)")
     s.add_argument("--exam-date", default="2018-01-01",
-                   help="exam date written for every image, YYYY-MM-DD (HC18 publishes none; default 2018-01-01)")
+                   help="hc18: exam date written for every image, YYYY-MM-DD (HC18 publishes none; default "
+                        "2018-01-01)")
+    s.add_argument("--table", metavar="CSV", help="clinical columns per image, keyed by `image` (file name or path "
+                   "under SRC) and optional `frame`; `pixel_spacing_mm` for PNG/JPEG without a SCAN.json")
+    s.add_argument("--labels", metavar="YAML", help="label mapping: names: {cerebellum: [...], cisterna_magna: "
+                   "[...], head: [...], ignore: [...]}, values: {1: cerebellum, ...}")
     s.set_defaults(fn=cmd_import)
     s = _command(sub, "ingest", "de-identify a cohort into the workspace data store and build the manifest",
                  "Add a hospital export (annotations.csv and its scans) to the workspace data store: "
@@ -683,6 +715,9 @@ def _site_commands(sub: argparse._SubParsersAction) -> None:
                    help="fetal-head localiser to use instead of the model's own: a folder with head.json and "
                         "head.pt, or a model URI such as models:/fetal-head@champion (default: the one the model "
                         "carries, else the classical skull fit)")
+    s.add_argument("--dicom-out", metavar="DIR",
+                   help="also write, per exam from DICOM, a DICOM Segmentation of the best frame's predicted "
+                        "structures and a DICOM SR measurement report (TID 1500) into DIR/exam-N/, for PACS")
     s.set_defaults(fn=cmd_predict)
     s = _command(sub, "commission", "set a site's operating threshold on its own labelled scans "
                  "(sensitivity guaranteed with stated confidence) and record it on the model version",

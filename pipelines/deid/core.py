@@ -142,13 +142,6 @@ class Pseudonymizer:
         return date + dt.timedelta(days=self.shift_days(raw_patient))
 
 
-def parse_da(value: str) -> dt.date | None:
-    try:
-        return dt.datetime.strptime(str(value).strip()[:8], "%Y%m%d").date()
-    except ValueError:
-        return None
-
-
 def clean_pixels(arr: np.ndarray, boxes: list[tuple[int, int, int, int]], inplace: bool = False,
                  fill: int | tuple[int, ...] = 0) -> np.ndarray:
     """Set everything outside the ultrasound regions (all frames) to `fill`; `inplace` spares a

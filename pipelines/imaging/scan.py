@@ -7,8 +7,10 @@ so a file decodes the same way everywhere.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,6 +186,28 @@ def sidecar_spacing_mm(path: Path) -> tuple[float, float] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return (row, col) if row > 0 and col > 0 else None
+
+
+def parse_da(value: Any) -> dt.date | None:
+    """A DICOM DA value (YYYYMMDD) as a date, None when empty or unreadable."""
+    try:
+        return dt.datetime.strptime(str(value or "").strip()[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def study_date(ds: Dataset) -> dt.date | None:
+    """The exam's date: StudyDate, else AcquisitionDate, else ContentDate."""
+    return parse_da(ds.get("StudyDate")) or parse_da(ds.get("AcquisitionDate")) or parse_da(ds.get("ContentDate"))
+
+
+def header_ga_weeks(ds: Dataset) -> float:
+    """Gestational age in weeks from a header: the exam's date (`study_date`) minus
+    LastMenstrualDate. De-identification shifts a patient's dates together, so the interval
+    survives it. NaN when either date is absent or unreadable (the frame is then refused,
+    never given a default)."""
+    lmp, exam = parse_da(ds.get("LastMenstrualDate")), study_date(ds)
+    return (exam - lmp).days / 7.0 if lmp and exam else math.nan
 
 
 def regions(ds: Dataset) -> list[tuple[int, int, int, int]]:

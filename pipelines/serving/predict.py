@@ -19,6 +19,7 @@ import numpy as np
 from pipelines.errors import CbhError
 from pipelines.imaging.preprocess import PreprocessError, load_frame, unwarp
 from pipelines.imaging.scan import RASTER_SUFFIXES, ScanError, pixel_spacing_mm, read_dicom, sidecar_spacing_mm
+from pipelines.imaging.scan import header_ga_weeks as scan_header_ga_weeks
 from pipelines.serving.pyfunc import OUTPUT_COLUMNS
 
 COLUMNS = OUTPUT_COLUMNS + ["overlay"]
@@ -49,25 +50,10 @@ def _header(path: Path):
 
 
 def header_ga_weeks(path: Path, ds=None) -> float:
-    """Gestational age in weeks from a DICOM header: StudyDate (else AcquisitionDate, ContentDate)
-    minus LastMenstrualDate. De-identification shifts a patient's dates together, so the interval
-    survives it. NaN when either date is absent or unreadable, or the file is not DICOM (the
-    frame is then refused, never given a default)."""
-    import datetime as dt
-
+    """Gestational age from `path`'s DICOM header (`scan.header_ga_weeks`); NaN for a raster or
+    an unreadable header."""
     ds = ds if ds is not None else _header(path)
-    if ds is None:
-        return math.nan
-
-    def date(keyword: str) -> dt.date | None:
-        try:
-            return dt.datetime.strptime(str(ds.get(keyword, "") or "").strip()[:8], "%Y%m%d").date()
-        except ValueError:
-            return None
-
-    lmp = date("LastMenstrualDate")
-    exam = date("StudyDate") or date("AcquisitionDate") or date("ContentDate")
-    return (exam - lmp).days / 7.0 if lmp and exam else math.nan
+    return scan_header_ga_weeks(ds) if ds is not None else math.nan
 
 
 def _frames(ds) -> int:
@@ -107,7 +93,8 @@ def prediction_inputs(inp: Path, ga_default: float | None, use_masks: bool,
 
 
 EXAM_COLUMNS = ["exam", "images", "frames", "frames_used", "hypoplasia_probability", "prediction", "reason",
-                "tcd_mm", "cm_mm", "hc_mm", "ga_weeks", "model_uri"]
+                "best_image", "best_frame", "plane_quality", "tcd_mm", "tcd_centile", "cm_mm", "cm_centile", "hc_mm",
+                "hc_centile", "ga_weeks", "model_uri"]
 
 
 def exam_key(path: Path) -> str:
@@ -117,39 +104,57 @@ def exam_key(path: Path) -> str:
     return f"study:{uid}" if uid else f"file:{path}"
 
 
+def _usable(row: dict) -> bool:
+    return bool(row.get("_assessable")) and not str(row.get("prediction", "")).startswith("error") \
+        and row.get("prediction") != "not_assessable"
+
+
 def exam_rows(items: list[Item], rows: list[dict], threshold: float, model_uri: str) -> list[dict]:
     """One row per exam, numbered in input order (the study's UID is an identifier: never
     written): the mean probability over its usable frames (assessable, not an error) called at
-    the model's threshold, the median TCD, CM and HC over them, and how many frames it has and
-    used. An exam with no usable frame is not_assessable. The threshold is the image-level
-    operating point: the exam call has no validated sensitivity of its own."""
+    the model's threshold; TCD, CM and HC with their centiles from the best frame, the usable
+    frame whose less certain structure the segmenter is surest of (`plane_quality`, the mean
+    class probability over that structure's pixels; the first such frame on a tie); how many
+    frames it has and used. An exam with no usable frame is not_assessable. The threshold is
+    the image-level operating point: the exam call has no validated sensitivity of its own.
+    `_best` (not written) is the best frame's index in `items`, None without one."""
     groups: dict[str, list[int]] = {}
     keys: dict[Path, str] = {}                   # one header read per file, not per frame
     for k, item in enumerate(items):
         if item[0] not in keys:
             keys[item[0]] = exam_key(item[0])
-        key = keys[item[0]]
-        groups.setdefault(key, []).append(k)
+        groups.setdefault(keys[item[0]], []).append(k)
     out = []
     for n, members in enumerate(groups.values(), 1):
-        used = [k for k in members if rows[k].get("_assessable") and not str(rows[k].get("prediction", "")).startswith(
-            "error") and rows[k].get("prediction") != "not_assessable"]
-
-        def over_used(col: str, how: Callable = np.median, members: list[int] = used) -> float:
-            vals = [float(rows[k][col]) for k in members if rows[k].get(col) not in (None, "")]
-            vals = [v for v in vals if math.isfinite(v)]
-            return float(how(vals)) if vals else math.nan
-
-        prob = over_used("hypoplasia_probability", np.mean)
+        used = [k for k in members if _usable(rows[k])]
+        probs = [float(rows[k]["hypoplasia_probability"]) for k in used
+                 if rows[k].get("hypoplasia_probability") not in (None, "")]
+        probs = [p for p in probs if math.isfinite(p)]
+        prob = float(np.mean(probs)) if probs else math.nan
+        quality = [(float(rows[k].get("_quality", math.nan)), -k) for k in used]
+        ranked = [q for q in quality if math.isfinite(q[0])]
+        best = -max(ranked)[1] if ranked else (used[0] if used else None)
+        pick = rows[best] if best is not None else {}
         names = list(dict.fromkeys(items[k][1] for k in members))
         out.append({"exam": f"exam-{n}", "images": ";".join(names), "frames": len(members), "frames_used": len(used),
                     "hypoplasia_probability": prob,
                     "prediction": ("hypoplasia" if prob >= threshold else "normal") if prob == prob else
                     "not_assessable",
                     "reason": "" if used else "no frame of the exam was assessable (see its frame rows)",
-                    "tcd_mm": over_used("tcd_mm"), "cm_mm": over_used("cm_mm"), "hc_mm": over_used("hc_mm"),
-                    "ga_weeks": over_used("ga_weeks"), "model_uri": model_uri})
+                    "best_image": items[best][1] if best is not None else "",
+                    "best_frame": items[best][2] if best is not None else "",
+                    "plane_quality": float(pick.get("_quality", math.nan)) if pick else math.nan,
+                    **{c: _number(pick.get(c)) for c in ("tcd_mm", "tcd_centile", "cm_mm", "cm_centile", "hc_mm",
+                                                         "hc_centile", "ga_weeks")},
+                    "model_uri": model_uri, "_best": best})
     return out
+
+
+def _number(value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
 
 
 Item = tuple[Path, str, int, float, "Path | None"]     # file, display name, frame, GA, mask
@@ -245,8 +250,11 @@ def predict_items(items: list[Item], model, overlay_dir: Path | None, use_masks:
                 _draw_overlay(np.where(valid & footprint, grey, 0), footprint,
                               unwarp(res["_labels"], crop, grey.shape), overlay_path)
                 overlay = str(overlay_path)
-            rows[k] = {c: res.get(c) for c in OUTPUT_COLUMNS} | {"overlay": overlay, "_outside": res.get("_outside"),
-                                                                 "_assessable": res.get("_assessable")}
+            rows[k] = {c: res.get(c) for c in OUTPUT_COLUMNS} | {
+                "overlay": overlay, "_outside": res.get("_outside"), "_assessable": res.get("_assessable"),
+                # for the exam's SEG: the crop's labels (small) and how they map back to the frame
+                "_quality": res.get("_quality"), "_labels": res.get("_labels"), "_crop": res.get("_crop"),
+                "_shape": grey.shape}
         pending.clear()
         if progress:
             progress(sum(r is not None for r in rows), len(items))
@@ -292,18 +300,21 @@ class Summary(NamedTuple):
     not_assessable: int
     files_scored: int
     files_outside: int
+    dicom_exams: int = 0            # exams given a SEG and SR (--dicom-out)
+    dicom_notes: tuple[str, ...] = ()   # exams without one, or without a SEG, and why
 
 
 def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = False,
                  ga_weeks: float | None = None, tta: bool = False, batch: int = 16,
                  threshold: float | None = None, head_model: str | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 frame_stride: int = 1) -> Summary:
+                 frame_stride: int = 1, dicom_out: Path | None = None) -> Summary:
     """Write predictions and overlays, `batch` frames per forward pass; returns a `Summary`.
     `tta` averages each prediction with that of the mirrored crop; `threshold` replaces the
     model's operating point (a commissioned site's); `head_model` the model's head localiser
     (`load_head`). Beside the CSV, `<stem>-exams.csv` holds one row per exam (`exam_rows`); a
-    multi-frame DICOM gives every `frame_stride`-th frame."""
+    multi-frame DICOM gives every `frame_stride`-th frame. `dicom_out`: a SEG and an SR per
+    exam (`dicom_out.write_exam`)."""
     if not inp.exists():
         raise FileNotFoundError(f"{inp}: input not found")
     model = load_model(model_uri, tta, threshold, head_model)
@@ -319,8 +330,10 @@ def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = Fal
     with (out_csv.parent / (out_csv.stem + "-exams.csv")).open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=EXAM_COLUMNS)
         w.writeheader()
-        for r in exam_rows(items, rows, float(model.predictor.cfg.threshold), model.model_uri):
-            w.writerow({k: _cell(v) for k, v in r.items()})
+        exams = exam_rows(items, rows, float(model.predictor.cfg.threshold), model.model_uri)
+        for r in exams:
+            w.writerow({k: _cell(v) for k, v in r.items() if not k.startswith("_")})
+    written, notes = write_dicom_results(exams, items, rows, dicom_out, model.model_uri) if dicom_out else (0, [])
     not_assessable = sum(r.get("prediction") == "not_assessable" for r in rows)
     per_file: dict[Path, dict] = {}
     for item, r in zip(items, rows, strict=True):
@@ -329,7 +342,38 @@ def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = Fal
         if item[0] not in per_file or (r.get("_assessable") and not per_file[item[0]].get("_assessable")):
             per_file[item[0]] = r
     return Summary(len(rows), errors, not_assessable, len(per_file),
-                   sum(bool(r.get("_outside")) for r in per_file.values()))
+                   sum(bool(r.get("_outside")) for r in per_file.values()), written, tuple(notes))
+
+
+def write_dicom_results(exams: list[dict], items: list[Item], rows: list[dict], out_dir: Path,
+                        model_uri: str) -> tuple[int, list[str]]:
+    """A SEG and an SR for every exam whose best frame is a DICOM file (`dicom_out`); returns how
+    many exams got them and, for the others (and a cine's missing SEG), one line each."""
+    from pipelines.serving.dicom_out import ExamResult, write_exam
+
+    written, notes = 0, []
+    for exam in exams:
+        k = exam["_best"]
+        if k is None:
+            notes.append(f"{exam['exam']}: no assessable frame, nothing to report")
+            continue
+        path, _name, frame, *_ = items[k]
+        if path.suffix.lower() in RASTER_SUFFIXES:
+            notes.append(f"{exam['exam']}: scored on PNG/JPEG, no DICOM study to return to")
+            continue
+        row = rows[k]
+        crop = row["_crop"]
+        footprint = unwarp(np.ones((crop.size, crop.size), np.uint8), crop, row["_shape"]) > 0
+        labels = np.where(footprint, unwarp(row["_labels"], crop, row["_shape"]), 0).astype(np.uint8)
+        try:
+            _seg, _sr, why = write_exam(ExamResult(exam["exam"], path, frame, labels, exam), out_dir, model_uri)
+        except (ValueError, TypeError, AttributeError, KeyError, OSError) as exc:   # one exam named; the rest go on
+            notes.append(f"{exam['exam']}: SEG/SR not written: {type(exc).__name__}: {str(exc)[:160]}")
+            continue
+        written += 1
+        if why:
+            notes.append(f"{exam['exam']}: {why}")
+    return written, notes
 
 
 def _draw_overlay(grey: np.ndarray, footprint: np.ndarray, labels: np.ndarray, path: Path) -> None:

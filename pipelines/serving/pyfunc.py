@@ -132,6 +132,8 @@ class CBHModel(mlflow.pyfunc.PythonModel):
                 row.update({c: np.nan for c in WITHHELD}, prediction=NOT_ASSESSABLE, reason=reason)
             row["_labels"], row["_crop"], row["_outside"] = res.get("_labels"), crop, res.get("_outside")
             row["_assessable"] = ok
+            # plane quality: how sure the segmenter is of the less certain of the two structures
+            row["_quality"] = float(np.nanmin(conf)) if ok and np.isfinite(conf).any() else np.nan
             out.append(row)
         return out
 

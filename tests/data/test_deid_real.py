@@ -27,6 +27,7 @@ from pipelines.deid import core as D
 from pipelines.deid.folder import deid_folder
 from pipelines.deid.ocr import OcrSettings, residual_text
 from pipelines.imaging import scan as S
+from pipelines.imaging.scan import parse_da
 
 pytestmark = pytest.mark.skipif(not D.ocr_available(), reason="tesseract missing: run `make ocr`")
 
@@ -235,7 +236,7 @@ def test_date_intervals_within_a_patient_survive(pseudo, tmp_path):
     a, _ = deidentify(first, tmp_path, pseudo)
     b, _ = deidentify(later, tmp_path, pseudo)
     assert a.StudyDate != first.StudyDate
-    assert (D.parse_da(b.StudyDate) - D.parse_da(a.StudyDate)).days == 74
+    assert (parse_da(b.StudyDate) - parse_da(a.StudyDate)).days == 74
 
 
 def quarantine_corpus(tmp_path: Path) -> tuple[Path, dict[str, str]]:

@@ -291,8 +291,12 @@ def test_predict_on_a_cohort_leaks_nothing(flow_run, tmp_path):
     ws, cohort, res, _ = flow_run
     assert res.returncode == 0
     out = tmp_path / "pred.csv"
-    pr = _cbh(ws, "predict", str(cohort), "--out", str(out))
+    # the annotated masks (--use-masks): the tiny test model's own segmentations rarely pass the
+    # plane gate, and an exam needs an assessable frame to be reported to PACS
+    pr = _cbh(ws, "predict", str(cohort), "--out", str(out), "--use-masks", "--dicom-out", str(tmp_path / "pacs"))
     assert pr.returncode == 0, pr.stderr[-2000:]
+    exams = list(csv.DictReader((tmp_path / "pred-exams.csv").open()))
+    _results_back_to_pacs(ws, cohort, tmp_path / "pacs", exams, pr.stdout)
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == len(list(csv.DictReader((cohort / "annotations.csv").open())))
     assert set(rows[0]) >= {"image", "frame", "hypoplasia_probability", "prediction", "tcd_mm", "tcd_z",
@@ -377,6 +381,51 @@ def test_predict_on_a_dicom_file_a_png_and_a_folder(flow_run, tmp_path):
     assert no_ga.returncode == 1 and "none of the 1 inputs could be predicted" in no_ga.stderr, no_ga.stderr[-2000:]
     (row,) = list(csv.DictReader((tmp_path / "x.csv").open()))
     assert row["prediction"].startswith("error: no gestational age") and row["hypoplasia_probability"] == ""
+
+
+def _results_back_to_pacs(ws, cohort, pacs, exams, stdout):
+    """Each exam's SEG, read back with highdicom, holds exactly the labels `cbh predict` used on
+    its best frame (recomputed here in the same batches), and its SR the exam row's numbers and
+    decision; both belong to the source's patient and study; PNG exams get none, and say so."""
+    import mlflow
+    import numpy as np
+
+    from pipelines.imaging.preprocess import unwarp
+    from pipelines.serving.dicom_out import read_back
+    from pipelines.serving.predict import exam_rows, load_model, predict_items, prediction_inputs
+
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    model = load_model("models:/cerebellar-hypoplasia@champion")
+    items = prediction_inputs(cohort, None, True)
+    rows, _ = predict_items(items, model, None, use_masks=True, assess=True)
+    checked = 0
+    for exam, row in zip(exam_rows(items, rows, float(model.predictor.cfg.threshold), model.model_uri), exams,
+                         strict=True):
+        k = exam["_best"]
+        folder = pacs / row["exam"]
+        if k is None or items[k][0].suffix != ".dcm":
+            assert not folder.exists() and f"{row['exam']}: " in stdout
+            continue
+        labels, values, finding = read_back(folder / "seg.dcm", folder / "sr.dcm")
+        crop, shape = rows[k]["_crop"], rows[k]["_shape"]
+        footprint = unwarp(np.ones((crop.size, crop.size), np.uint8), crop, shape) > 0
+        assert np.array_equal(labels, np.where(footprint, unwarp(rows[k]["_labels"], crop, shape), 0))
+        assert (labels == 1).any()
+        for code, col in (("11863-8", "tcd_mm"), ("11860-4", "cm_mm"), ("11984-2", "hc_mm"),
+                          ("122157", "hypoplasia_probability"), ("125012:11863-8", "tcd_centile")):
+            want = float(row[col]) if row[col] else math.nan
+            assert (code not in values) if math.isnan(want) else values[code] == pytest.approx(want, rel=1e-6), code
+        assert finding == row["prediction"]
+        src = pydicom.dcmread(items[k][0], stop_before_pixels=True)
+        for f in ("seg.dcm", "sr.dcm"):
+            out = pydicom.dcmread(folder / f)
+            assert (out.PatientID, out.StudyInstanceUID) == (src.PatientID, src.StudyInstanceUID)
+            assert out.SeriesInstanceUID != src.SeriesInstanceUID
+        checked += 1
+    # (the tiny test model's head localiser refuses most frames; the unit test
+    # test_dicom_out_seg_and_sr_hold_the_best_frames_labels_and_the_exam_row covers written objects)
+    assert checked == sum(e["frames_used"] != "0" and e["best_image"].endswith(".dcm") for e in exams)
+    assert f"DICOM SEG and SR for {checked} exam(s)" in stdout, stdout
 
 
 def test_quarantined_rows_never_reach_the_dataset(flow_run):

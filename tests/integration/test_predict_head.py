@@ -129,7 +129,7 @@ def test_a_real_hc18_frame_through_cbh_predict(mlflow_registry, tmp_path):
     (src / "blank.json").write_text(json.dumps({"pixel_spacing_mm": [0.15, 0.15]}))
     uri = _register(tmp_path, "plain", None)
     out = tmp_path / "pred.csv"
-    n, errors, refused, _, _ = predict_path(src, out, uri, ga_weeks=20.0, head_model=str(_head(tmp_path / "head")))
+    n, errors, refused, _, _ = predict_path(src, out, uri, ga_weeks=20.0, head_model=str(_head(tmp_path / "head")))[:5]
     rows = list(csv.DictReader(out.open()))
     assert n == len(rows) == 3 and errors == 0 and list(rows[0]) == COLUMNS
     for r in rows:
@@ -216,7 +216,7 @@ def test_bad_files_in_a_folder_cost_only_their_own_rows(mlflow_registry, tmp_pat
 
     monkeypatch.setattr(CBHModel, "predict_rows", fails_on_odd)
     out = tmp_path / "pred.csv"
-    n, errors, _, _, _ = predict_path(src, out, _register(tmp_path, "bad", None), ga_weeks=24.0)
+    n, errors, _, _, _ = predict_path(src, out, _register(tmp_path, "bad", None), ga_weeks=24.0)[:5]
     rows = {r["image"]: r for r in csv.DictReader(out.open())}
     assert n == len(rows) == 5 and errors == 3
     assert rows["zero.dcm"]["prediction"].startswith("error: ") and rows["text.dcm"]["prediction"].startswith("error: ")

@@ -85,7 +85,7 @@ def test_synthetic_export_leaves_no_identifier(small_cohort, pseudo, tmp_path):
     assert "RequestedProcedureID" not in back.RequestAttributesSequence[0]   # nested: the table applies
     assert back.Manufacturer == ds.Manufacturer and back.StationName == ds.StationName  # Retain Device Identity
     shift = pseudo.shift_days(ds.PatientID)
-    assert D.parse_da(back.StudyDate) - D.parse_da(ds.StudyDate) == dt.timedelta(days=shift)
+    assert S.parse_da(back.StudyDate) - S.parse_da(ds.StudyDate) == dt.timedelta(days=shift)
     assert back.AcquisitionDateTime[8:] == ds.AcquisitionDateTime[8:]  # time of day kept, date shifted
     # the banner lies above the ultrasound region: burned-in text is there before, blank after
     y0 = int(ds.SequenceOfUltrasoundRegions[0].RegionLocationMinY0)

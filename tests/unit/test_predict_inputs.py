@@ -88,8 +88,8 @@ def test_a_cine_is_read_frame_by_frame_at_the_stride(small_cohort, tmp_path):
 
 def test_exam_rows_pool_the_usable_frames_of_one_study(small_cohort, tmp_path):
     """Frames of one study (two files here) make one exam: the mean probability of its usable
-    frames at the threshold, the median measurements; an exam with none usable is
-    not_assessable; the study's UID is never written."""
+    frames at the threshold, the measurements of its best frame (highest plane quality); an
+    exam with none usable is not_assessable; the study's UID is never written."""
     import math
 
     from pipelines.serving.predict import exam_rows
@@ -102,17 +102,23 @@ def test_exam_rows_pool_the_usable_frames_of_one_study(small_cohort, tmp_path):
     items = [(tmp_path / "a.dcm", "a.dcm", 0, 22.0, None), (tmp_path / "a.dcm", "a.dcm", 1, 22.0, None),
              (tmp_path / "b.dcm", "b.dcm", 0, 22.0, None), (tmp_path / "c.dcm", "c.dcm", 0, 22.0, None)]
 
-    def row(p, tcd, ok=True):
-        return {"_assessable": ok, "prediction": ("hypoplasia" if p >= 0.35 else "normal") if ok else "not_assessable",
+    def row(p, tcd, ok=True, quality=math.nan):
+        return {"_assessable": ok, "_quality": quality,
+                "prediction": ("hypoplasia" if p >= 0.35 else "normal") if ok else "not_assessable",
                 "hypoplasia_probability": p,
                 "tcd_mm": tcd, "cm_mm": 5.0, "hc_mm": 200.0, "ga_weeks": 22.0}
 
-    rows = [row(0.2, 20.0), row(0.6, 22.0), row(math.nan, math.nan, ok=False), row(math.nan, math.nan, ok=False)]
+    rows = [row(0.2, 20.0, quality=0.81), row(0.6, 22.0, quality=0.93), row(math.nan, math.nan, ok=False, quality=0.99),
+            row(math.nan, math.nan, ok=False)]
     exams = exam_rows(items, rows, 0.35, "models:/m/1")
     assert [(e["exam"], e["images"], e["frames"], e["frames_used"]) for e in exams] == [
         ("exam-1", "a.dcm;b.dcm", 3, 2), ("exam-2", "c.dcm", 1, 0)]
     assert exams[0]["hypoplasia_probability"] == pytest.approx(0.4) and exams[0]["prediction"] == "hypoplasia"
-    assert exams[0]["tcd_mm"] == pytest.approx(21.0)
+    assert (exams[0]["best_image"], exams[0]["best_frame"], exams[0]["_best"]) == ("a.dcm", 1, 1)
+    assert exams[0]["tcd_mm"] == pytest.approx(22.0) and exams[0]["plane_quality"] == pytest.approx(0.93)
+    rows[1]["_quality"] = 0.5                                        # the other frame is now the better plane
+    assert exam_rows(items, rows, 0.35, "m")[0]["tcd_mm"] == pytest.approx(20.0)
+    assert exams[1]["best_image"] == "" and math.isnan(exams[1]["tcd_mm"])
     assert exams[1]["prediction"] == "not_assessable" and math.isnan(exams[1]["hypoplasia_probability"])
     assert uid not in str(exams)
 
@@ -140,3 +146,65 @@ def test_a_cine_frame_is_decoded_alone_and_is_the_frame_asked_for(small_cohort, 
     assert not np.array_equal(whole[0], whole[3])
     with pytest.raises(S.ScanError, match="frame 4 does not exist"):
         S.read_scan(cine, frame=4)
+
+
+def test_dicom_out_seg_and_sr_hold_the_best_frames_labels_and_the_exam_row(small_cohort, tmp_path):
+    """`cbh predict --dicom-out`'s writer: per exam, a SEG whose segments read back (highdicom)
+    equal the best frame's labels on the source grid, and an SR whose measurements and finding
+    equal the exam row; both in the source's study. A PNG exam and an exam with no usable frame
+    get nothing, a cine's frame an SR and no SEG, each with its note."""
+    import math
+
+    import numpy as np
+    import pydicom
+
+    from pipelines.imaging.preprocess import load_frame, prepare_frame, unwarp
+    from pipelines.imaging.scan import pixel_spacing_mm, read_dicom, sidecar_spacing_mm
+    from pipelines.serving.dicom_out import read_back
+    from pipelines.serving.predict import exam_rows, write_dicom_results
+
+    dicoms = sorted((small_cohort / "scans").glob("*.dcm"))
+    png = sorted((small_cohort / "scans").glob("*.png"))[0]
+    cine = tmp_path / "cine.dcm"
+    _multiframe(dicoms[1], cine, 3, study="1.2.826.0.1.3680043.8.498.77")
+    ds = pydicom.dcmread(cine)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"   # US multi-frame
+    ds.save_as(cine)
+    items = [(dicoms[0], "a.dcm", 0, 22.0, None), (png, "b.png", 0, 22.0, None), (cine, "cine.dcm", 2, 22.0, None),
+             (dicoms[2], "c.dcm", 0, 22.0, None)]
+
+    def row(path, frame, ok=True):
+        grey, valid = load_frame(path, frame)
+        spacing = sidecar_spacing_mm(path) if path.suffix == ".png" else pixel_spacing_mm(read_dicom(path, True))
+        _img, crop = prepare_frame(grey, valid, spacing, 96, 1.15)
+        labels = np.zeros((96, 96), np.uint8)
+        labels[40:56, 30:66], labels[60:66, 40:56] = 1, 2
+        return {"_assessable": ok, "_quality": 0.9, "prediction": "hypoplasia" if ok else "not_assessable",
+                "hypoplasia_probability": 0.8 if ok else math.nan, "tcd_mm": 18.5, "tcd_centile": 1.5,
+                "cm_mm": 4.0, "cm_centile": 40.0, "hc_mm": 190.0, "hc_centile": math.nan, "ga_weeks": 22.0,
+                "_labels": labels, "_crop": crop, "_shape": grey.shape}
+
+    rows = [row(p, f, ok=k != 3) for k, (p, _n, f, _g, _m) in enumerate(items)]
+    exams = exam_rows(items, rows, 0.5, "models:/m/3")
+    written, notes = write_dicom_results(exams, items, rows, tmp_path / "pacs", "models:/m/3")
+    assert written == 2 and sorted(p.name for p in (tmp_path / "pacs").iterdir()) == ["exam-1", "exam-3"]
+    assert notes == ["exam-2: scored on PNG/JPEG, no DICOM study to return to",
+                     "exam-3: no SEG for a frame of a cine without patient coordinates (the SR names the frame)",
+                     "exam-4: no assessable frame, nothing to report"]
+    labels, values, finding = read_back(tmp_path / "pacs/exam-1/seg.dcm", tmp_path / "pacs/exam-1/sr.dcm")
+    want = unwarp(rows[0]["_labels"], rows[0]["_crop"], rows[0]["_shape"])
+    assert np.array_equal(labels, want) and (labels == 1).sum() > 100 and (labels == 2).sum() > 20
+    assert values == {"11863-8": 18.5, "125012:11863-8": 1.5, "11860-4": 4.0, "125012:11860-4": 40.0,
+                      "11984-2": 190.0, "122157": 0.8, "18185-9": 22.0}        # HC without a centile: none
+    assert finding == "hypoplasia"
+    src = pydicom.dcmread(dicoms[0], stop_before_pixels=True)
+    for name in ("seg.dcm", "sr.dcm"):
+        out = pydicom.dcmread(tmp_path / "pacs/exam-1" / name)
+        assert (out.StudyInstanceUID, out.PatientID) == (src.StudyInstanceUID, src.PatientID)
+    sr = pydicom.dcmread(tmp_path / "pacs/exam-3/sr.dcm")
+    assert not (tmp_path / "pacs/exam-3/seg.dcm").exists()
+    assert {int(e.value) for e in sr.iterall() if e.keyword == "ReferencedFrameNumber"} == {3}   # frame 2, 1-based
+    # written again, the same objects (a PACS replaces rather than duplicates them)
+    first = pydicom.dcmread(tmp_path / "pacs/exam-1/sr.dcm").SOPInstanceUID
+    write_dicom_results(exams, items, rows, tmp_path / "again", "models:/m/3")
+    assert pydicom.dcmread(tmp_path / "again/exam-1/sr.dcm").SOPInstanceUID == first
