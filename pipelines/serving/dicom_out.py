@@ -14,8 +14,8 @@ comes from a DICOM file:
 
 Both objects take the patient, study and frame-of-reference modules from their source image
 (highdicom copies them), so they join the study they describe: a de-identified source gives a
-de-identified result with the same pseudonyms and shifted dates, an identified one a result
-for the same patient. Nothing else from the source header is copied, and the output names
+de-identified result with the same pseudonyms, and every date in it is the source's shifted
+study date (`dates_like_source`); an identified one gives a result for the same patient. Nothing else from the source header is copied, and the output names
 are the exam numbers, never a UID. An exam scored on PNG/JPEG frames has no DICOM study to
 return to: it gets no objects, and the summary says how many.
 """
@@ -168,6 +168,18 @@ def _finite(value: object) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def dates_like_source(obj, source) -> None:
+    """For a de-identified source (PatientIdentityRemoved YES), every date and time the new
+    object carries becomes the source's (shifted) study date and time. The day the result was
+    made is real, and beside a shifted study date it would tell the shift."""
+    if str(source.get("PatientIdentityRemoved", "")).upper() != "YES":
+        return
+    day, time = str(source.get("StudyDate", "") or ""), str(source.get("StudyTime", "") or "")
+    for elem in obj.iterall():
+        if elem.VR in ("DA", "TM", "DT") and elem.value not in (None, ""):
+            elem.value = {"DA": day, "TM": time, "DT": day + time}[elem.VR]
+
+
 def write_exam(result: ExamResult, out_dir: Path, model_uri: str) -> tuple[Path | None, Path, str]:
     """sr.dcm and, where the best frame allows it, seg.dcm of one exam under `out_dir/<exam>/`;
     returns (seg path or None, SR path, why there is no SEG or '')."""
@@ -179,10 +191,14 @@ def write_exam(result: ExamResult, out_dir: Path, model_uri: str) -> tuple[Path 
     seg_path, sr_path = folder / "seg.dcm", folder / "sr.dcm"
     why = ""
     try:
-        segmentation(source, result.frame, result.labels, model_uri).save_as(seg_path)
+        seg = segmentation(source, result.frame, result.labels, model_uri)
+        dates_like_source(seg, source)
+        seg.save_as(seg_path)
     except CineSegmentationError as exc:
         seg_path, why = None, str(exc)
-    structured_report(source, result.frame, result.row, model_uri).save_as(sr_path)
+    sr = structured_report(source, result.frame, result.row, model_uri)
+    dates_like_source(sr, source)
+    sr.save_as(sr_path)
     return seg_path, sr_path, why
 
 

@@ -204,6 +204,16 @@ def test_dicom_out_seg_and_sr_hold_the_best_frames_labels_and_the_exam_row(small
     sr = pydicom.dcmread(tmp_path / "pacs/exam-3/sr.dcm")
     assert not (tmp_path / "pacs/exam-3/seg.dcm").exists()
     assert {int(e.value) for e in sr.iterall() if e.keyword == "ReferencedFrameNumber"} == {3}   # frame 2, 1-based
+    # a de-identified source: the results carry its shifted study date, never the real day they were made
+    deid = tmp_path / "deid.dcm"
+    ds = pydicom.dcmread(dicoms[0])
+    ds.PatientIdentityRemoved, ds.StudyDate, ds.StudyTime = "YES", "20190304", "101500"
+    ds.save_as(deid)
+    write_dicom_results(exams[:1], [(deid, *items[0][1:])], rows[:1], tmp_path / "deid-out", "models:/m/3")
+    for name in ("seg.dcm", "sr.dcm"):
+        out = pydicom.dcmread(tmp_path / "deid-out/exam-1" / name)
+        dates = {str(e.value) for e in out.iterall() if e.VR in ("DA", "DT") and e.value}
+        assert dates <= {"20190304", "20190304101500"} and out.PatientIdentityRemoved == "YES", dates
     # written again, the same objects (a PACS replaces rather than duplicates them)
     first = pydicom.dcmread(tmp_path / "pacs/exam-1/sr.dcm").SOPInstanceUID
     write_dicom_results(exams, items, rows, tmp_path / "again", "models:/m/3")
