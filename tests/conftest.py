@@ -53,3 +53,20 @@ def mlflow_registry(tmp_path, monkeypatch):
     tracking.setup(uri, tmp_path / "mlartifacts")
     yield uri
     mlflow.set_tracking_uri("")
+
+
+def write_cine(src, dst, n: int, study: str | None = None) -> None:
+    """`src`'s frame repeated `n` times as an uncompressed multi-frame DICOM (a cine)."""
+    import numpy as np
+    import pydicom
+
+    ds = pydicom.dcmread(src)
+    arr = ds.pixel_array
+    if ds.get("SamplesPerPixel", 1) == 3:
+        ds.PhotometricInterpretation, ds.PlanarConfiguration = "RGB", 0
+    ds.PixelData = np.ascontiguousarray(np.stack([arr] * n)).tobytes()
+    ds.NumberOfFrames = n
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    if study:
+        ds.StudyInstanceUID = study
+    ds.save_as(dst, enforce_file_format=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.conftest import TEST_KEY
+from tests.conftest import TEST_KEY, write_cine
 from tests.integration.workspace import TINY_PARAMS, cbh_side_by_side, commit_workspace, registry, set_params
 from tests.integration.workspace import cbh as _cbh
 from tests.integration.workspace import make_workspace as _workspace
@@ -359,9 +359,22 @@ def test_predict_on_a_dicom_file_a_png_and_a_folder(flow_run, tmp_path):
     dcm = sorted(cohort.glob("scans/*.dcm"))[0]
     png = sorted(cohort.glob("scans/*.png"))[0]
     inputs = (dcm, png, cohort / "scans")
-    *runs, no_ga = cbh_side_by_side(
+    # an exam of two files (one study) and a three-frame cine (another)
+    exam = tmp_path / "exam"
+    exam.mkdir()
+    others = sorted(cohort.glob("scans/*.dcm"))[1:3]
+    write_cine(others[0], exam / "a.dcm", 1, study="1.2.826.0.1.3680043.8.498.4242")
+    write_cine(others[1], exam / "b.dcm", 1, study="1.2.826.0.1.3680043.8.498.4242")
+    write_cine(dcm, exam / "cine.dcm", 3, study="1.2.826.0.1.3680043.8.498.4343")
+    *runs, no_ga, exam_run = cbh_side_by_side(
         ws, *[("predict", str(inp), "--out", str(tmp_path / f"{inp.stem}.csv"), "--ga-weeks", "24") for inp in inputs],
-        ("predict", str(dcm), "--out", str(tmp_path / "x.csv")))
+        ("predict", str(dcm), "--out", str(tmp_path / "x.csv")),
+        ("predict", str(exam), "--out", str(tmp_path / "exam.csv"), "--ga-weeks", "24"))
+    assert exam_run.returncode == 0, exam_run.stderr[-2000:]
+    frames = [(r["image"], r["frame"]) for r in csv.DictReader((tmp_path / "exam.csv").open())]
+    assert frames == [("a.dcm", "0"), ("b.dcm", "0"), ("cine.dcm", "0"), ("cine.dcm", "1"), ("cine.dcm", "2")]
+    by_exam = [(e["images"], e["frames"]) for e in csv.DictReader((tmp_path / "exam-exams.csv").open())]
+    assert by_exam == [("a.dcm;b.dcm", "2"), ("cine.dcm", "3")]
     for inp, pr in zip(inputs, runs, strict=True):
         assert pr.returncode == 0, pr.stderr[-2000:]
         rows = list(csv.DictReader((tmp_path / f"{inp.stem}.csv").open()))

@@ -8,6 +8,7 @@ import csv
 import pytest
 
 from pipelines.serving.predict import PredictInputError, prediction_inputs
+from tests.conftest import write_cine
 
 
 def _cohort(tmp_path, ga: str):
@@ -59,29 +60,12 @@ def test_ga_comes_from_the_dicom_header_when_not_given(small_cohort, tmp_path):
     assert all(ga == 21.0 for _, _, _, ga, _ in prediction_inputs(folder, 21.0, False))   # given: it wins
 
 
-def _multiframe(src, dst, n: int, study: str | None = None) -> None:
-    """`src`'s frame repeated `n` times as an uncompressed multi-frame DICOM (a cine)."""
-    import numpy as np
-    import pydicom
-
-    ds = pydicom.dcmread(src)
-    arr = ds.pixel_array
-    if ds.get("SamplesPerPixel", 1) == 3:
-        ds.PhotometricInterpretation, ds.PlanarConfiguration = "RGB", 0
-    ds.PixelData = np.ascontiguousarray(np.stack([arr] * n)).tobytes()
-    ds.NumberOfFrames = n
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    if study:
-        ds.StudyInstanceUID = study
-    ds.save_as(dst, enforce_file_format=True)
-
-
 def test_a_cine_is_read_frame_by_frame_at_the_stride(small_cohort, tmp_path):
     from pipelines.serving.predict import prediction_inputs
 
     folder = tmp_path / "cine"
     folder.mkdir()
-    _multiframe(sorted((small_cohort / "scans").glob("*.dcm"))[0], folder / "cine.dcm", 5)
+    write_cine(sorted((small_cohort / "scans").glob("*.dcm"))[0], folder / "cine.dcm", 5)
     assert [fr for _, _, fr, _, _ in prediction_inputs(folder, 20.0, False)] == [0, 1, 2, 3, 4]
     assert [fr for _, _, fr, _, _ in prediction_inputs(folder, 20.0, False, frame_stride=2)] == [0, 2, 4]
 
@@ -96,9 +80,9 @@ def test_exam_rows_pool_the_usable_frames_of_one_study(small_cohort, tmp_path):
 
     dicoms = sorted((small_cohort / "scans").glob("*.dcm"))
     uid = "1.2.826.0.1.3680043.8.498.999"
-    _multiframe(dicoms[0], tmp_path / "a.dcm", 2, study=uid)
-    _multiframe(dicoms[1], tmp_path / "b.dcm", 1, study=uid)
-    _multiframe(dicoms[2], tmp_path / "c.dcm", 1, study=uid + ".1")
+    write_cine(dicoms[0], tmp_path / "a.dcm", 2, study=uid)
+    write_cine(dicoms[1], tmp_path / "b.dcm", 1, study=uid)
+    write_cine(dicoms[2], tmp_path / "c.dcm", 1, study=uid + ".1")
     items = [(tmp_path / "a.dcm", "a.dcm", 0, 22.0, None), (tmp_path / "a.dcm", "a.dcm", 1, 22.0, None),
              (tmp_path / "b.dcm", "b.dcm", 0, 22.0, None), (tmp_path / "c.dcm", "c.dcm", 0, 22.0, None)]
 
@@ -166,7 +150,7 @@ def test_dicom_out_seg_and_sr_hold_the_best_frames_labels_and_the_exam_row(small
     dicoms = sorted((small_cohort / "scans").glob("*.dcm"))
     png = sorted((small_cohort / "scans").glob("*.png"))[0]
     cine = tmp_path / "cine.dcm"
-    _multiframe(dicoms[1], cine, 3, study="1.2.826.0.1.3680043.8.498.77")
+    write_cine(dicoms[1], cine, 3, study="1.2.826.0.1.3680043.8.498.77")
     ds = pydicom.dcmread(cine)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"   # US multi-frame
     ds.save_as(cine)
