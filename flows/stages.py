@@ -273,8 +273,13 @@ def evaluate(params: Params, root: Path, progress: Progress = None) -> TrainOutc
     if not (model_dir / "config.json").is_file():
         raise StageError(f"{params.paths.model_dir}: no trained model; run the train stage first")
     data = _prepared(params, root, progress)
-    evaluation = evaluate_models(Predictor.load(model_dir), data, params)
-    metrics = evaluation.metrics
+    predictor = Predictor.load(model_dir)
+    evaluation = evaluate_models(predictor, data, params)
+    metrics = dict(evaluation.metrics)
+    # the size of what is registered, for reviewers comparing architectures
+    n_cls, n_seg = (sum(p.numel() for p in net.parameters()) for net in (predictor.cls, predictor.seg))
+    metrics.update({"model.parameters": float(n_cls + n_seg), "model.parameters_classifier": float(n_cls),
+                    "model.parameters_segmenter": float(n_seg)})
     dataset = pq.read_table(root / params.paths.dataset).to_pandas()
     summary = {"split": split_summary(dataset), "excluded_unfittable": len(data.failed),
                "subgroups": evaluation.subgroups}
@@ -287,7 +292,9 @@ def evaluate(params: Params, root: Path, progress: Progress = None) -> TrainOutc
         table.to_csv(plots / f"{name}.csv", index=False)
 
     tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
-    tags = {**lineage.collect(root, params), "model.kind": params.train.model}
+    tags = {**lineage.collect(root, params), "model.kind": params.train.model,
+            # the test intervals resample patients (all of a drawn patient's images together)
+            "evaluation.bootstrap_unit": "patient"}
     frozen = pq.read_table(root / params.paths.frozen_test).to_pandas()
     remote = str((root / params.paths.dvc_remote).resolve())
     inputs = [
@@ -357,12 +364,26 @@ def promote(params: Params, root: Path):
         head_dir = head_dir if predictor.cfg.frame == "learned" and (head_dir / "head.pt").is_file() else None
         data = prepare_cached(root / params.paths.dataset, root, predictor.cfg.size, predictor.cfg.crop_margin,
                               root / params.paths.cache, head_dir=head_dir)
-        metrics = evaluate_models(predictor, data, params).metrics
+        evaluation = evaluate_models(predictor, data, params)
+        rescored["test_predictions"] = evaluation.tables["test_predictions"]
         plt.close("all")
-        return metrics
+        return evaluation.metrics
 
+    def paired(champ, chal, champion_rescored: bool):
+        """The challenger's AUC difference to the champion over the frozen test set's patients."""
+        from pipelines.registry.paired import paired as compare
+        from pipelines.registry.paired import patients_of, run_table
+
+        ref = rescored.get("test_predictions") if champion_rescored else run_table(champ.run_id, "test_predictions")
+        other = run_table(chal.run_id, "test_predictions")
+        if ref is None or other is None:
+            return None
+        patients = patients_of(root / params.paths.frozen_test, chal.tags.get("data.frozen_test_md5"))
+        return compare(ref, other, patients, params.evaluate.bootstrap, params.train.seed)
+
+    rescored: dict = {}
     decision = gatekeeper.promote(params.promote.model_name, params.promote, audit_trail(params, root),
-                                  current, reevaluate)
+                                  current, reevaluate, paired)
     if decision.decision == "rejected":
         from flows.notify import notify
 

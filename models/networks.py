@@ -153,11 +153,23 @@ class BiometryRule(nn.Module):
 
 
 def make_classifier(model: str, features: int, backbone: str = "small", shape_backbone: str = "small",
-                    image_norm: str = "none") -> nn.Module:
-    """The comparison models selectable by `cbh train --model`."""
+                    image_norm: str = "none", gate_reading: str = "sample", paper_width: float = 1.0) -> nn.Module:
+    """The comparison models selectable by `cbh train --model`; `asc-paper` is the published
+    network (models/paper.py), whose branches and widths are its own (`features`, `backbone`
+    and `shape_backbone` do not apply to it)."""
     kw = {"backbone": backbone, "shape_backbone": shape_backbone, "image_norm": image_norm}
     if model == "biometry-rule":
         return BiometryRule()
+    if model == "asc-paper":
+        from models.paper import PaperASCNet
+
+        if paper_width >= 1.0:
+            return PaperASCNet(gate_reading)
+        # a shrunk copy for fast tests: every width scaled, the 1000-d outputs and the head too
+        out = max(16, int(round(1000 * paper_width)))
+        return PaperASCNet(gate_reading, width=paper_width, out_features=out,
+                           feedforward=max(8, int(round(256 * paper_width))),
+                           hidden=(max(8, int(round(500 * paper_width))), max(4, int(round(250 * paper_width)))))
     if model == "asc":
         return ASCNet(features, **kw)
     if model == "asc-ga":
@@ -166,4 +178,4 @@ def make_classifier(model: str, features: int, backbone: str = "small", shape_ba
         return ASCNet(features, context_cols=(1,), **kw)
     if model == "image-only":
         return ASCNet(features, use_shape=False, **kw)
-    raise ValueError(f"unknown model {model!r}; choose asc, asc-ga, asc-scale, image-only or biometry-rule")
+    raise ValueError(f"unknown model {model!r}; choose asc, asc-ga, asc-scale, image-only, biometry-rule or asc-paper")

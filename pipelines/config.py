@@ -30,11 +30,13 @@ class ConfigError(CbhError, ValueError):
     exit_code = EXIT_USAGE
 
 
-Model = Literal["asc", "asc-ga", "asc-scale", "image-only", "biometry-rule"]   # models/networks.py make_classifier
+# models/networks.py make_classifier
+Model = Literal["asc", "asc-ga", "asc-scale", "image-only", "biometry-rule", "asc-paper"]
 Augment = Literal["basic", "scanner", "floor"]                      # models/augment.py AUGMENTS
 ImageNorm = Literal["none", "equalise"]                             # models/networks.py IMAGE_NORMS
 SegNorm = Literal["batch", "instance"]                              # models/networks.py SEG_NORMS
 Backbone = Literal["small", "densenet121", "resnet18", "resnet34", "resnet50"]   # models/networks.py BACKBONES
+GateReading = Literal["sample", "batch"]                             # models/paper.py GATE_READINGS
 Executor = Literal["processes", "dask"]                             # flows/executors.py
 HeadMethod = Literal["contour", "moments"]                          # pipelines/imaging/head.py ellipse_from_mask
 
@@ -245,6 +247,14 @@ class TrainParams:
     augment: Augment = Field(description="random intensity transforms of the classifier's images "
                                          "(models/augment.py)")
     image_norm: ImageNorm = Field(description="equalise: the image branch sees the crop histogram-equalised")
+    # asc-paper only (models/paper.py); defaults, so a params.yaml written before them still loads
+    paper_gate: GateReading = Field(default="sample", description="asc-paper's shape gate: each sample's own "
+                                    "vector (sample) or the batch as one sequence, as the published code (batch)")
+    paper_width: float = Field(default=1.0, gt=0, le=1, description="asc-paper's channel width (1.0: the "
+                               "published Inception-v3 and VGG16-bn; less only for fast tests)")
+    imagenet_inception: str = Field(default="", description="asc-paper: a local torchvision-format ImageNet "
+                                    "state dict for Inception-v3 ('' : from scratch; nothing is downloaded)")
+    imagenet_vgg: str = Field(default="", description="asc-paper: the same for VGG16-bn")
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -262,7 +272,9 @@ class PromoteParams:
 
     min_auc: Fraction = Field(description="absolute test AUC floor, also for the first champion")
     min_sensitivity: Fraction = Field(description="test sensitivity floor at the operating threshold")
-    auc_margin: Fraction = Field(description="the challenger's AUC may be at most this much below the champion's")
+    auc_margin: Fraction = Field(description="non-inferiority margin: the lower bound of the challenger's paired "
+                                 "AUC difference to the champion (95%, patient bootstrap) must not fall below "
+                                 "minus this")
     max_ece: Fraction = Field(description="calibration bound: expected calibration error on the test set")
     require_valid_data: bool = Field(description="the training data must have passed the data contract")
     model_name: Text = Field(description="registered model name in MLflow")

@@ -23,6 +23,7 @@ from pipelines.config import PromoteParams
 from pipelines.errors import CbhError
 from pipelines.locks import exclusive_lock
 from pipelines.registry.audit import ABANDONED, CONFIRMED, PENDING, AuditError, Trail, decisions, now
+from pipelines.registry.paired import Paired
 
 
 class PromotionError(CbhError, RuntimeError):
@@ -61,28 +62,39 @@ def version_metrics(client: MlflowClient, mv) -> dict[str, float]:
 
 
 def gate(challenger: dict[str, float], champion: dict[str, float] | None, p: PromoteParams,
-         same_test_set: bool, data_validation: str = "passed") -> tuple[bool, str]:
-    """The promotion rule; returns (passed, reason)."""
+         same_test_set: bool, data_validation: str = "passed", paired: Paired | None = None) -> tuple[bool, str]:
+    """The promotion rule; returns (passed, reason). Every challenger, the first champion too,
+    must pass every floor (valid data, AUC, sensitivity, calibration). Against a champion it is
+    a non-inferiority test: the lower bound of the paired AUC difference (challenger minus
+    champion on the same patients, `paired`) must not fall below -auc_margin. Without paired
+    predictions (runs logged before they were) the point estimates are compared, and the
+    reason says so."""
     auc, sens = challenger.get("test_auc", float("nan")), challenger.get("test_sensitivity", float("nan"))
     if p.require_valid_data and data_validation != "passed":
         return False, f"the training data did not pass the data contract (validation: {data_validation})"
     if not auc >= p.min_auc:
         return False, f"test AUC {auc:.3f} is below the floor {p.min_auc:.3f}"
-    if champion is None:
-        # the first champion: discrimination must pass its floor (an untrained model does not);
-        # the operating point's sensitivity is reported, and gated from the next promotion on
-        return True, f"no champion yet; AUC {auc:.3f} passes the floor (sensitivity {sens:.3f})"
     if not sens >= p.min_sensitivity:
         return False, f"test sensitivity {sens:.3f} is below the floor {p.min_sensitivity:.3f}"
     ece = challenger.get("test_ece", float("nan"))
     if not ece <= p.max_ece:
         return False, f"test calibration error {ece:.3f} is above the bound {p.max_ece:.3f}"
+    if champion is None:
+        return True, f"no champion yet; AUC {auc:.3f}, sensitivity {sens:.3f} and calibration {ece:.3f} pass " \
+                     "every floor"
     if not same_test_set:
         return False, "champion was evaluated on another frozen test set; re-evaluate before comparing"
     ref = champion.get("test_auc", float("nan"))
+    if paired is not None and paired.ci_low == paired.ci_low:
+        basis = f"AUC difference to the champion {paired.interval()} over {paired.units} {paired.unit}"
+        if paired.ci_low < -p.auc_margin:
+            return False, f"{basis}: its lower bound is below the non-inferiority margin -{p.auc_margin}"
+        return True, f"{basis}: non-inferior (margin {p.auc_margin}); sensitivity {sens:.3f}"
     if auc < ref - p.auc_margin:
-        return False, f"test AUC {auc:.3f} is more than {p.auc_margin} below the champion's {ref:.3f}"
-    return True, f"test AUC {auc:.3f} vs champion {ref:.3f} (margin {p.auc_margin}); sensitivity {sens:.3f}"
+        return False, f"test AUC {auc:.3f} is more than {p.auc_margin} below the champion's {ref:.3f} (point " \
+                      "estimates: no paired test predictions)"
+    return True, f"test AUC {auc:.3f} vs champion {ref:.3f} (margin {p.auc_margin}; point estimates: no paired " \
+                 f"test predictions); sensitivity {sens:.3f}"
 
 
 def append_record(trail: Trail, d: Decision) -> tuple[Decision, str, int]:
@@ -98,15 +110,18 @@ def verify_trail(trail: Trail) -> list[int]:
 
 
 Reevaluate = Callable[[str], dict[str, float]]
+# (champion version, challenger version, champion re-evaluated here) -> the paired difference
+PairedFn = Callable[[object, object, bool], "Paired | None"]
 
 
 def promote(name: str, p: PromoteParams, trail: Trail, current_test_md5: str | None = None,
-            reevaluate: Reevaluate | None = None) -> Decision:
+            reevaluate: Reevaluate | None = None, paired: PairedFn | None = None) -> Decision:
     """Compare challenger with champion; move `champion` only if the gate passes.
 
     Both must have been evaluated on the same frozen test set version. If the champion was
     evaluated on another one and the challenger on the workspace's current one
-    (`current_test_md5`), `reevaluate(version)` scores the champion on it first.
+    (`current_test_md5`), `reevaluate(version)` scores the champion on it first. `paired` gives
+    the challenger's AUC difference to the champion on the same patients, which the gate reads.
     """
     client = MlflowClient()
     with exclusive_lock(trail.lock):
@@ -123,10 +138,12 @@ def promote(name: str, p: PromoteParams, trail: Trail, current_test_md5: str | N
         else:
             chal_test = chal.tags.get("data.frozen_test_md5")
             same = champ is None or chal_test == champ.tags.get("data.frozen_test_md5")
+            rescored = False
             if not same and reevaluate is not None and chal_test and chal_test == current_test_md5:
                 m_champ = reevaluate(champ.version)
-                same, note = True, f"; champion re-evaluated on frozen test set {chal_test[:8]}"
-            passed, reason = gate(m_chal, m_champ, p, same, chal.tags.get("data.validation", "missing"))
+                same, rescored, note = True, True, f"; champion re-evaluated on frozen test set {chal_test[:8]}"
+            difference = paired(champ, chal, rescored) if paired is not None and champ is not None and same else None
+            passed, reason = gate(m_chal, m_champ, p, same, chal.tags.get("data.validation", "missing"), difference)
             reason += note
         thresholds = {"min_auc": p.min_auc, "min_sensitivity": p.min_sensitivity, "auc_margin": p.auc_margin,
                       "max_ece": p.max_ece, "require_valid_data": float(p.require_valid_data)}

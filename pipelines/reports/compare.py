@@ -8,7 +8,6 @@ confusion matrices, subgroup metrics, data and code versions, and the promotion 
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -67,8 +66,9 @@ def _artifact(run_id: str, path: str) -> str | None:
 
 
 def _table(run_id: str, name: str) -> pd.DataFrame | None:
-    text = _artifact(run_id, f"evaluation/{name}.csv")
-    return pd.read_csv(io.StringIO(text)) if text else None
+    from pipelines.registry.paired import run_table
+
+    return run_table(run_id, name)
 
 
 def _label(run: Run) -> str:
@@ -183,41 +183,31 @@ def _gate_reason(client: MlflowClient, model_name: str, run_id: str) -> str:
 
 def _paired(runs: list[Run], frozen: Path | None, n_boot: int, seed: int) -> Table:
     """Each run against the first on the images both scored of the same frozen test set: the AUC
-    difference with its interval and p-value from a bootstrap over patients (the workspace's
-    frozen test table names each image's patient; without it, or for another version of it,
-    images are the unit and the row says so)."""
-    from pipelines.evaluation.metrics import paired_auc_difference
-    from pipelines.registry.lineage import md5_file
+    difference with its interval and p-value from a bootstrap over patients
+    (`pipelines.registry.paired`; images are the unit where the frozen test table is another
+    version, and the row says so)."""
+    from pipelines.registry.paired import paired, patients_of, run_table
 
     head = ["run", "against", "images", "unit", "AUC difference [95% interval]", "p (two-sided)"]
     if len(runs) < 2:
         return Table(head, [])
     ref = runs[0]
-    ref_pred = _table(ref.info.run_id, "test_predictions")
+    ref_pred = run_table(ref.info.run_id, "test_predictions")
     test_md5 = ref.data.tags.get("data.frozen_test_md5")
-    patients: dict[str, str] = {}
-    if frozen is not None and frozen.is_file() and test_md5 and md5_file(frozen) == test_md5:
-        table = pd.read_parquet(frozen, columns=["image_id", "patient_pseudo"])
-        patients = dict(zip(table["image_id"].astype(str), table["patient_pseudo"].astype(str), strict=True))
+    patients = patients_of(frozen, test_md5)
     rows = []
     for run in runs[1:]:
         cells = [_label(run), _label(ref)]
-        other = _table(run.info.run_id, "test_predictions")
+        other = run_table(run.info.run_id, "test_predictions")
         if not test_md5 or run.data.tags.get("data.frozen_test_md5") != test_md5 or ref_pred is None \
                 or other is None:
             rows.append(cells + ["-", "-", "not comparable: another frozen test set, or no test predictions", "-"])
             continue
-        both = ref_pred.merge(other, on="image_id", suffixes=("_ref", "_other"))
-        both = both[both["actual_ref"] == both["actual_other"]]
-        ids = both["image_id"].astype(str)
-        unit = ids.map(patients) if patients and ids.isin(patients).all() else ids
-        r = paired_auc_difference((both["actual_ref"] == "hypoplasia").to_numpy().astype(int),
-                                  both["probability_ref"].to_numpy(), both["probability_other"].to_numpy(),
-                                  unit.to_numpy(), n_boot, seed)
-        rows.append(cells + [str(len(both)), f"{unit.nunique()} patients" if unit is not ids else "images",
-                             f"{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]",
-                             "-" if r["p_value"] != r["p_value"] else
-                             f"< {r['p_value']:.3g}" if r["p_value"] * r["n_boot"] <= 1 else f"{r['p_value']:.3f}"])
+        r = paired(ref_pred, other, patients, n_boot, seed)
+        rows.append(cells + [str(r.images), f"{r.units} patients" if r.unit == "patients" else "images",
+                             r.interval(),
+                             "-" if r.p_value != r.p_value else
+                             f"< {r.p_value:.3g}" if r.p_value * r.n_boot <= 1 else f"{r.p_value:.3f}"])
     return Table(head, rows)
 
 

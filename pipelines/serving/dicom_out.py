@@ -15,9 +15,10 @@ comes from a DICOM file:
 Both objects take the patient, study and frame-of-reference modules from their source image
 (highdicom copies them), so they join the study they describe: a de-identified source gives a
 de-identified result with the same pseudonyms, and every date in it is the source's shifted
-study date (`dates_like_source`); an identified one gives a result for the same patient. Nothing else from the source header is copied, and the output names
-are the exam numbers, never a UID. An exam scored on PNG/JPEG frames has no DICOM study to
-return to: it gets no objects, and the summary says how many.
+study date (`dates_like_source`); an identified one gives a result for the same patient.
+Nothing else from the source header is copied, and the output names are the exam numbers, never
+a UID. An exam scored on PNG/JPEG frames has no DICOM study to return to: it gets no objects,
+and the summary says how many.
 """
 
 from __future__ import annotations

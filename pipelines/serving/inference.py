@@ -54,6 +54,8 @@ class ModelConfig:
     image_norm: str = "none"       # a model saved before this option saw its crops as they are
     seg_norm: str = "batch"        # and its segmenter was batch-normalised
     frame: str = "classical"       # its crops were cut around fit_skull's skull, or the learned head's
+    gate_reading: str = "sample"   # asc-paper's shape gate (models/paper.py)
+    paper_width: float = 1.0       # asc-paper's channel width
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -114,7 +116,8 @@ class Predictor:
     def load(cls, folder: Path, device: str = "cpu") -> "Predictor":
         cfg = ModelConfig.load(folder / "config.json")
         seg = make_segmenter(cfg.seg_channels, cfg.seg_norm)
-        clf = make_classifier(cfg.model, cfg.features, cfg.backbone, cfg.shape_backbone, cfg.image_norm)
+        clf = make_classifier(cfg.model, cfg.features, cfg.backbone, cfg.shape_backbone, cfg.image_norm,
+                              cfg.gate_reading, cfg.paper_width)
         seg.load_state_dict(torch.load(folder / "segmenter.pt", map_location=device, weights_only=True))
         clf.load_state_dict(torch.load(folder / "classifier.pt", map_location=device, weights_only=True))
         # (a BiometryRule has an empty state dict: nothing to load, nothing learnt)

@@ -185,8 +185,15 @@ def train_models(data: Prepared, params: Params, checkpoints: Path | None = None
         info["segmenter_resumed_at_epoch"] = seg_log.first_epoch if resumed else None
         history["segmenter"] = seg_log.history
     cfg = ModelConfig(tp.model, tp.features, sp.channels, params.preprocess.size,
-                      params.preprocess.crop_margin, 0.5, tp.backbone, tp.shape_backbone, tp.image_norm, sp.norm)
-    clf = make_classifier(tp.model, tp.features, tp.backbone, tp.shape_backbone, tp.image_norm)
+                      params.preprocess.crop_margin, 0.5, tp.backbone, tp.shape_backbone, tp.image_norm, sp.norm,
+                      gate_reading=tp.paper_gate, paper_width=tp.paper_width)
+    clf = make_classifier(tp.model, tp.features, tp.backbone, tp.shape_backbone, tp.image_norm, tp.paper_gate,
+                          tp.paper_width)
+    if tp.model == "asc-paper" and (tp.imagenet_inception or tp.imagenet_vgg):
+        from models.paper import load_imagenet
+
+        info["imagenet"] = load_imagenet(clf, Path(tp.imagenet_inception) if tp.imagenet_inception else None,
+                                         Path(tp.imagenet_vgg) if tp.imagenet_vgg else None)
     predictor = Predictor(seg, clf, cfg)
     pred_labels = predictor.segment(data.images, data.axis_ratio)
     target = (data.frame["label"] == "hypoplasia").to_numpy().astype(np.int64)
@@ -212,7 +219,10 @@ def train_models(data: Prepared, params: Params, checkpoints: Path | None = None
             callbacks.append(ModelCheckpoint(dirpath=ckpt, save_last=True, save_top_k=0))
         trainer = _trainer(tp.max_epochs, tp, len(va) > 0, callbacks)
         resumed = _fit(trainer, module,
+                       # a last batch of one sample leaves batch norm nothing to normalise over (the
+                       # deep backbones end on 1x1 maps at small crops): it is dropped
                        (DataLoader(train_ds, batch_size=tp.batch_size, shuffle=True,
+                                   drop_last=len(train_ds) % tp.batch_size == 1,
                                    generator=torch.Generator().manual_seed(tp.seed), **loader),
                         DataLoader(val_ds, batch_size=64, **loader)), ckpt, tp.resume)
         rank, world = trainer.global_rank, trainer.world_size

@@ -94,3 +94,40 @@ def test_an_equalised_classifier_trains_and_its_predictor_equalises(prepared, pa
     ctx = context_features(prepared.frame["ga_weeks"].to_numpy()[:4], prepared.mm_per_px[:4])
     brighter = (1.3 * np.clip(images, 0, None) ** 0.7).astype(np.float32)
     assert np.allclose(loaded.probability(images, labels, ctx), loaded.probability(brighter, labels, ctx), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def prepared80(prepared, small_cohort, tmp_path_factory, params):
+    """The same split at 80 px: Inception-v3 needs at least 75."""
+    from pipelines.deid.core import Pseudonymizer
+    from tests.conftest import TEST_KEY
+
+    ws = tmp_path_factory.mktemp("train-ws80")
+    res = ingest_cohort(small_cohort, ws, "data/deid", Pseudonymizer(TEST_KEY.encode()),
+                        params.deid.keep_columns, dt.date(2026, 1, 1))
+    dataset, _ = assign_splits(pd.DataFrame(res.manifest), None, 0.3, 0.3, params.split.seed)
+    return prepare(dataset, ws, 80, params.preprocess.crop_margin)
+
+
+@pytest.mark.parametrize("gate", ["sample", "batch"])
+def test_asc_paper_shrunk_trains_saves_and_loads_with_its_gate(prepared80, params, gate, tmp_path):
+    """The published network, every width scaled to 1/8, trains and evaluates on CPU with either
+    gate reading; the saved model rebuilds the same network and answers the same."""
+    from pipelines.serving.inference import Predictor
+
+    p = replace(params, SHRUNK + ["preprocess.size=80", "train.model=asc-paper", "train.paper_width=0.125",
+                                  f"train.paper_gate={gate}", "train.max_epochs=1"])
+    predictor = train_models(prepared80, p)
+    m = evaluate_models(predictor, prepared80, p).metrics
+    assert 0.0 <= m["test_auc"] <= 1.0 or np.isnan(m["test_auc"])
+    assert predictor.cls.gate_reading == gate and predictor.cls.image.fc.out_features == 125
+    predictor.save(tmp_path / "m")
+    again = Predictor.load(tmp_path / "m")
+    assert (again.cfg.model, again.cfg.gate_reading, again.cfg.paper_width) == ("asc-paper", gate, 0.125)
+    from pipelines.serving.inference import context_features
+
+    te = prepared80.subset("test")
+    images = prepared80.images[te]
+    labels = predictor.segment(images, prepared80.axis_ratio[te])
+    ctx = context_features(prepared80.frame["ga_weeks"].to_numpy()[te], prepared80.mm_per_px[te])
+    assert np.allclose(predictor.probability(images, labels, ctx), again.probability(images, labels, ctx), atol=1e-6)

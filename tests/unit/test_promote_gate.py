@@ -5,6 +5,7 @@ import json
 
 from pipelines.config import PromoteParams
 from pipelines.registry.audit import Trail
+from pipelines.registry.paired import Paired
 from pipelines.registry.promote import Decision, append_record, gate, verify_trail
 
 P = PromoteParams(min_auc=0.75, min_sensitivity=0.8, auc_margin=0.02, max_ece=0.15, require_valid_data=True,
@@ -18,10 +19,32 @@ def test_untrained_model_is_refused_even_as_first_champion():
     assert not ok and "below the floor" in reason
 
 
-def test_first_champion_needs_the_auc_floor_and_valid_data():
-    assert gate({"test_auc": 0.9, "test_sensitivity": 0.7}, None, P, True)[0]
-    ok, reason = gate({"test_auc": 0.9, "test_sensitivity": 0.9}, None, P, True, data_validation="failed")
+def test_first_champion_needs_every_floor_and_valid_data():
+    assert gate(GOOD, None, P, True)[0]
+    ok, reason = gate({**GOOD, "test_sensitivity": 0.7}, None, P, True)
+    assert not ok and "sensitivity 0.700 is below the floor" in reason
+    ok, reason = gate({**GOOD, "test_ece": 0.3}, None, P, True)
+    assert not ok and "calibration" in reason
+    ok, reason = gate(GOOD, None, P, True, data_validation="failed")
     assert not ok and "data contract" in reason
+
+
+def _paired(low: float, high: float) -> Paired:
+    return Paired(images=80, unit="patients", units=40, difference=(low + high) / 2, ci_low=low, ci_high=high,
+                  p_value=0.4, n_boot=500)
+
+
+def test_against_a_champion_the_gate_reads_the_lower_bound_of_the_paired_difference():
+    """Non-inferiority: a challenger whose point AUC is above the champion's but whose paired
+    interval reaches below -margin is refused; one a little below, with a tight interval, passes."""
+    champ = {"test_auc": 0.95}
+    ok, reason = gate({**GOOD, "test_auc": 0.96}, champ, P, True, paired=_paired(-0.08, 0.10))
+    assert not ok and "lower bound is below the non-inferiority margin -0.02" in reason and "40 patients" in reason
+    ok, reason = gate({**GOOD, "test_auc": 0.94}, champ, P, True, paired=_paired(-0.015, -0.005))
+    assert ok and "non-inferior" in reason
+    nan = float("nan")                   # too few patients for an interval: the point estimates decide
+    ok, reason = gate({**GOOD, "test_auc": 0.94}, champ, P, True, paired=_paired(nan, nan))
+    assert ok and "point estimates" in reason
 
 
 def test_challenger_against_champion():

@@ -312,3 +312,49 @@ def test_a_trail_whose_key_is_missing_is_refused_and_reading_creates_none(tmp_pa
     with pytest.raises(AuditError, match="holds 1 records but its key is missing"):
         Trail.open(tmp_path / "trail.jsonl", key)
     assert not key.exists()
+
+
+def test_the_gate_pairs_the_logged_test_predictions_over_the_frozen_test_patients(registry, tmp_path):
+    """Each run's logged test predictions, joined on the frozen test table's patients: a
+    challenger as good as the champion is non-inferior over 20 patients; a worse one is refused
+    on the lower bound of the difference, not on its point AUC alone."""
+    import numpy as np
+    import pandas as pd
+
+    from pipelines.registry.lineage import md5_file
+    from pipelines.registry.paired import paired_runs
+
+    client, version = registry
+    rng = np.random.default_rng(3)
+    images = [f"I{k:03d}" for k in range(40)]
+    frozen = tmp_path / "frozen_test.parquet"
+    pd.DataFrame({"image_id": images, "patient_pseudo": [f"P{k // 2:02d}" for k in range(40)]}).to_parquet(frozen)
+    md5 = md5_file(frozen)
+    actual = np.array(["hypoplasia" if (k // 2) % 2 else "normal" for k in range(40)])
+
+    def run_with(prob: np.ndarray, metrics: dict[str, float]) -> str:
+        v = version(metrics, md5)
+        run_id = client.get_model_version("m", v).run_id
+        table = pd.DataFrame({"image_id": images, "actual": actual, "predicted": "normal", "probability": prob})
+        client.log_text(run_id, table.to_csv(index=False), "evaluation/test_predictions.csv")
+        return v
+
+    good = {"test_auc": 0.95, "test_sensitivity": 0.9, "test_ece": 0.05}
+    sick = actual == "hypoplasia"
+    base = np.where(sick, 0.7, 0.3) + rng.normal(0, 0.2, 40)
+    audit = Trail(tmp_path / "audit.jsonl", KEY)
+    pairs = []
+
+    def pair(champ, chal, rescored):
+        pairs.append(rescored)
+        return paired_runs(champ.run_id, chal.run_id, frozen, md5, 300, 7)
+
+    run_with(base, good)
+    assert promote("m", P, audit, paired=pair).decision == "promoted" and pairs == []     # no champion to pair
+    run_with(base + rng.normal(0, 0.001, 40), good)
+    same = promote("m", P, audit, paired=pair)
+    assert same.decision == "promoted" and "non-inferior" in same.reason and "20 patients" in same.reason
+    worse = run_with(np.where(sick, 0.5, 0.45) + rng.normal(0, 0.2, 40), {**good, "test_auc": 0.97})
+    refused = promote("m", P, audit, paired=pair)
+    assert refused.decision == "rejected" and "non-inferiority margin" in refused.reason, refused.reason
+    assert client.get_model_version("m", worse).tags["promotion.decision"] == "rejected"
