@@ -191,6 +191,19 @@ def cmd_train(a: argparse.Namespace, root: Path) -> int:
     return 0
 
 
+def cmd_ablate(a: argparse.Namespace, root: Path) -> int:
+    from flows.ablate import ablate, summary_lines
+
+    params = _params(root, list(a.set or []), a.profile)
+    models = [m.strip() for m in a.models.split(",") if m.strip()] if a.models else None
+    ab = ablate(params, root, models, Path(a.out), progress=_progress("preparing"))
+    print(f"ablation run {ab.parent_run}: {len(ab.runs)} models on one data version and frozen test set "
+          f"(intervals over patients; the report pairs each model with the first)")
+    print("\n".join(summary_lines(ab)))
+    print(f"comparison written to {ab.report[0]} and {ab.report[1]}; nothing was registered")
+    return 0
+
+
 def cmd_promote(a: argparse.Namespace, root: Path) -> int:
     from flows import stages
     from pipelines.registry import promote, tracking
@@ -672,6 +685,18 @@ def _model_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", choices=MODELS, help="default: params.yaml train.model")
     _add_overrides(s, profile=True)
     s.set_defaults(fn=cmd_train)
+    s = _command(sub, "ablate", "train and evaluate every model on the same data and test set, and compare them",
+                 "Train every comparison model (or --models) on the current split with one shared segmenter, "
+                 "evaluate each on the frozen test set, log one MLflow parent run with a child run per model, "
+                 "and write the reviewer report comparing them: intervals over patients and each model's AUC "
+                 "difference to the first, paired over the same patients. Nothing is registered.",
+                 "examples:\n  cbh ablate\n  cbh ablate --models asc-ga,asc,image-only,biometry-rule "
+                 "--out reports/ablation")
+    s.add_argument("--models", help="comma-separated, the reference first (default: params.yaml train.model, "
+                   "then every other model but asc-paper, which needs a GPU)")
+    s.add_argument("--out", default="reports/ablation", help="folder for compare.html and compare.md")
+    _add_overrides(s, profile=True)
+    s.set_defaults(fn=cmd_ablate)
     s = _command(sub, "promote", "gate the challenger against the champion",
                  "Gate the challenger against the champion (params.yaml promote:) and record the decision "
                  "in the hash-chained audit trail. Exits 4 when the gate rejects the challenger.")

@@ -30,6 +30,7 @@ from pipelines.data.ingest import (
     IngestResult,
     cohort_name,
     ingest_cohort,
+    rank_first_exams,
     read_annotations,
     report,
     upsert,
@@ -107,11 +108,13 @@ def ingest(params: Params, root: Path, today: dt.date | None = None, progress: P
     total = IngestResult()
     for cohort in cohorts:
         res = ingest_cohort(cohort, root, params.paths.deid, pseudo, params.deid.keep_columns, today, progress,
-                            settings, runner_for(params.deid.executor, params.deid.workers, params.deid.dask_address))
+                            settings, runner_for(params.deid.executor, params.deid.workers, params.deid.dask_address),
+                            rank=False)
         total.manifest.extend(res.manifest)
         total.quarantine.extend(res.quarantine)
         total.audit.extend(res.audit)
         total.ocr_verified += res.ocr_verified
+    rank_first_exams(total.manifest)            # the temporal order across every cohort, no date kept
     audit = "".join(json.dumps(a, sort_keys=True) + "\n" for a in sorted(total.audit, key=lambda a: a["output"]))
     (deid_dir / "deid-audit.jsonl").write_text(audit)
     for path in (root / params.paths.manifest, root / params.paths.quarantine):

@@ -26,6 +26,7 @@ from pipelines.errors import CbhError
 from pipelines.imaging import scan as S
 
 REQUIRED = ("image", "exam_date", "ga_weeks")
+REAL_EXAM = "_real_exam"     # a manifest row's real exam date and patient, in memory until ranked
 LABELS = ("normal", "hypoplasia")
 
 MANIFEST_SCHEMA = pa.schema([
@@ -44,6 +45,10 @@ MANIFEST_SCHEMA = pa.schema([
     # the fetal head (HC18-style cohorts): a filled 0/1 mask and the sonographer's circumference
     ("head_mask_path", pa.string()), ("head_mask_status", pa.string()),   # status as mask_status
     ("hc_mm", pa.float64()),
+    # the patient's place in the order of real first exam dates (1: earliest) across the data
+    # store, taken on the identified side: the temporal split needs the order, and a date shifted
+    # per patient by up to a year does not keep it; no date leaves ingest
+    ("first_exam_rank", pa.int32()),
 ])
 QUARANTINE_SCHEMA = pa.schema([
     ("cohort", pa.string()), ("source_row", pa.int64()), ("image", pa.string()),
@@ -374,6 +379,7 @@ class Ingestor:
             "mask_status": mask_status,
             "head_mask_path": str(head_path.relative_to(self.workspace)) if head_path else None,
             "head_mask_status": head_status, "hc_mm": hc,
+            REAL_EXAM: (exam, patient),      # for rank_first_exams; never written
         }
 
     def _staff(self, raw: str | None) -> str | None:
@@ -390,15 +396,37 @@ class Ingestor:
         return self.workspace / str(scan.written)
 
 
+def rank_first_exams(manifest: list[dict[str, Any]]) -> None:
+    """Give every row its patient's `first_exam_rank` from the real exam dates the rows carry
+    (`REAL_EXAM`), over all rows given, then drop those dates. Patients whose first exams fall on
+    the same day share a rank."""
+    first: dict[str, dt.date] = {}
+    for rec in manifest:
+        if REAL_EXAM in rec:
+            date, patient = rec[REAL_EXAM]
+            first[patient] = min(date, first.get(patient, date))
+    ranks = {day: k for k, day in enumerate(sorted(set(first.values())), 1)}
+    for rec in manifest:
+        real = rec.pop(REAL_EXAM, None)
+        if real is not None:
+            rec["first_exam_rank"] = ranks[first[real[1]]]
+
+
 def ingest_cohort(cohort: Path, workspace: Path, deid_dir: str, pseudo: D.Pseudonymizer,
                   keep_columns: tuple[str, ...], today: dt.date | None = None,
                   progress: Callable[[int, int], None] | None = None,
-                  settings: D.Settings | None = None, runner: Runner | None = None) -> IngestResult:
-    """De-identify a cohort into `workspace/deid_dir`; returns manifest and quarantine rows."""
+                  settings: D.Settings | None = None, runner: Runner | None = None,
+                  rank: bool = True) -> IngestResult:
+    """De-identify a cohort into `workspace/deid_dir`; returns manifest and quarantine rows.
+    `rank`: rank the patients' first exams within this cohort now (`rank_first_exams`); the
+    caller that joins several cohorts passes False and ranks them together."""
     rows = read_annotations(cohort)
     ing = Ingestor(cohort, workspace, deid_dir, pseudo, keep_columns, today or dt.date.today(), settings,
                    runner)
-    return ing.run(rows, progress)
+    result = ing.run(rows, progress)
+    if rank:
+        rank_first_exams(result.manifest)
+    return result
 
 
 def upsert(path: Path, rows: list[dict[str, Any]], schema: pa.Schema, keys: tuple[str, ...]) -> pa.Table:

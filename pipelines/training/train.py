@@ -149,8 +149,10 @@ def _fit(trainer: L.Trainer, module: L.LightningModule, loaders: tuple, ckpt_dir
 
 
 def train_models(data: Prepared, params: Params, checkpoints: Path | None = None,
-                 info: dict[str, Any] | None = None) -> Predictor:
+                 info: dict[str, Any] | None = None, segmenter: torch.nn.Module | None = None) -> Predictor:
     """Segmenter on annotated masks, then the classifier on annotated + predicted masks.
+    `segmenter`: a segmenter already trained on this data and these settings (an ablation's
+    models share one, so they differ in their classifiers alone); it is used as it is.
 
     `checkpoints`: a folder for this exact work (same data, same params). Each network
     checkpoints its last epoch there, and a rerun after an interruption resumes from it
@@ -165,6 +167,8 @@ def train_models(data: Prepared, params: Params, checkpoints: Path | None = None
     tr, va = data.subset("train"), data.subset("val")
     with_mask = tr[data.labels[tr].reshape(len(tr), -1).max(1) > 0]
     seg = make_segmenter(sp.channels, sp.norm)
+    if segmenter is not None:
+        seg.load_state_dict(segmenter.state_dict())
     if cuda and tp.channels_last:
         seg = seg.to(memory_format=torch.channels_last)
     loader = dict(num_workers=tp.num_workers, pin_memory=cuda, persistent_workers=tp.num_workers > 0)
@@ -174,7 +178,7 @@ def train_models(data: Prepared, params: Params, checkpoints: Path | None = None
     val_loader = DataLoader(_Arrays(image=data.images[va], labels=data.labels[va]), batch_size=64, **loader)
     rank, world = 0, 1
     history: dict[str, list[dict[str, float]]] = {}
-    if sp.max_epochs > 0 and len(with_mask):
+    if sp.max_epochs > 0 and len(with_mask) and segmenter is None:
         ckpt = checkpoints / "segmenter" if checkpoints is not None else None
         seg_log = _EpochLog("segmenter", "seg")
         callbacks = [seg_log] + ([ModelCheckpoint(dirpath=ckpt, save_last=True, save_top_k=0)] if ckpt else [])

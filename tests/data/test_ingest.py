@@ -193,3 +193,31 @@ def test_a_spacing_outside_the_limits_is_quarantined_before_any_pixel_work(cohor
     assert [q["reason_code"] for q in held] == ["implausible_spacing"]
     assert "0.0001 x 0.0001 mm lies outside" in held[0]["reason"]
     assert all(m["source_row"] != n for m in res.manifest)
+
+
+def test_first_exam_rank_keeps_the_real_order_the_shifted_dates_blur(small_cohort, tmp_path, pseudo):
+    """Each patient's rank among the real first exam dates (taken before the shift); the
+    temporal test set is the latest patients in that order, and no real date leaves ingest."""
+    import pandas as pd
+    import pydicom
+
+    from pipelines.data.split import assign_splits
+
+    res = _ingest(small_cohort, tmp_path / "ws", pseudo)
+    first: dict[str, dt.date] = {}
+    for row in read_annotations(small_cohort):
+        raw = row["patient_id"].strip() or str(pydicom.dcmread(small_cohort / row["image"],
+                                                               stop_before_pixels=True).PatientID)
+        day = dt.date.fromisoformat(row["exam_date"])
+        first[pseudo.patient(raw)] = min(day, first.get(pseudo.patient(raw), day))
+    manifest = pd.DataFrame(res.manifest)
+    assert "_real_exam" not in manifest.columns
+    ranks = manifest.groupby("patient_pseudo")["first_exam_rank"].first()
+    real_order = sorted(ranks.index, key=lambda p: first[p])
+    assert list(ranks.loc[real_order]) == sorted(ranks)                   # the rank follows the real dates
+    shifted = manifest.groupby("patient_pseudo")["exam_date"].min()
+    assert sorted(ranks.index, key=lambda p: shifted[p]) != real_order   # the shifted dates do not
+    dataset, frozen = assign_splits(manifest, None, 0.3, 0.3, 7)
+    test = set(frozen["patient_pseudo"])
+    latest = {p for p in ranks.index if ranks[p] > max(ranks[q] for q in ranks.index if q not in test)}
+    assert test and latest == test

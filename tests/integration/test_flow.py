@@ -336,6 +336,31 @@ def test_registered_pyfunc_answers_png_and_dicom(flow_run):
     assert set(out["prediction"]) <= {"normal", "hypoplasia", "not_assessable"}
 
 
+def test_ablation_trains_each_model_under_one_parent_run(flow_run, tmp_path):
+    """`cbh ablate`: one parent run, a child per model on the same data and test set, the report
+    pairing each with the first over patients, and nothing registered."""
+    ws, _, res, _ = flow_run
+    assert res.returncode == 0
+    client = registry(ws)
+    before = {a: client.get_model_version_by_alias("cerebellar-hypoplasia", a).version
+              for a in ("champion", "challenger")}
+    ab = _cbh(ws, "ablate", "--models", "asc-ga,image-only,biometry-rule", "--out", str(tmp_path / "ab"),
+              *sum((["--set", o] for o in TINY), []))
+    assert ab.returncode == 0, ab.stderr[-2000:]
+    assert "3 models on one data version" in ab.stdout and "nothing was registered" in ab.stdout
+    parent = ab.stdout.split("ablation run ")[1].split(":")[0]
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.data.tags["model.kind"] for r in children) == ["asc-ga", "biometry-rule", "image-only"]
+    assert len({r.data.tags["data.frozen_test_md5"] for r in children}) == 1
+    assert all(r.data.tags["evaluation.bootstrap_unit"] == "patient" and "model.parameters" in r.data.metrics
+               and "test_auc_ci_low" in r.data.metrics for r in children)
+    md = (tmp_path / "ab" / "compare.md").read_text()
+    assert md.count("patients |") >= 2, md            # image-only and the rule, each paired with asc-ga
+    assert {a: client.get_model_version_by_alias("cerebellar-hypoplasia", a).version
+            for a in ("champion", "challenger")} == before
+
+
 def test_compare_and_schedule(flow_run, tmp_path):
     ws, _, res, _ = flow_run
     assert res.returncode == 0
