@@ -497,12 +497,13 @@ def cmd_servers(a: argparse.Namespace, root: Path) -> int:
 
     servers = Servers(Path(a.dir) if a.dir else root / ".cbh" / "servers")
     if a.action == "up":
-        state = servers.up(Ports(a.postgres_port, a.prefect_port, a.mlflow_port), a.artifacts_destination)
+        state = servers.up(Ports(a.postgres_port, a.prefect_port, a.mlflow_port), a.artifacts_destination, a.host)
         print(f"PostgreSQL  127.0.0.1:{state['postgres']['port']} (pid {state['postgres']['pid']})")
-        print(f"Prefect     {state['prefect']['url']} (pid {state['prefect']['pid']}), on PostgreSQL")
+        print(f"Prefect     {state['prefect']['url']} (pid {state['prefect']['pid']}), on PostgreSQL, "
+              f"listening on {a.host}, API auth string required")
         print(f"MLflow      {state['mlflow']['url']} (pid {state['mlflow']['pid']}), on PostgreSQL, "
-              f"artifacts {state['mlflow']['artifacts']}")
-        print(f"point the platform at them:  source {servers.env_file}")
+              f"listening on {a.host}, basic-auth login required, artifacts {state['mlflow']['artifacts']}")
+        print(f"point the platform at them:  source {servers.env_file}  (URLs and credentials; mode 600)")
         print("stop them:                   make servers-down  (or cbh servers down)")
     elif a.action == "down":
         stopped = servers.down(purge=a.purge)
@@ -794,13 +795,17 @@ def _ops_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--pool", action="append", dest="pools", metavar="POOL",
                    help="a work pool to start a worker for (repeatable; default: cpu, and gpu with a GPU)")
     s.set_defaults(fn=cmd_scheduler)
-    s = _command(sub, "servers", "team servers on 127.0.0.1: PostgreSQL, a Prefect server and an MLflow "
-                 "tracking server on it (up | down | status)",
-                 "Start, stop or show the team servers on 127.0.0.1: PostgreSQL, and a Prefect server and "
-                 "an MLflow tracking server both storing into it.",
+    s = _command(sub, "servers", "team servers: PostgreSQL, a Prefect server and an MLflow tracking server on it, "
+                 "both with a login (up | down | status)",
+                 "Start, stop or show the team servers: PostgreSQL (127.0.0.1 only), and a Prefect server "
+                 "(API auth string) and an MLflow tracking server (basic-auth app: users and permissions) "
+                 "both storing into it, listening on --host. Secrets live in files of mode 600 in the state "
+                 "folder; .cbh/servers/env holds what a client needs.",
                  "example:\n  cbh servers up && source .cbh/servers/env")
     s.add_argument("action", choices=("up", "down", "status"), help="start them, stop them, or show their state")
     s.add_argument("--dir", help="state folder (default .cbh/servers in the workspace)")
+    s.add_argument("--host", default="127.0.0.1", help="address Prefect and MLflow listen on (default 127.0.0.1; "
+                   "for a team, put a TLS reverse proxy in front: docs/operator.md)")
     s.add_argument("--postgres-port", type=int, default=5433, help="PostgreSQL port (default: 5433)")
     s.add_argument("--prefect-port", type=int, default=4200, help="Prefect server port (default: 4200)")
     s.add_argument("--mlflow-port", type=int, default=5000, help="MLflow tracking server port (default: 5000)")

@@ -1,11 +1,19 @@
-"""Team servers on this machine, on 127.0.0.1 only: a PostgreSQL server (Debian's package), a
+"""Team servers on this machine: a PostgreSQL server (Debian's package, on 127.0.0.1 only), a
 Prefect server on it and an MLflow tracking server with a PostgreSQL backend store and a local
 (or remote) artifact root, proxied by the server so clients need no access to it.
 
-`cbh servers up` starts them and writes `.cbh/servers/env` (the two URLs clients need);
-`cbh servers down` stops them by PID; `cbh servers status` says what runs. The database
-password is made on first start and kept in `.cbh/servers/pgpass` (mode 600, never in git,
-never on a command line, never printed): the servers read it from their environment.
+Both servers ask for a login. MLflow runs its basic-auth app (users and per-experiment and
+per-model permissions in its own database, `mlflow_auth`; the admin `cbh-admin` is made on
+first start, and new users get READ); Prefect checks one API auth string (`cbh:<token>`) on
+every request. They listen on `--host` (127.0.0.1 by default; a team's address behind a
+TLS-terminating reverse proxy, docs/operator.md).
+
+`cbh servers up` starts them and writes `.cbh/servers/env` (mode 600: the two URLs and the
+credentials clients need); `cbh servers down` stops them by PID; `cbh servers status` says what
+runs. Every secret is made on first start and kept in a file of mode 600 in the state folder
+(`pgpass`, `mlflow-admin`, `prefect-auth`, `flask-secret`; never in git, never on a command
+line, never printed): the servers read them from their environment or from MLflow's auth
+config file (`mlflow-auth.ini`, mode 600).
 
 PostgreSQL refuses to run as root; as root its cluster runs as Debian's `postgres` user, in a
 folder of that user's (`/var/lib/postgresql/cbh/<key of the state folder>`).
@@ -31,7 +39,9 @@ from pathlib import Path
 from pipelines.errors import EXIT_UNAVAILABLE, CbhError
 
 DB_USER = "cbh"
-DATABASES = ("prefect", "mlflow")
+DATABASES = ("prefect", "mlflow", "mlflow_auth")
+MLFLOW_ADMIN = "cbh-admin"
+PREFECT_USER = "cbh"
 
 
 class ServersError(CbhError, RuntimeError):
@@ -103,13 +113,21 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def _wait_http(url: str, what: str, log: Path, pid: int, timeout: float = 180.0) -> None:
+def basic_auth(user_and_password: str) -> str:
+    """The Authorization header value of HTTP basic authentication."""
+    import base64
+
+    return "Basic " + base64.b64encode(user_and_password.encode()).decode()
+
+
+def _wait_http(url: str, what: str, log: Path, pid: int, timeout: float = 180.0, auth: str | None = None) -> None:
     deadline = time.monotonic() + timeout
+    request = urllib.request.Request(url, headers={"Authorization": basic_auth(auth)} if auth else {})
     while time.monotonic() < deadline:
         if not _alive(pid):
             raise ServersError(f"{what} exited while starting; see {log}")
         try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
+            with urllib.request.urlopen(request, timeout=5) as resp:
                 if resp.status == 200:
                     return
         except OSError:
@@ -164,13 +182,32 @@ class Servers:
     def _save(self, state: dict) -> None:
         write_state(self.state_file, state)
 
-    def _password(self) -> str:
-        if not self.pgpass.is_file():
+    def _secret(self, name: str) -> str:
+        """A secret of the state folder, made on first use in a file of mode 600."""
+        path = self.dir / name
+        if not path.is_file():
             self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.pgpass, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(24))
-        return self.pgpass.read_text().strip()
+        return path.read_text().strip()
+
+    def _password(self) -> str:
+        return self._secret(self.pgpass.name)
+
+    def credentials(self) -> dict[str, str]:
+        """What a client needs to log in to both servers, as environment variables."""
+        return {"MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN, "MLFLOW_TRACKING_PASSWORD": self._secret("mlflow-admin"),
+                "PREFECT_API_AUTH_STRING": f"{PREFECT_USER}:{self._secret('prefect-auth')}"}
+
+    def _write_private(self, path: Path, text: str) -> None:
+        """Write a file only its owner can read (created 600, then replaced atomically)."""
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        tmp.replace(path)
 
     def _db_url(self, driver: str, database: str, port: int) -> str:
         return f"postgresql+{driver}://{DB_USER}:{self._password()}@127.0.0.1:{port}/{database}"
@@ -257,27 +294,39 @@ class Servers:
         env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
         return env
 
-    def _start_prefect(self, port: int, pg_port: int) -> int:
+    def _start_prefect(self, port: int, pg_port: int, host: str) -> int:
         env = self._base_env()
+        auth = self.credentials()["PREFECT_API_AUTH_STRING"]
         env.update(PREFECT_HOME=str(self.dir / "prefect-home"),
-                   PREFECT_API_DATABASE_CONNECTION_URL=self._db_url("asyncpg", "prefect", pg_port))
-        pid, log = self._spawn("prefect", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                   PREFECT_API_DATABASE_CONNECTION_URL=self._db_url("asyncpg", "prefect", pg_port),
+                   PREFECT_SERVER_API_AUTH_STRING=auth)
+        pid, log = self._spawn("prefect", [sys.executable, "-m", "prefect", "server", "start", "--host", host,
                                            "--port", str(port)], env)
-        _wait_http(f"http://127.0.0.1:{port}/api/health", "the Prefect server", log, pid)
+        _wait_http(f"http://127.0.0.1:{port}/api/health", "the Prefect server", log, pid, auth=auth)
         return pid
 
-    def _start_mlflow(self, port: int, pg_port: int, artifacts: str) -> int:
+    def _start_mlflow(self, port: int, pg_port: int, artifacts: str, host: str) -> int:
         env = self._base_env()
         env["MLFLOW_BACKEND_STORE_URI"] = self._db_url("psycopg2", "mlflow", pg_port)
-        pid, log = self._spawn("mlflow", [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-                                          "--port", str(port), "--serve-artifacts",
+        # MLflow's basic-auth app: its users and permissions in their own database; the admin is
+        # made on first start from this file (mode 600), which also holds that database's URL
+        ini = self.dir / "mlflow-auth.ini"
+        self._write_private(ini, "[mlflow]\ndefault_permission = READ\n"
+                                 f"database_uri = {self._db_url('psycopg2', 'mlflow_auth', pg_port)}\n"
+                                 f"admin_username = {MLFLOW_ADMIN}\n"
+                                 f"admin_password = {self._secret('mlflow-admin')}\n"
+                                 "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_FLASK_SERVER_SECRET_KEY=self._secret("flask-secret"))
+        pid, log = self._spawn("mlflow", [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+                                          "--host", host, "--port", str(port), "--serve-artifacts",
                                           "--artifacts-destination", artifacts, "--workers", "2"], env)
         _wait_http(f"http://127.0.0.1:{port}/health", "the MLflow tracking server", log, pid)
         return pid
 
     # -- commands ---------------------------------------------------------------------------
-    def up(self, ports: Ports = Ports(), artifacts: str | None = None) -> dict:
-        """Start what is not running; returns the state (PIDs, ports, URLs; no password)."""
+    def up(self, ports: Ports = Ports(), artifacts: str | None = None, host: str = "127.0.0.1") -> dict:
+        """Start what is not running, Prefect and MLflow listening on `host`; returns the state
+        (PIDs, ports, URLs; no secret)."""
         state = self.state()
         self.dir.mkdir(parents=True, exist_ok=True)
         artifacts = artifacts or str(self.dir / "mlartifacts")
@@ -288,21 +337,24 @@ class Servers:
         state["postgres"] = {"pid": self._start_postgres(pg_port), "port": pg_port, "data": str(self.pg_data),
                              "log": str(self.pg_log)}
         self._save(state)
-        for name, port, start in (("prefect", ports.prefect, lambda p: self._start_prefect(p, pg_port)),
-                                  ("mlflow", ports.mlflow, lambda p: self._start_mlflow(p, pg_port, artifacts))):
+        for name, port, start in (("prefect", ports.prefect, lambda p: self._start_prefect(p, pg_port, host)),
+                                  ("mlflow", ports.mlflow, lambda p: self._start_mlflow(p, pg_port, artifacts, host))):
             old = state.get(name, {})
             if _ours(old.get("pid"), name):
                 continue
             if not _port_free(port):
                 raise ServersError(f"port {port} on 127.0.0.1 is taken: choose another with --{name}-port")
-            state[name] = {"pid": start(port), "port": port, "log": str(self.dir / f"{name}.log")}
+            state[name] = {"pid": start(port), "port": port, "log": str(self.dir / f"{name}.log"), "host": host}
             self._save(state)
+        # this machine reaches them on the loopback whatever they listen on; others on the host given
         state["prefect"]["url"] = f"http://127.0.0.1:{state['prefect']['port']}/api"
         state["mlflow"]["url"] = f"http://127.0.0.1:{state['mlflow']['port']}"
         state["mlflow"]["artifacts"] = artifacts
         self._save(state)
-        self.env_file.write_text(f"export PREFECT_API_URL={state['prefect']['url']}\n"
-                                 f"export MLFLOW_TRACKING_URI={state['mlflow']['url']}\n")
+        lines = [f"export PREFECT_API_URL={state['prefect']['url']}",
+                 f"export MLFLOW_TRACKING_URI={state['mlflow']['url']}",
+                 *(f"export {k}={v}" for k, v in self.credentials().items())]
+        self._write_private(self.env_file, "\n".join(lines) + "\n")
         return state
 
     def down(self, purge: bool = False, timeout: float = 60.0) -> list[str]:

@@ -59,7 +59,7 @@ MANIFEST_COLUMNS = (
     "annotator", "frame", "deid_path", "mask_path", "rows", "cols", "spacing_row_mm", "spacing_col_mm",
     "modality", "photometric", "source_format", "pixel_sha256", "cohort", "source_row",
     "exam_date_check", "patient_check", "mask_status", "head_mask_path", "head_mask_status", "hc_mm",
-    "first_exam_rank",
+    "first_exam_period",
 )
 
 

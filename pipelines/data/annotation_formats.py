@@ -1,6 +1,6 @@
 """`cbh import FORMAT SRC COHORT` for the annotation tools hospitals use: DICOM SEG, NIfTI, COCO
-JSON, CVAT for images 1.1 XML and Label Studio JSON, into the cohort format of CONTRACT.md
-section 1.
+JSON, CVAT for images 1.1 XML and Label Studio JSON, into the cohort format (README, "Your own
+cohort").
 
 Each format's reader yields one `Annotated` per image (or frame of a cine): its structures as
 boolean masks on the scan's own pixel grid. Class names (and NIfTI values, DICOM SEG codes) are
@@ -20,6 +20,7 @@ Label Studio polygons use the same rasteriser; their ellipses are drawn by OpenC
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import re
@@ -35,7 +36,14 @@ import yaml
 from numpy.typing import NDArray
 
 from pipelines.data.importers import ImportFormatError
-from pipelines.imaging.scan import RASTER_SUFFIXES, header_ga_weeks, read_dicom, sidecar_spacing_mm, study_date
+from pipelines.imaging.scan import (
+    RASTER_SUFFIXES,
+    ScanError,
+    header_ga_weeks,
+    read_dicom,
+    sidecar_spacing_mm,
+    study_date,
+)
 
 FORMATS = ("dicom-seg", "nifti", "coco", "cvat", "labelstudio")
 STRUCTURES = ("cerebellum", "cisterna_magna", "head")
@@ -116,8 +124,11 @@ class Annotated:
     annotator: str = ""
     image: Path | None = None             # resolved scan file
 
-    def add(self, structure: str, mask: NDArray) -> None:
+    def add(self, structure: str, mask: NDArray, what: str = "") -> None:
         mask = np.asarray(mask, bool)
+        if not mask.any():                 # a box-only COCO entry, a polygon of two points: nothing drawn
+            self.problem = self.problem or f"{self.where}: {what or structure} covers no pixel"
+            return
         if self.shape is None:
             self.shape = mask.shape
         self.layers[structure] = self.layers.get(structure, np.zeros(mask.shape, bool)) | mask
@@ -150,6 +161,17 @@ def ellipse_mask(cx: float, cy: float, rx: float, ry: float, angle_deg: float, r
     return out.astype(bool)
 
 
+UNREADABLE = object()
+LS_REGIONS = ("polygonlabels", "brushlabels", "ellipselabels", "rectanglelabels")
+
+
+def _json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return UNREADABLE
+
+
 # ---- COCO -------------------------------------------------------------------------------------
 
 def read_coco(src: Path, labels: LabelMap) -> Iterator[Annotated]:
@@ -157,11 +179,10 @@ def read_coco(src: Path, labels: LabelMap) -> Iterator[Annotated]:
 
     found = False
     for path in sorted(src.rglob("*.json")):
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
+        doc = _json(path)
         if not (isinstance(doc, dict) and {"images", "annotations", "categories"} <= set(doc)):
+            if doc is UNREADABLE:
+                yield Annotated(ref=path.name, where=path.name, problem=f"{path.name}: not readable JSON")
             continue
         found = True
         cats = {c["id"]: c.get("name", str(c["id"])) for c in doc["categories"]}
@@ -172,6 +193,9 @@ def read_coco(src: Path, labels: LabelMap) -> Iterator[Annotated]:
         for ann in doc["annotations"]:
             item = by_image.get(ann.get("image_id"))
             if item is None or item.shape is None:
+                yield Annotated(ref=str(ann.get("image_id")), where=f"{path.name}: annotation {ann.get('id')}",
+                                problem=f"{path.name}: annotation {ann.get('id')} names image {ann.get('image_id')!r}, "
+                                        f"which the file does not list")
                 continue
             name = cats.get(ann.get("category_id"), str(ann.get("category_id")))
             target = labels.structure(name)
@@ -197,7 +221,7 @@ def read_coco(src: Path, labels: LabelMap) -> Iterator[Annotated]:
             if mask.shape != (rows, cols):
                 item.problem = f"{item.where}: annotation {ann.get('id')} is {mask.shape}, the image {(rows, cols)}"
                 continue
-            item.add(target, mask)
+            item.add(target, mask, f"annotation {ann.get('id')} ({name})")
         yield from by_image.values()
     if not found:
         raise ImportFormatError(f"{src}: no COCO JSON (with images, annotations and categories) found")
@@ -226,6 +250,7 @@ def read_cvat(src: Path, labels: LabelMap) -> Iterator[Annotated]:
         try:
             root = ET.parse(path).getroot()
         except (ET.ParseError, OSError):
+            yield Annotated(ref=path.name, where=path.name, problem=f"{path.name}: not readable XML")
             continue
         if root.tag != "annotations":
             continue
@@ -244,7 +269,7 @@ def read_cvat(src: Path, labels: LabelMap) -> Iterator[Annotated]:
                 try:
                     if shape.tag == "polygon":
                         pts = [float(v) for p in shape.get("points", "").split(";") if p for v in p.split(",")]
-                        item.add(target, polygon_mask([pts], rows, cols))
+                        item.add(target, polygon_mask([pts], rows, cols), f"polygon {name!r}")
                     elif shape.tag == "mask":
                         item.add(target, cvat_mask(shape.get("rle", ""), int(shape.get("left")), int(shape.get("top")),
                                                    int(shape.get("width")), int(shape.get("height")), rows, cols))
@@ -306,16 +331,15 @@ def _upload_name(ref: str) -> str:
 def read_labelstudio(src: Path, labels: LabelMap) -> Iterator[Annotated]:
     found = False
     for path in sorted(src.rglob("*.json")):
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
+        doc = _json(path)
         if not (isinstance(doc, list) and doc and isinstance(doc[0], dict) and "annotations" in doc[0]):
+            if doc is UNREADABLE:
+                yield Annotated(ref=path.name, where=path.name, problem=f"{path.name}: not readable JSON")
             continue
         found = True
         for task in doc:
             data = task.get("data") or {}
-            ref = next((str(v) for v in data.values() if isinstance(v, str)), "")
+            ref = str(data.get("image") or next((v for v in data.values() if isinstance(v, str)), ""))
             item = Annotated(ref=_upload_name(ref), where=f"{path.name}: task {task.get('id')}")
             done = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
             if not done:
@@ -328,10 +352,13 @@ def read_labelstudio(src: Path, labels: LabelMap) -> Iterator[Annotated]:
                 item.where += f" ({len(done)} annotations, the first kept)"
             for res in ann.get("result") or []:
                 value, kind = res.get("value") or {}, res.get("type", "")
+                if kind not in LS_REGIONS:
+                    continue                # choices, ratings, text: about the task, not a drawn structure
                 names = value.get(kind) or []
-                if not names:
+                rows, cols = int(res.get("original_height") or 0), int(res.get("original_width") or 0)
+                if not rows or not cols:
+                    item.problem = item.problem or f"{item.where}: a {kind} result without the image's size"
                     continue
-                rows, cols = int(res.get("original_height", 0)), int(res.get("original_width", 0))
                 item.shape = item.shape or (rows, cols)
                 for name in names:
                     target = labels.structure(name)
@@ -343,17 +370,18 @@ def read_labelstudio(src: Path, labels: LabelMap) -> Iterator[Annotated]:
                     try:
                         if kind == "polygonlabels":
                             pts = [c for x, y in value["points"] for c in (x * cols / 100.0, y * rows / 100.0)]
-                            item.add(target, polygon_mask([pts], rows, cols))
+                            item.add(target, polygon_mask([pts], rows, cols), f"polygon {name!r}")
                         elif kind == "brushlabels":
-                            item.add(target, label_studio_rle(value["rle"], rows, cols))
+                            item.add(target, label_studio_rle(value["rle"], rows, cols), f"brush {name!r}")
                         elif kind == "ellipselabels":
                             item.add(target, ellipse_mask(value["x"] * cols / 100.0, value["y"] * rows / 100.0,
                                                           value["radiusX"] * cols / 100.0,
                                                           value["radiusY"] * rows / 100.0,
-                                                          float(value.get("rotation", 0)), rows, cols))
+                                                          float(value.get("rotation", 0)), rows, cols),
+                                     f"ellipse {name!r}")
                         else:
-                            item.problem = item.problem or f"{item.where}: {name!r} is {kind}, not a polygon, " \
-                                                           f"brush or ellipse"
+                            item.problem = item.problem or f"{item.where}: {name!r} is a rectangle, not a " \
+                                                           f"polygon, brush or ellipse"
                     except (KeyError, TypeError, ValueError) as exc:
                         item.problem = item.problem or f"{item.where}: {kind} {name!r}: {exc}"
             yield item
@@ -440,6 +468,8 @@ def read_dicom_seg(src: Path, labels: LabelMap) -> Iterator[Annotated]:
                                       f"{str(desc.get('SegmentLabel', ''))!r} is not in the label mapping")
             elif target != IGNORE:
                 targets[int(desc.SegmentNumber)] = target
+        if not refs:
+            yield Annotated(ref=path.name, where=path.name, problem=f"{path.name}: references no source image")
         for _study, _series, uid in refs:
             source = sources.get(str(uid))
             item = Annotated(ref=source.name if source else str(uid), where=path.name, problem=problem)
@@ -453,12 +483,15 @@ def read_dicom_seg(src: Path, labels: LabelMap) -> Iterator[Annotated]:
                 one = Annotated(ref=item.ref, where=item.where + (f": frame {frame}" if frames != [None] else ""),
                                 frame=frame or 0, problem=item.problem, image=source)
                 if not one.problem:
-                    for number, target in targets.items():
-                        if frame is None:
-                            px = seg.get_pixels_by_source_instance([str(uid)], segment_numbers=[number])
-                        else:
-                            px = seg.get_pixels_by_source_frame(str(uid), [frame + 1], segment_numbers=[number])
-                        one.add(target, np.asarray(px)[0, ..., 0] >= 0.5)
+                    try:
+                        for number, target in targets.items():
+                            if frame is None:
+                                px = seg.get_pixels_by_source_instance([str(uid)], segment_numbers=[number])
+                            else:
+                                px = seg.get_pixels_by_source_frame(str(uid), [frame + 1], segment_numbers=[number])
+                            one.add(target, np.asarray(px)[0, ..., 0] >= 0.5, f"segment {number}")
+                    except Exception as exc:  # boundary: highdicom refuses the SEG's pixels; named, the rest go on
+                        one.problem = f"{path.name}: its pixels cannot be read: {str(exc)[:200]}"
                 yield one
 
 
@@ -495,8 +528,8 @@ def _scan_index(src: Path) -> tuple[dict[str, Path], dict[str, list[Path]], dict
 def _resolve(ref: str, src: Path, index) -> tuple[Path | None, str]:
     by_rel, by_name, by_stem = index
     ref = ref.replace("\\", "/").lstrip("./")
-    hits = ([by_rel[ref]] if ref in by_rel else by_name.get(Path(ref).name) or by_stem.get(Path(ref).stem)
-            or by_stem.get(ref) or [])
+    hits = ([by_rel[ref]] if ref in by_rel else by_name.get(Path(ref).name) or by_stem.get(ref)
+            or by_stem.get(Path(ref).stem) or [])
     if len(hits) > 1:
         return None, f"image {ref!r} matches {len(hits)} files under the source folder"
     return (hits[0], "") if hits else (None, f"image {ref!r} not found under the source folder")
@@ -542,8 +575,9 @@ def import_annotations(fmt: str, src: Path, cohort: Path, table: Path | None = N
         raise ImportFormatError(f"unknown format {fmt!r}: one of {', '.join(('hc18',) + FORMATS)}")
     if not src.is_dir():
         raise ImportFormatError(f"{src}: source folder not found")
-    if (cohort / "annotations.csv").exists():
-        raise ImportFormatError(f"{cohort}: already holds a cohort (annotations.csv); choose a new folder")
+    if cohort.exists() and (not cohort.is_dir() or any(cohort.iterdir())):
+        raise ImportFormatError(f"{cohort}: not an empty folder (an earlier import's files would mix with this "
+                                "one's); choose a new folder")
     labels = LabelMap.load(label_file)
     clinical = _read_table(table)
     index = _scan_index(src)
@@ -551,9 +585,9 @@ def import_annotations(fmt: str, src: Path, cohort: Path, table: Path | None = N
     (cohort / "scans").mkdir(parents=True, exist_ok=True)
     (cohort / "masks").mkdir(parents=True, exist_ok=True)
     extra = [c for c in next(iter(clinical.values()), {}) if c not in COLUMNS and c != "pixel_spacing_mm"]
-    out, skipped, seen = [], [], set()
+    out, skipped, seen, placed = [], [], set(), {}
     for item in items:
-        reason, row = _one(item, src, cohort, index, clinical, seen)
+        reason, row = _one(item, src, cohort, index, clinical, seen, placed)
         if reason:
             skipped.append({"image": item.ref, "frame": item.frame, "reason": reason})
         else:
@@ -568,7 +602,8 @@ def import_annotations(fmt: str, src: Path, cohort: Path, table: Path | None = N
     return report
 
 
-def _one(item: Annotated, src: Path, cohort: Path, index, clinical: dict, seen: set) -> tuple[str, dict]:
+def _one(item: Annotated, src: Path, cohort: Path, index, clinical: dict, seen: set,
+         placed: dict[str, str]) -> tuple[str, dict]:
     """One annotated image: (why it was skipped, {}) or ('', its annotations.csv row)."""
     if item.problem:
         return item.problem, {}
@@ -582,7 +617,11 @@ def _one(item: Annotated, src: Path, cohort: Path, index, clinical: dict, seen: 
         return f"{item.where}: {rel} frame {item.frame} is annotated twice; the first annotation was kept", {}
     if not item.layers:
         return f"{item.where}: no cerebellum, cisterna magna or head drawn", {}
-    shape = _image_shape(path)
+    try:
+        shape = _image_shape(path)
+        ds = read_dicom(path, header_only=True) if path.suffix.lower() not in RASTER_SUFFIXES else None
+    except (ScanError, OSError, AttributeError) as exc:
+        return f"{item.where}: {rel}: {exc}", {}
     if shape is None:
         return f"{item.where}: {rel} cannot be decoded", {}
     if item.shape != shape:
@@ -592,10 +631,10 @@ def _one(item: Annotated, src: Path, cohort: Path, index, clinical: dict, seen: 
     if overlap:
         return f"{item.where}: cerebellum and cisterna magna overlap in {overlap} pixels", {}
     given = _table_row(clinical, rel, item.frame)
-    row = {c: (given.get(c) or "").strip() for c in given}
-    dicom = path.suffix.lower() not in RASTER_SUFFIXES
+    # (a row with more fields than the header gives them under None: dropped, as csv has no name for them)
+    row = {c: str(given.get(c) or "").strip() for c in given if c is not None}
+    dicom = ds is not None
     if dicom:
-        ds = read_dicom(path, header_only=True)
         if not row.get("exam_date") and study_date(ds):
             row["exam_date"] = study_date(ds).isoformat()
         if not row.get("ga_weeks") and math.isfinite(ga := header_ga_weeks(ds)):
@@ -621,13 +660,17 @@ def _one(item: Annotated, src: Path, cohort: Path, index, clinical: dict, seen: 
                 + (", and the header has no LastMenstrualDate with a StudyDate" if dicom else "")), {}
     seen.add((rel, item.frame))
     inner = rel.removeprefix("scans/")          # an export's own scans/ folder is not nested again
+    if placed.setdefault(inner, rel) != rel:    # ... unless another file already has that place
+        inner = f"{hashlib.sha256(rel.encode()).hexdigest()[:8]}/{rel}"
+        placed[inner] = rel
     dest = cohort / "scans" / inner
     dest.parent.mkdir(parents=True, exist_ok=True)
     if not dest.exists():
         shutil.copyfile(path, dest)
         if not dicom:
             dest.with_suffix(".json").write_text(json.dumps({"pixel_spacing_mm": list(spacing)}) + "\n")
-    stem = f"{Path(inner).with_suffix('').as_posix().replace('/', '__')}" + (f"_f{item.frame}" if item.frame else "")
+    # the whole name, suffix and folders included, so x.dcm and x.png never share a mask file
+    stem = inner.replace("/", "__").replace(".", "_") + (f"_f{item.frame}" if item.frame else "")
     row.update(image=f"scans/{inner}", frame=item.frame, annotator=row.get("annotator") or item.annotator)
     if set(item.layers) & set(MASK_VALUE):
         mask = np.zeros(shape, np.uint8)

@@ -45,10 +45,11 @@ MANIFEST_SCHEMA = pa.schema([
     # the fetal head (HC18-style cohorts): a filled 0/1 mask and the sonographer's circumference
     ("head_mask_path", pa.string()), ("head_mask_status", pa.string()),   # status as mask_status
     ("hc_mm", pa.float64()),
-    # the patient's place in the order of real first exam dates (1: earliest) across the data
-    # store, taken on the identified side: the temporal split needs the order, and a date shifted
-    # per patient by up to a year does not keep it; no date leaves ingest
-    ("first_exam_rank", pa.int32()),
+    # which fifth of the data store's patients, ordered by real first exam date, the patient
+    # falls in (1: the earliest fifth), taken on the identified side: the temporal split needs
+    # the order, which a date shifted per patient by up to a year scrambles. A fifth and not a
+    # rank: a rank by day would count the days since collection began and give the shift away
+    ("first_exam_period", pa.int32()),
 ])
 QUARANTINE_SCHEMA = pa.schema([
     ("cohort", pa.string()), ("source_row", pa.int64()), ("image", pa.string()),
@@ -396,20 +397,25 @@ class Ingestor:
         return self.workspace / str(scan.written)
 
 
+PERIODS = 5
+
+
 def rank_first_exams(manifest: list[dict[str, Any]]) -> None:
-    """Give every row its patient's `first_exam_rank` from the real exam dates the rows carry
-    (`REAL_EXAM`), over all rows given, then drop those dates. Patients whose first exams fall on
-    the same day share a rank."""
+    """Give every row its patient's `first_exam_period` (1-5) from the real exam dates the rows
+    carry (`REAL_EXAM`), over all rows given, then drop those dates. Patients are ordered by
+    their real first exam (equal days in pseudonym order, which is keyed) and cut into fifths of
+    as equal size as their number allows."""
     first: dict[str, dt.date] = {}
     for rec in manifest:
         if REAL_EXAM in rec:
             date, patient = rec[REAL_EXAM]
             first[patient] = min(date, first.get(patient, date))
-    ranks = {day: k for k, day in enumerate(sorted(set(first.values())), 1)}
+    order = sorted(first, key=lambda p: (first[p], p))
+    period = {p: 1 + (k * PERIODS) // max(len(order), 1) for k, p in enumerate(order)}
     for rec in manifest:
         real = rec.pop(REAL_EXAM, None)
         if real is not None:
-            rec["first_exam_rank"] = ranks[first[real[1]]]
+            rec["first_exam_period"] = period[real[1]]
 
 
 def ingest_cohort(cohort: Path, workspace: Path, deid_dir: str, pseudo: D.Pseudonymizer,
@@ -418,8 +424,8 @@ def ingest_cohort(cohort: Path, workspace: Path, deid_dir: str, pseudo: D.Pseudo
                   settings: D.Settings | None = None, runner: Runner | None = None,
                   rank: bool = True) -> IngestResult:
     """De-identify a cohort into `workspace/deid_dir`; returns manifest and quarantine rows.
-    `rank`: rank the patients' first exams within this cohort now (`rank_first_exams`); the
-    caller that joins several cohorts passes False and ranks them together."""
+    `rank`: place the patients' first exams within this cohort now (`rank_first_exams`); the
+    caller that joins several cohorts passes False and places them together."""
     rows = read_annotations(cohort)
     ing = Ingestor(cohort, workspace, deid_dir, pseudo, keep_columns, today or dt.date.today(), settings,
                    runner)

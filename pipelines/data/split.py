@@ -1,7 +1,7 @@
 """Patient-level split with a temporal, frozen test set (the paper split by exam date).
 
-The latest patients by first exam (their rank among the real first exam dates, taken at ingest
-on the identified side) form the test set the first time; that
+The latest patients by first exam (the fifth of patients their real first exam date falls in,
+taken at ingest on the identified side) form the test set the first time; that
 membership is then frozen: later cohorts never change it. New images of a frozen test
 patient are held out (split `excluded`) rather than trained on, so no patient crosses
 splits. Validation patients are drawn at random (seeded) from the rest, per label.
@@ -24,11 +24,12 @@ def assign_splits(manifest: pd.DataFrame, frozen: pd.DataFrame | None, test_frac
     df = manifest.copy()
     df["split"] = "unlabelled"
     labelled = df["label"].notna()
-    # the real order of first exams (ranked at ingest) where every labelled row has it; a manifest
-    # built before it falls back to the shifted dates, whose order the per-patient shift blurs
-    order = "first_exam_rank" if "first_exam_rank" in df and df.loc[labelled, "first_exam_rank"].notna().all() \
-        else "exam_date"
-    first = df[labelled].groupby("patient_pseudo")[order].min().sort_values(kind="stable")
+    # the real order of first exams, as the fifth of patients each falls in (ingest, identified
+    # side), where every labelled row has it; within a fifth, and for a manifest built before
+    # it, the shifted dates, whose order the per-patient shift blurs
+    keys = ["first_exam_period", "exam_date"] if "first_exam_period" in df \
+        and df.loc[labelled, "first_exam_period"].notna().all() else ["exam_date"]
+    first = df[labelled].groupby("patient_pseudo")[keys].min().sort_values(keys, kind="stable")
     if frozen is None or frozen.empty:
         if test_site:
             test_patients = set(df.loc[labelled & (df["site"] == test_site), "patient_pseudo"])

@@ -66,9 +66,10 @@ def gate(challenger: dict[str, float], champion: dict[str, float] | None, p: Pro
     """The promotion rule; returns (passed, reason). Every challenger, the first champion too,
     must pass every floor (valid data, AUC, sensitivity, calibration). Against a champion it is
     a non-inferiority test: the lower bound of the paired AUC difference (challenger minus
-    champion on the same patients, `paired`) must not fall below -auc_margin. Without paired
-    predictions (runs logged before they were) the point estimates are compared, and the
-    reason says so."""
+    champion on the same patients, `paired`) must not fall below -auc_margin. Without such an
+    interval (runs logged before predictions were, a frozen test table of another version, too
+    few patients) the challenger's point AUC must at least match the champion's, and the
+    reason says why."""
     auc, sens = challenger.get("test_auc", float("nan")), challenger.get("test_sensitivity", float("nan"))
     if p.require_valid_data and data_validation != "passed":
         return False, f"the training data did not pass the data contract (validation: {data_validation})"
@@ -85,16 +86,18 @@ def gate(challenger: dict[str, float], champion: dict[str, float] | None, p: Pro
     if not same_test_set:
         return False, "champion was evaluated on another frozen test set; re-evaluate before comparing"
     ref = champion.get("test_auc", float("nan"))
-    if paired is not None and paired.ci_low == paired.ci_low:
-        basis = f"AUC difference to the champion {paired.interval()} over {paired.units} {paired.unit}"
+    if paired is not None and paired.unit == "patients" and paired.ci_low == paired.ci_low:
+        basis = f"AUC difference to the champion {paired.interval()} over {paired.units} patients"
         if paired.ci_low < -p.auc_margin:
             return False, f"{basis}: its lower bound is below the non-inferiority margin -{p.auc_margin}"
         return True, f"{basis}: non-inferior (margin {p.auc_margin}); sensitivity {sens:.3f}"
-    if auc < ref - p.auc_margin:
-        return False, f"test AUC {auc:.3f} is more than {p.auc_margin} below the champion's {ref:.3f} (point " \
-                      "estimates: no paired test predictions)"
-    return True, f"test AUC {auc:.3f} vs champion {ref:.3f} (margin {p.auc_margin}; point estimates: no paired " \
-                 f"test predictions); sensitivity {sens:.3f}"
+    # no interval over patients (runs without logged predictions, a test table of another version,
+    # too few patients of a class): non-inferiority cannot be shown, so the challenger must match
+    why = "no paired test predictions" if paired is None else \
+        "no interval over patients" + (" (images were the only unit)" if paired.unit != "patients" else "")
+    if not auc >= ref:
+        return False, f"test AUC {auc:.3f} is below the champion's {ref:.3f} (point estimates: {why})"
+    return True, f"test AUC {auc:.3f} vs champion {ref:.3f} (point estimates: {why}); sensitivity {sens:.3f}"
 
 
 def append_record(trail: Trail, d: Decision) -> tuple[Decision, str, int]:

@@ -5,12 +5,14 @@ comes from a DICOM file:
 
 - `DIR/exam-N/seg.dcm`: a binary Segmentation (highdicom) of the predicted cerebellum
   (segment 1, SNOMED 113305005) and cisterna magna (segment 2, SNOMED 54165005) on the best
-  frame's pixel grid, referencing that source image (and frame, for a cine);
+  frame's pixel grid, referencing that source image (none for a frame of a cine: see
+  CINE_SEG);
 - `DIR/exam-N/sr.dcm`: a Comprehensive 3D SR holding a TID 1500 measurement report: TCD
   (LOINC 11863-8), cisterna magna length (11860-4) and head circumference (11984-2) in mm, each
   with its growth percentile rank (DCM 125012), the gestational age (18185-9), the hypoplasia
   probability (DCM 122157) and the decision as a finding (hypoplasia 55199003 / normal
-  17621005) on the cerebellum; the model URI is the algorithm version of every group.
+  17621005) on the cerebellum, referencing the frame of a cine; the model version (`models:/
+  name/N`, an alias resolved) is the algorithm version of every group.
 
 Both objects take the patient, study and frame-of-reference modules from their source image
 (highdicom copies them), so they join the study they describe: a de-identified source gives a
@@ -75,8 +77,9 @@ def _uid(*parts: str) -> str:
     return generate_uid(entropy_srcs=list(parts))
 
 
-def segmentation(source, frame: int, labels: NDArray[np.uint8], model_uri: str):
-    """The binary SEG of `labels` (1 cerebellum, 2 cisterna magna) on `source`'s frame `frame`."""
+def segmentation(source, frame: int, labels: NDArray[np.uint8], model_uri: str, salt: str = ""):
+    """The binary SEG of `labels` (1 cerebellum, 2 cisterna magna) on `source`'s frame `frame`;
+    `salt` (the operating threshold) joins the model in its UIDs."""
     hd, codes = _codes()
     alg = _algorithm(model_uri)
     segments = [
@@ -94,8 +97,8 @@ def segmentation(source, frame: int, labels: NDArray[np.uint8], model_uri: str):
         warnings.simplefilter("ignore", UserWarning)      # a pseudonym is a one-component person name
         return hd.seg.Segmentation(
             source_images=[source], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=segments, series_instance_uid=_uid("seg-series", uid, model_uri),
-            series_number=SERIES_SEG, sop_instance_uid=_uid("seg", uid, str(frame), model_uri), instance_number=1,
+            segment_descriptions=segments, series_instance_uid=_uid("seg-series", uid, model_uri, salt),
+            series_number=SERIES_SEG, sop_instance_uid=_uid("seg", uid, str(frame), model_uri, salt), instance_number=1,
             manufacturer=SOFTWARE, manufacturer_model_name="cerebellar-hypoplasia", software_versions=model_uri[:64],
             device_serial_number="none", series_description="cbh posterior fossa segmentation",
             omit_empty_frames=False)
@@ -107,7 +110,7 @@ def _measurement(name, value: float, unit, alg, finding_site=None):
     return hd.sr.Measurement(name=name, value=float(value), unit=unit, algorithm_id=alg, finding_sites=sites)
 
 
-def structured_report(source, frame: int, row: dict, model_uri: str):
+def structured_report(source, frame: int, row: dict, model_uri: str, salt: str = ""):
     """The TID 1500 measurement report of one exam row, its evidence the best frame's source."""
     hd, codes = _codes()
     alg = hd.sr.AlgorithmIdentification(name="cbh cerebellar hypoplasia", version=model_uri[:64])
@@ -155,8 +158,8 @@ def structured_report(source, frame: int, row: dict, model_uri: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return hd.sr.Comprehensive3DSR(
-            evidence=[source], content=report, series_instance_uid=_uid("sr-series", uid, model_uri),
-            series_number=SERIES_SR, sop_instance_uid=_uid("sr", uid, str(frame), model_uri), instance_number=1,
+            evidence=[source], content=report, series_instance_uid=_uid("sr-series", uid, model_uri, salt),
+            series_number=SERIES_SR, sop_instance_uid=_uid("sr", uid, str(frame), model_uri, salt), instance_number=1,
             manufacturer=SOFTWARE, is_complete=True, is_final=False, is_verified=False,
             series_description="cbh posterior fossa measurements")
 
@@ -181,9 +184,11 @@ def dates_like_source(obj, source) -> None:
             elem.value = {"DA": day, "TM": time, "DT": day + time}[elem.VR]
 
 
-def write_exam(result: ExamResult, out_dir: Path, model_uri: str) -> tuple[Path | None, Path, str]:
+def write_exam(result: ExamResult, out_dir: Path, model_uri: str, salt: str = "") -> tuple[Path | None, Path, str]:
     """sr.dcm and, where the best frame allows it, seg.dcm of one exam under `out_dir/<exam>/`;
-    returns (seg path or None, SR path, why there is no SEG or '')."""
+    returns (seg path or None, SR path, why there is no SEG or ''). `model_uri` should name a
+    version (not an alias): it is the objects' algorithm version and, with `salt` (the
+    threshold), part of their UIDs, so another model or threshold never reuses them."""
     from pipelines.imaging.scan import read_dicom
 
     source = read_dicom(result.source, header_only=True)
@@ -192,12 +197,13 @@ def write_exam(result: ExamResult, out_dir: Path, model_uri: str) -> tuple[Path 
     seg_path, sr_path = folder / "seg.dcm", folder / "sr.dcm"
     why = ""
     try:
-        seg = segmentation(source, result.frame, result.labels, model_uri)
+        seg = segmentation(source, result.frame, result.labels, model_uri, salt)
         dates_like_source(seg, source)
         seg.save_as(seg_path)
     except CineSegmentationError as exc:
+        seg_path.unlink(missing_ok=True)           # an earlier run's SEG must not sit beside this SR
         seg_path, why = None, str(exc)
-    sr = structured_report(source, result.frame, result.row, model_uri)
+    sr = structured_report(source, result.frame, result.row, model_uri, salt)
     dates_like_source(sr, source)
     sr.save_as(sr_path)
     return seg_path, sr_path, why

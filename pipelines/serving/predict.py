@@ -333,7 +333,8 @@ def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = Fal
         exams = exam_rows(items, rows, float(model.predictor.cfg.threshold), model.model_uri)
         for r in exams:
             w.writerow({k: _cell(v) for k, v in r.items() if not k.startswith("_")})
-    written, notes = write_dicom_results(exams, items, rows, dicom_out, model.model_uri) if dicom_out else (0, [])
+    written, notes = write_dicom_results(exams, items, rows, dicom_out, version_uri(model.model_uri),
+                                         float(model.predictor.cfg.threshold)) if dicom_out else (0, [])
     not_assessable = sum(r.get("prediction") == "not_assessable" for r in rows)
     per_file: dict[Path, dict] = {}
     for item, r in zip(items, rows, strict=True):
@@ -345,10 +346,27 @@ def predict_path(inp: Path, out_csv: Path, model_uri: str, use_masks: bool = Fal
                    sum(bool(r.get("_outside")) for r in per_file.values()), written, tuple(notes))
 
 
+def version_uri(uri: str) -> str:
+    """`models:/name@alias` as the version it names now (`models:/name/N`); other URIs as they are."""
+    import re
+
+    m = re.fullmatch(r"models:/([^/@]+)@([^/@]+)", uri)
+    if not m:
+        return uri
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return f"models:/{m[1]}/{MlflowClient().get_model_version_by_alias(m[1], m[2]).version}"
+    except MlflowException:
+        return uri
+
+
 def write_dicom_results(exams: list[dict], items: list[Item], rows: list[dict], out_dir: Path,
-                        model_uri: str) -> tuple[int, list[str]]:
+                        model_uri: str, threshold: float | None = None) -> tuple[int, list[str]]:
     """A SEG and an SR for every exam whose best frame is a DICOM file (`dicom_out`); returns how
-    many exams got them and, for the others (and a cine's missing SEG), one line each."""
+    many exams got them and, for the others (and a cine's missing SEG), one line each.
+    `model_uri` names the version; the threshold joins it in the objects' UIDs."""
     from pipelines.serving.dicom_out import ExamResult, write_exam
 
     written, notes = 0, []
@@ -366,7 +384,8 @@ def write_dicom_results(exams: list[dict], items: list[Item], rows: list[dict], 
         footprint = unwarp(np.ones((crop.size, crop.size), np.uint8), crop, row["_shape"]) > 0
         labels = np.where(footprint, unwarp(row["_labels"], crop, row["_shape"]), 0).astype(np.uint8)
         try:
-            _seg, _sr, why = write_exam(ExamResult(exam["exam"], path, frame, labels, exam), out_dir, model_uri)
+            _seg, _sr, why = write_exam(ExamResult(exam["exam"], path, frame, labels, exam), out_dir, model_uri,
+                                        "" if threshold is None else f"threshold={threshold:.6f}")
         except (ValueError, TypeError, AttributeError, KeyError, OSError) as exc:   # one exam named; the rest go on
             notes.append(f"{exam['exam']}: SEG/SR not written: {type(exc).__name__}: {str(exc)[:160]}")
             continue

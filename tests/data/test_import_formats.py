@@ -194,6 +194,7 @@ def write_labelstudio(src: Path, small_cohort: Path, rows: list[dict]) -> None:
                 pts = [[x * 100.0 / w, y * 100.0 / h] for x, y in zip(poly[::2], poly[1::2], strict=True)]
                 result.append({"type": "polygonlabels", "original_width": w, "original_height": h,
                                "value": {"points": pts, "polygonlabels": [name]}})
+        result.append({"type": "choices", "value": {"choices": ["good plane"]}})    # about the task: no region
         tasks.append({"id": i + 1, "data": {"image": f"/data/upload/3/0a1b2c3d-{Path(r['image']).name}"},
                       "annotations": [{"id": 1, "completed_by": 7, "was_cancelled": False, "result": result}]})
     (src / "export.json").write_text(json.dumps(tasks))
@@ -323,3 +324,39 @@ def test_refusals_name_the_file_and_the_label(source, tmp_path):
     assert "one.json: image 1: label 'thalamus' is not in the label mapping" in reasons[0]
     assert "one.json: image 2: image 'not-there.png' not found" in reasons[1]
     assert json.loads((tmp_path / "c2" / "import-report.json").read_text())["skipped"] == rep["skipped"]
+
+
+def test_the_dicom_header_fills_what_the_table_leaves_empty(source, small_cohort, tmp_path):
+    """No table row: a DICOM scan takes its exam date from StudyDate and its patient from the
+    header at ingest; without LastMenstrualDate its GA is missing, and the image is refused in one
+    sentence. With GA in the table it is imported. COCO entries naming no listed image, or
+    covering no pixel, are reported, not dropped."""
+    src, rows = _fresh(source, tmp_path)
+    r = next(r for r in rows if r["image"].endswith(".dcm"))
+    ds = pydicom.dcmread(src / r["image"], stop_before_pixels=True)
+    mask, _ = _load(small_cohort, r)
+    h, w = mask.shape
+    (src / "c.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": Path(r["image"]).name, "height": h, "width": w}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": edge_polygons(mask == 1)},
+                        {"id": 2, "image_id": 7, "category_id": 1, "segmentation": edge_polygons(mask == 1)}],
+        "categories": [{"id": 1, "name": "cerebellum"}]}))
+    rep = import_annotations("coco", src, tmp_path / "no-ga")
+    reasons = sorted(s["reason"] for s in rep["skipped"])
+    assert rep["imported"] == 0 and len(reasons) == 2
+    assert "annotation 2 names image 7, which the file does not list" in reasons[0]
+    assert "no gestational age: none in the table, and the header has no LastMenstrualDate" in reasons[1]
+    table = tmp_path / "ga.csv"
+    table.write_text(f"image,ga_weeks,label\n{Path(r['image']).name},{r['ga_weeks']},{r['label']}\n")
+    rep = import_annotations("coco", src, tmp_path / "with-ga", table)
+    (row,) = _imported(tmp_path / "with-ga").values()
+    study = str(ds.StudyDate)
+    assert row["exam_date"] == f"{study[:4]}-{study[4:6]}-{study[6:]}" and row["patient_id"] == ""
+    assert row["ga_weeks"] == r["ga_weeks"] and row["label"] == r["label"]
+    box = json.loads((src / "c.json").read_text())
+    box["annotations"] = [{"id": 3, "image_id": 1, "category_id": 1, "segmentation": [], "bbox": [1, 1, 5, 5]}]
+    (src / "c.json").write_text(json.dumps(box))
+    rep = import_annotations("coco", src, tmp_path / "box", table)
+    assert rep["imported"] == 0 and "annotation 3 (cerebellum) covers no pixel" in rep["skipped"][0]["reason"]
+    with pytest.raises(ImportFormatError, match="not an empty folder"):
+        import_annotations("coco", src, tmp_path / "box", table)

@@ -195,9 +195,10 @@ def test_a_spacing_outside_the_limits_is_quarantined_before_any_pixel_work(cohor
     assert all(m["source_row"] != n for m in res.manifest)
 
 
-def test_first_exam_rank_keeps_the_real_order_the_shifted_dates_blur(small_cohort, tmp_path, pseudo):
-    """Each patient's rank among the real first exam dates (taken before the shift); the
-    temporal test set is the latest patients in that order, and no real date leaves ingest."""
+def test_first_exam_period_keeps_the_real_order_the_shifted_dates_blur(small_cohort, tmp_path, pseudo):
+    """Each patient's fifth of the real first-exam order (taken before the shift): it never
+    decreases with the real date, the temporal test set is drawn from the latest fifth, and no
+    real date (nor a day-by-day rank) leaves ingest."""
     import pandas as pd
     import pydicom
 
@@ -211,13 +212,13 @@ def test_first_exam_rank_keeps_the_real_order_the_shifted_dates_blur(small_cohor
         day = dt.date.fromisoformat(row["exam_date"])
         first[pseudo.patient(raw)] = min(day, first.get(pseudo.patient(raw), day))
     manifest = pd.DataFrame(res.manifest)
-    assert "_real_exam" not in manifest.columns
-    ranks = manifest.groupby("patient_pseudo")["first_exam_rank"].first()
-    real_order = sorted(ranks.index, key=lambda p: first[p])
-    assert list(ranks.loc[real_order]) == sorted(ranks)                   # the rank follows the real dates
+    assert "_real_exam" not in manifest.columns and "first_exam_rank" not in manifest.columns
+    period = manifest.groupby("patient_pseudo")["first_exam_period"].first()
+    real_order = sorted(period.index, key=lambda p: first[p])
+    assert list(period.loc[real_order]) == sorted(period) and set(period) == {1, 2, 3, 4, 5}
+    assert period.value_counts().max() - period.value_counts().min() <= 1       # fifths of equal size
     shifted = manifest.groupby("patient_pseudo")["exam_date"].min()
-    assert sorted(ranks.index, key=lambda p: shifted[p]) != real_order   # the shifted dates do not
-    dataset, frozen = assign_splits(manifest, None, 0.3, 0.3, 7)
+    assert sorted(period.index, key=lambda p: shifted[p]) != real_order          # the shifted dates blur it
+    dataset, frozen = assign_splits(manifest, None, 0.2, 0.3, 7)
     test = set(frozen["patient_pseudo"])
-    latest = {p for p in ranks.index if ranks[p] > max(ranks[q] for q in ranks.index if q not in test)}
-    assert test and latest == test
+    assert len(test) == (period == 5).sum() and {int(period[p]) for p in test} == {5}   # 12 patients: 2 per fifth

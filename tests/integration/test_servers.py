@@ -34,11 +34,29 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _api(url: str, body: dict | None = None) -> object:
+def _credentials(state: Path) -> dict[str, str]:
+    """The client environment `cbh servers up` wrote (URLs and logins)."""
+    return dict(line.removeprefix("export ").split("=", 1) for line in (state / "env").read_text().splitlines())
+
+
+def _api(url: str, body: dict | None = None, auth: str | None = None) -> object:
+    from ops.servers import basic_auth
+
+    headers = {"Content-Type": "application/json", **({"Authorization": basic_auth(auth)} if auth else {})}
     req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
+                                 headers=headers, method="GET" if body is None else "POST")
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
+
+
+def _status(url: str, body: dict | None = None, auth: str | None = None) -> int:
+    import urllib.error
+
+    try:
+        _api(url, body, auth)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    return 200
 
 
 def _alive(pid: int) -> bool:
@@ -78,6 +96,7 @@ def test_servers_listen_on_loopback_and_keep_the_password_to_themselves(servers)
     assert {"postgres", "prefect", "mlflow"} <= set(info)
     env = (state / "env").read_text()
     assert f"PREFECT_API_URL=http://127.0.0.1:{info['prefect']['port']}/api" in env
+    assert info["prefect"]["host"] == info["mlflow"]["host"] == "127.0.0.1"
     assert f"MLFLOW_TRACKING_URI=http://127.0.0.1:{info['mlflow']['port']}" in env
     assert (state / "pgpass").stat().st_mode & 0o077 == 0
     password = (state / "pgpass").read_text().strip()
@@ -103,12 +122,37 @@ def test_servers_listen_on_loopback_and_keep_the_password_to_themselves(servers)
     assert status.stdout.count("running") == 3, status.stdout
 
 
-def test_retrain_against_the_team_servers(servers, tmp_path):
+def test_both_servers_ask_for_a_login_and_keep_their_secrets_in_private_files(servers):
+    """Without credentials both APIs answer 401; with those of .cbh/servers/env (mode 600), 200.
+    Every secret sits in a file of mode 600 and appears in no output, state or log."""
+    ws, state, info, up = servers
+    creds = _credentials(state)
+    mlflow_api = f"{info['mlflow']['url']}/api/2.0/mlflow/experiments/search?max_results=1"
+    prefect_api = f"{info['prefect']['url']}/flows/filter"
+    assert _status(mlflow_api) == 401 and _status(prefect_api, {}) == 401
+    assert _status(mlflow_api, auth="cbh-admin:wrong") == 401
+    mlflow_login = f"{creds['MLFLOW_TRACKING_USERNAME']}:{creds['MLFLOW_TRACKING_PASSWORD']}"
+    assert _status(mlflow_api, auth=mlflow_login) == 200
+    assert _status(prefect_api, {}, auth=creds["PREFECT_API_AUTH_STRING"]) == 200
+    said = up.stdout + up.stderr + (state / "servers.json").read_text()
+    for log in state.glob("*.log"):
+        said += log.read_text(errors="replace")
+    for name in ("env", "pgpass", "mlflow-admin", "prefect-auth", "flask-secret", "mlflow-auth.ini"):
+        assert (state / name).stat().st_mode & 0o077 == 0, name
+    for secret in (creds["MLFLOW_TRACKING_PASSWORD"], creds["PREFECT_API_AUTH_STRING"].split(":", 1)[1],
+                   (state / "flask-secret").read_text().strip()):
+        assert len(secret) >= 24 and secret not in said
+
+
+def test_retrain_against_the_team_servers(servers, tmp_path, monkeypatch):
     from pipelines.data.synth import synth_cohort
 
     ws, state, info, _ = servers
     prefect_url, mlflow_url = info["prefect"]["url"], info["mlflow"]["url"]
-    env = {"PREFECT_API_URL": prefect_url, "MLFLOW_TRACKING_URI": mlflow_url}
+    env = _credentials(state)
+    auth = env["PREFECT_API_AUTH_STRING"]
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):   # this process's MLflow client
+        monkeypatch.setenv(key, env[key])
     cohort = tmp_path / "export"
     synth_cohort(cohort, 26, 21, ("aurora", "boreal", "cirrus"))
     res = cbh(ws, "retrain", "--cohort", str(cohort), env_extra=env)
@@ -116,8 +160,8 @@ def test_retrain_against_the_team_servers(servers, tmp_path):
     assert not (ws / "mlflow.db").exists()                        # nothing went to the embedded store
 
     # Prefect's API: the flow run, completed, on this server (whose database is PostgreSQL)
-    runs = _api(f"{prefect_url}/flow_runs/filter", {"sort": "START_TIME_DESC"})
-    flows = {f["id"]: f["name"] for f in _api(f"{prefect_url}/flows/filter", {})}
+    runs = _api(f"{prefect_url}/flow_runs/filter", {"sort": "START_TIME_DESC"}, auth)
+    flows = {f["id"]: f["name"] for f in _api(f"{prefect_url}/flows/filter", {}, auth)}
     retrain = [r for r in runs if flows.get(r["flow_id"]) == "cbh-retrain"]
     assert len(retrain) == 1 and retrain[0]["state_type"] == "COMPLETED", [(r["name"], r["state_type"]) for r in runs]
     import psycopg2
@@ -148,10 +192,11 @@ def test_retrain_against_the_team_servers(servers, tmp_path):
 
 def test_schedule_against_the_running_prefect_server(servers):
     ws, state, info, _ = servers
-    env = {"PREFECT_API_URL": info["prefect"]["url"], "MLFLOW_TRACKING_URI": info["mlflow"]["url"]}
+    env = _credentials(state)
+    auth = env["PREFECT_API_AUTH_STRING"]
     sch = cbh(ws, "schedule", "--cron", CRON, "--pool", "cpu", "--train-pool", "gpu", env_extra=env)
     assert sch.returncode == 0, (sch.stdout + sch.stderr)[-3000:]
-    deployments = _api(f"{info['prefect']['url']}/deployments/filter", {})
+    deployments = _api(f"{info['prefect']['url']}/deployments/filter", {}, auth)
     by_name = {d["name"]: d for d in deployments}
     crons = [s["schedule"].get("cron") for s in by_name["scheduled-retrain-cpu"]["schedules"]]
     assert crons == [CRON]
@@ -162,7 +207,7 @@ def test_schedule_against_the_running_prefect_server(servers):
     while time.monotonic() < deadline and not scheduled:
         scheduled = _api(f"{info['prefect']['url']}/flow_runs/filter",
                          {"deployments": {"id": {"any_": [by_name["scheduled-retrain-cpu"]["id"]]}},
-                          "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+                          "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}, auth)
         time.sleep(2)
     assert scheduled, "the Prefect server scheduled no run of the deployment"
     starts = sorted(r["next_scheduled_start_time"] for r in scheduled)

@@ -202,3 +202,8 @@ def test_dicom_out_seg_and_sr_hold_the_best_frames_labels_and_the_exam_row(small
     first = pydicom.dcmread(tmp_path / "pacs/exam-1/sr.dcm").SOPInstanceUID
     write_dicom_results(exams, items, rows, tmp_path / "again", "models:/m/3")
     assert pydicom.dcmread(tmp_path / "again/exam-1/sr.dcm").SOPInstanceUID == first
+    # another model version or threshold never reuses them
+    write_dicom_results(exams, items, rows, tmp_path / "v4", "models:/m/4")
+    write_dicom_results(exams, items, rows, tmp_path / "thr", "models:/m/3", 0.25)
+    assert len({first, pydicom.dcmread(tmp_path / "v4/exam-1/sr.dcm").SOPInstanceUID,
+                pydicom.dcmread(tmp_path / "thr/exam-1/sr.dcm").SOPInstanceUID}) == 3

@@ -42,15 +42,21 @@ def test_against_a_champion_the_gate_reads_the_lower_bound_of_the_paired_differe
     assert not ok and "lower bound is below the non-inferiority margin -0.02" in reason and "40 patients" in reason
     ok, reason = gate({**GOOD, "test_auc": 0.94}, champ, P, True, paired=_paired(-0.015, -0.005))
     assert ok and "non-inferior" in reason
-    nan = float("nan")                   # too few patients for an interval: the point estimates decide
+    nan = float("nan")                   # too few patients for an interval: the point AUC must match
     ok, reason = gate({**GOOD, "test_auc": 0.94}, champ, P, True, paired=_paired(nan, nan))
-    assert ok and "point estimates" in reason
+    assert not ok and "point estimates: no interval over patients" in reason
+    assert gate({**GOOD, "test_auc": 0.95}, champ, P, True, paired=_paired(nan, nan))[0]
+    by_image = Paired(images=80, unit="images", units=80, difference=0.0, ci_low=-0.01, ci_high=0.01,
+                      p_value=0.9, n_boot=500)      # images as the unit: too narrow to decide on
+    ok, reason = gate({**GOOD, "test_auc": 0.94}, champ, P, True, paired=by_image)
+    assert not ok and "images were the only unit" in reason
 
 
 def test_challenger_against_champion():
     champ = {"test_auc": 0.95}
-    assert gate({**GOOD, "test_auc": 0.94}, champ, P, True)[0]
-    assert not gate({**GOOD, "test_auc": 0.92}, champ, P, True)[0]              # beyond the margin
+    assert gate({**GOOD, "test_auc": 0.95}, champ, P, True)[0]
+    ok, reason = gate({**GOOD, "test_auc": 0.94}, champ, P, True)              # no interval: must match
+    assert not ok and "point estimates: no paired test predictions" in reason
     assert not gate({**GOOD, "test_sensitivity": 0.7}, champ, P, True)[0]       # sensitivity floor
     ok, reason = gate({**GOOD, "test_ece": 0.3}, champ, P, True)                 # calibration bound
     assert not ok and "calibration" in reason
