@@ -121,7 +121,6 @@ def test_asc_paper_shrunk_trains_saves_and_loads_with_its_gate(prepared80, param
     ev = evaluate_models(predictor, prepared80, p)
     preds = ev.tables["test_predictions"]
     assert len(preds) == len(prepared80.subset("test")) and preds["probability"].between(0, 1).all()
-    assert ev.metrics["test_auc_ci_low"] <= ev.metrics["test_auc"] <= ev.metrics["test_auc_ci_high"]
     assert predictor.cls.gate_reading == gate and predictor.cls.image.fc.out_features == 125
     predictor.save(tmp_path / "m")
     again = Predictor.load(tmp_path / "m")
