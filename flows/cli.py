@@ -116,8 +116,9 @@ def cmd_ingest(a: argparse.Namespace, root: Path) -> int:
     params = _params(root)
     read_annotations(Path(a.cohort))          # a cohort that cannot be read changes nothing
     ensure_workspace(root, params)
-    dest = stages.add_cohort(params, root, Path(a.cohort))
-    rep = stages.ingest(params, root, progress=_progress("ingesting"))
+    with stages.workspace_writer(root, "ingest"):
+        dest = stages.add_cohort(params, root, Path(a.cohort))
+        rep = stages.ingest(params, root, progress=_progress("ingesting"))
     print(f"cohort stored as {params.paths.incoming}/{dest.name}; {rep['deidentified']} rows de-identified, "
           f"{rep['quarantined']} quarantined {rep['reasons'] or ''}")
     print(f"manifest: {params.paths.manifest}  quarantine: {params.paths.quarantine}")
@@ -153,21 +154,22 @@ def cmd_stage(a: argparse.Namespace, root: Path) -> int:
     from flows import stages
 
     params = _params(root)
-    if a.name == "ingest":
-        print(stages.ingest(params, root))
-    elif a.name == "validate":
-        return cmd_validate(argparse.Namespace(json=None, with_split=False), root)   # the split is its own stage
-    elif a.name == "split":
-        print(stages.split(params, root))
-    elif a.name == "head":
-        print(stages.head(params, root))
-    elif a.name == "train":
-        info = stages.train(params, root)
-        if info["rank"] == 0:
-            print(f"trained {info['model']}: operating threshold {info['threshold']:.3f}, images {info['images']}")
-    elif a.name == "evaluate":
-        out = stages.evaluate(params, root)
-        print(f"registered version {out.version}: test AUC {out.metrics['test_auc']:.3f}")
+    with stages.workspace_writer(root, f"stage {a.name}"):
+        if a.name == "ingest":
+            print(stages.ingest(params, root))
+        elif a.name == "validate":
+            return cmd_validate(argparse.Namespace(json=None, with_split=False), root)   # the split is its own stage
+        elif a.name == "split":
+            print(stages.split(params, root))
+        elif a.name == "head":
+            print(stages.head(params, root))
+        elif a.name == "train":
+            info = stages.train(params, root)
+            if info["rank"] == 0:
+                print(f"trained {info['model']}: operating threshold {info['threshold']:.3f}, images {info['images']}")
+        elif a.name == "evaluate":
+            out = stages.evaluate(params, root)
+            print(f"registered version {out.version}: test AUC {out.metrics['test_auc']:.3f}")
     return 0
 
 
@@ -176,13 +178,15 @@ def cmd_train(a: argparse.Namespace, root: Path) -> int:
 
     overrides = list(a.set or []) + ([f"train.model={a.model}"] if a.model else [])
     params = _params(root, overrides, a.profile)
-    info = stages.train(params, root, progress=_progress("preparing"))
+    with stages.workspace_writer(root, "train"):
+        info = stages.train(params, root, progress=_progress("preparing"))
+        if info["rank"] == 0:
+            out = stages.evaluate(params, root)
     if info["rank"] != 0:                       # a DDP worker process: rank 0 evaluates and registers
         return 0
     if info.get("classifier_resumed_at_epoch") is not None or info.get("segmenter_resumed_at_epoch") is not None:
         print(f"resumed an interrupted training: segmenter at epoch {info.get('segmenter_resumed_at_epoch')}, "
               f"classifier at epoch {info.get('classifier_resumed_at_epoch')}")
-    out = stages.evaluate(params, root)
     m = out.metrics
     print(f"run {out.run_id}: {params.train.model}, test AUC {m['test_auc']:.3f} "
           f"[{m['test_auc_ci_low']:.3f}, {m['test_auc_ci_high']:.3f}], sensitivity {m['test_sensitivity']:.3f}, "

@@ -89,7 +89,9 @@ def train_task(params: Params, root: Path) -> dict[str, Any]:
         import subprocess
         import sys
 
-        env = dict(os.environ, CBH_WORKSPACE=str(root))
+        # the stage runs under the writer lock of the retrain flow that asked for this training
+        # (here, or in a train deployment it waits for), never as a second writer
+        env = dict(os.environ, CBH_WORKSPACE=str(root), **{stages.WRITER_ENV: str(root.resolve())})
         subprocess.run([sys.executable, "-m", "flows.cli", "stage", "train"], cwd=root, env=env, check=True)
         return json.loads((root / params.paths.model_dir / "training.json").read_text())
     info = stages.train(params, root)
@@ -172,6 +174,11 @@ def retrain_flow(workspace: str = ".", cohort: str | None = None,
     from flows.workspace import ensure_workspace
 
     ensure_workspace(root, params)
+    with stages.workspace_writer(root, "retrain"):
+        return _retrain(params, root, cohort, train_deployment)
+
+
+def _retrain(params, root: Path, cohort: str | None, train_deployment: str | None) -> dict[str, Any]:
     ingest_rep = ingest_task(params, root, cohort)
     contract = validate_task(params, root)
     if not contract["success"]:

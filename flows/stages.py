@@ -5,6 +5,7 @@ does the I/O of its declared dependencies and outputs in dvc.yaml."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -506,6 +507,40 @@ def _write_frame_head(params: Params, out: Path) -> str:
                 info = {"source": "learned", "model": f"{params.head.model_name}/{version}"}
     (frame / "frame.json").write_text(json.dumps(info) + "\n")
     return info["source"]
+
+
+WRITER_ENV = "CBH_WORKSPACE_WRITER"      # set while this process (and its children) hold the writer lock
+
+
+@contextlib.contextmanager
+def workspace_writer(root: Path, what: str):
+    """One writer of a workspace's data store at a time: `cbh ingest`, `cbh train`, the retrain
+    flow and the DVC stages take this lock, and a second writer is refused at once, naming the
+    first (a scheduled retrain and a manual ingest would otherwise rebuild the store under each
+    other). A child process of the holder (a stage it runs) finds the lock its parent's."""
+    from pipelines.locks import Busy, exclusive_lock
+
+    here = str(root.resolve())
+    if os.environ.get(WRITER_ENV) == here:
+        yield
+        return
+    info = root / ".cbh" / "writer.json"
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(exclusive_lock(root / ".cbh" / "writer.lock", wait=False))
+        except Busy:
+            try:
+                holder = json.loads(info.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            raise StageError(f"another `cbh {holder.get('what', '...')}` (pid {holder.get('pid', '?')}) is writing "
+                             f"this workspace; run this again when it has finished") from None
+        info.write_text(json.dumps({"pid": os.getpid(), "what": what}) + "\n")
+        os.environ[WRITER_ENV] = here
+        try:
+            yield
+        finally:
+            os.environ.pop(WRITER_ENV, None)
 
 
 def dvc_writer(root: Path):

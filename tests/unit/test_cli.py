@@ -105,3 +105,35 @@ def test_anything_else_is_a_bug_with_its_traceback(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(cli, "cmd_params", fail)
     with pytest.raises(KeyError):
         cli.main(["params"])
+
+
+def test_a_second_writer_of_a_workspace_is_refused_naming_the_first(tmp_path):
+    """`cbh ingest`, `cbh train`, the retrain flow and the stages share one writer lock: while one
+    holds it another is refused at once with one sentence; a child of the holder passes."""
+    import subprocess
+    import sys
+
+    from flows.stages import WRITER_ENV, StageError, workspace_writer
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from flows.stages import workspace_writer\n"
+        f"with workspace_writer(Path({str(tmp_path)!r}), 'retrain'):\n"
+        "    print('held', flush=True); time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StageError, match=rf"another `cbh retrain` \(pid {holder.pid}\) is writing"):
+            with workspace_writer(tmp_path, "ingest"):
+                pass
+        import os
+        os.environ[WRITER_ENV] = str(tmp_path.resolve())       # as in a stage the holder started
+        try:
+            with workspace_writer(tmp_path, "stage train"):
+                pass
+        finally:
+            os.environ.pop(WRITER_ENV)
+    finally:
+        holder.kill()
+        holder.wait()
+    with workspace_writer(tmp_path, "ingest"):                   # released when its holder died
+        assert os.environ[WRITER_ENV] == str(tmp_path.resolve())
+    assert WRITER_ENV not in os.environ
