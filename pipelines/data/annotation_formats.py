@@ -133,6 +133,14 @@ class Annotated:
             self.shape = mask.shape
         self.layers[structure] = self.layers.get(structure, np.zeros(mask.shape, bool)) | mask
 
+    def target(self, labels: LabelMap, name: str) -> str | None:
+        """The structure `name` is drawn into, or None: ignored by the map, or unknown to it (the
+        image is then refused, naming the label)."""
+        target = labels.structure(name)
+        if target is None:
+            self.unknown(name)
+        return None if target in (None, IGNORE) else target
+
     def unknown(self, label: str) -> None:
         if not self.problem:
             self.problem = (f"{self.where}: label {label!r} is not in the label mapping (map it to a structure or "
@@ -198,11 +206,7 @@ def read_coco(src: Path, labels: LabelMap) -> Iterator[Annotated]:
                                         f"which the file does not list")
                 continue
             name = cats.get(ann.get("category_id"), str(ann.get("category_id")))
-            target = labels.structure(name)
-            if target is None:
-                item.unknown(name)
-                continue
-            if target == IGNORE:
+            if (target := item.target(labels, name)) is None:
                 continue
             rows, cols = item.shape
             seg = ann.get("segmentation")
@@ -260,11 +264,7 @@ def read_cvat(src: Path, labels: LabelMap) -> Iterator[Annotated]:
             item = Annotated(ref=img.get("name", ""), where=f"{path.name}: image {img.get('id')}", shape=(rows, cols))
             for shape in img:
                 name = shape.get("label", "")
-                target = labels.structure(name)
-                if target is None:
-                    item.unknown(name)
-                    continue
-                if target == IGNORE:
+                if (target := item.target(labels, name)) is None:
                     continue
                 try:
                     if shape.tag == "polygon":
@@ -361,11 +361,7 @@ def read_labelstudio(src: Path, labels: LabelMap) -> Iterator[Annotated]:
                     continue
                 item.shape = item.shape or (rows, cols)
                 for name in names:
-                    target = labels.structure(name)
-                    if target is None:
-                        item.unknown(name)
-                        continue
-                    if target == IGNORE:
+                    if (target := item.target(labels, name)) is None:
                         continue
                     try:
                         if kind == "polygonlabels":
