@@ -116,8 +116,10 @@ class Predictor:
     def load(cls, folder: Path, device: str = "cpu") -> "Predictor":
         cfg = ModelConfig.load(folder / "config.json")
         seg = make_segmenter(cfg.seg_channels, cfg.seg_norm)
-        clf = make_classifier(cfg.model, cfg.features, cfg.backbone, cfg.shape_backbone, cfg.image_norm,
-                              cfg.gate_reading, cfg.paper_width)
+        # only asc-paper takes its two settings: a model registered earlier carries a make_classifier
+        # of five arguments in its own code, which MLflow may load in place of this tree's
+        paper = (cfg.gate_reading, cfg.paper_width) if cfg.model == "asc-paper" else ()
+        clf = make_classifier(cfg.model, cfg.features, cfg.backbone, cfg.shape_backbone, cfg.image_norm, *paper)
         seg.load_state_dict(torch.load(folder / "segmenter.pt", map_location=device, weights_only=True))
         clf.load_state_dict(torch.load(folder / "classifier.pt", map_location=device, weights_only=True))
         # (a BiometryRule has an empty state dict: nothing to load, nothing learnt)
