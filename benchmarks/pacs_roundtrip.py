@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipelines.config import load_params  # noqa: E402
-from pipelines.imaging.preprocess import unwarp  # noqa: E402
+from pipelines.imaging.preprocess import frame_labels  # noqa: E402
 from pipelines.registry import tracking  # noqa: E402
 from pipelines.serving.dicom_out import read_back  # noqa: E402
 from pipelines.serving.predict import exam_rows, load_model, predict_items, write_dicom_results  # noqa: E402
@@ -68,10 +68,7 @@ def main() -> int:
         k = exam["_best"]
         seg = folder / "seg.dcm"
         labels, values, finding = read_back(seg if seg.exists() else None, folder / "sr.dcm")
-        row = rows[k]
-        crop = row["_crop"]
-        footprint = unwarp(np.ones((crop.size, crop.size), np.uint8), crop, row["_shape"]) > 0
-        want = np.where(footprint, unwarp(row["_labels"], crop, row["_shape"]), 0)
+        want, _ = frame_labels(rows[k]["_labels"], rows[k]["_crop"], rows[k]["_shape"])
         seg_equal += labels is not None and np.array_equal(labels, want)
         expected = {code: float(exam[col]) for code, col in CODES if math.isfinite(float(exam[col]))}
         sr_equal += (set(values) == set(expected) and all(math.isclose(values[c], v, rel_tol=1e-9, abs_tol=1e-12)

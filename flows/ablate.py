@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.stages import StageError, _prepared, _quiet_lightning, frame_head
+from flows.stages import StageError, _prepared, _quiet_lightning, frame_head, require_both_classes
 from pipelines.config import MODELS, Params, replace
 
 
@@ -48,10 +48,7 @@ def ablate(params: Params, root: Path, models: list[str] | None, out: Path, prog
     _quiet_lightning()
     chosen = _models(models, params.train.model)
     data = _prepared(params, root, progress)
-    for split_name in ("train", "test"):
-        labels = set(data.frame.loc[data.frame["split"] == split_name, "label"])
-        if labels != {"normal", "hypoplasia"}:
-            raise StageError(f"{params.paths.dataset}: the {split_name} split lacks a class (has {sorted(labels)})")
+    require_both_classes(data, params)
     tracking.setup(params.paths.mlflow_uri, root / params.paths.mlflow_artifacts)
     tags = {**lineage.collect(root, params), "evaluation.bootstrap_unit": "patient",
             "preprocess.frame_source": "learned" if frame_head(params, root) else "classical"}
@@ -65,9 +62,7 @@ def ablate(params: Params, root: Path, models: list[str] | None, out: Path, prog
             predictor = train_models(data, p, segmenter=segmenter)
             segmenter = segmenter if segmenter is not None else predictor.seg
             evaluation = evaluate_models(predictor, data, p)
-            m = dict(evaluation.metrics)
-            n_cls, n_seg = (sum(t.numel() for t in net.parameters()) for net in (predictor.cls, predictor.seg))
-            m.update({"model.parameters": float(n_cls + n_seg), "model.parameters_classifier": float(n_cls)})
+            m = {**evaluation.metrics, **predictor.parameter_metrics()}
             with mlflow.start_run(run_name=model, nested=True) as child:
                 mlflow.log_params({k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
                                    for k, v in p.flat().items()})

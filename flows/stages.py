@@ -225,6 +225,15 @@ def _prepared(params: Params, root: Path, progress: Progress = None):
                           head_dir=frame_head(params, root))
 
 
+def require_both_classes(data, params: Params) -> None:
+    """Training and testing need both labels; a split without one is refused in one sentence."""
+    for split_name in ("train", "test"):
+        labels = set(data.frame.loc[data.frame["split"] == split_name, "label"])
+        if labels != {"normal", "hypoplasia"}:
+            raise StageError(f"{params.paths.dataset}: the {split_name} split lacks a class "
+                             f"(has {sorted(labels)}); add cases before training")
+
+
 def train(params: Params, root: Path, progress: Progress = None) -> dict[str, Any]:
     """Fit the segmenter and the classifier, choose the operating point on validation, save
     the weights (the `train` stage's output)."""
@@ -232,11 +241,7 @@ def train(params: Params, root: Path, progress: Progress = None) -> dict[str, An
 
     _quiet_lightning()
     data = _prepared(params, root, progress)
-    for split_name in ("train", "test"):
-        labels = set(data.frame.loc[data.frame["split"] == split_name, "label"])
-        if labels != {"normal", "hypoplasia"}:
-            raise StageError(f"{params.paths.dataset}: the {split_name} split lacks a class "
-                             f"(has {sorted(labels)}); add cases before training")
+    require_both_classes(data, params)
     from pipelines.registry.lineage import md5_file
 
     # checkpoints of this exact work (same data, same parameters): an interrupted run resumes
@@ -279,11 +284,7 @@ def evaluate(params: Params, root: Path, progress: Progress = None) -> TrainOutc
     data = _prepared(params, root, progress)
     predictor = Predictor.load(model_dir)
     evaluation = evaluate_models(predictor, data, params)
-    metrics = dict(evaluation.metrics)
-    # the size of what is registered, for reviewers comparing architectures
-    n_cls, n_seg = (sum(p.numel() for p in net.parameters()) for net in (predictor.cls, predictor.seg))
-    metrics.update({"model.parameters": float(n_cls + n_seg), "model.parameters_classifier": float(n_cls),
-                    "model.parameters_segmenter": float(n_seg)})
+    metrics = {**evaluation.metrics, **predictor.parameter_metrics()}
     dataset = pq.read_table(root / params.paths.dataset).to_pandas()
     summary = {"split": split_summary(dataset), "excluded_unfittable": len(data.failed),
                "subgroups": evaluation.subgroups}

@@ -186,6 +186,13 @@ def unwarp(labels: NDArray, crop: Crop, shape: tuple[int, int]) -> NDArray:
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
+def frame_labels(labels: NDArray, crop: Crop, shape: tuple[int, int]) -> tuple[NDArray[np.uint8], NDArray[np.bool_]]:
+    """A crop's labels on the source frame, and the crop's footprint there (where the crop
+    saw the frame); labels are 0 outside it."""
+    footprint = unwarp(np.ones((crop.size, crop.size), np.uint8), crop, shape) > 0
+    return np.where(footprint, unwarp(labels, crop, shape), 0).astype(np.uint8), footprint
+
+
 # How far beyond the fitted skull ellipse (a multiple of its axes) a cerebellum may reach: the
 # ellipse follows the skull's outer edge, give or take the fit. On the 300-patient synthetic
 # cohort (507 annotated crops, three sites) the annotated cerebellum crosses 1.04 in 8 crops,

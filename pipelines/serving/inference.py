@@ -125,6 +125,15 @@ class Predictor:
         # (a BiometryRule has an empty state dict: nothing to load, nothing learnt)
         return cls(seg, clf, cfg, device)
 
+    def parameter_metrics(self) -> dict[str, float]:
+        """The size of what is registered (`model.parameters`, and per network), for reviewers
+        comparing architectures."""
+        from models.paper import count_parameters
+
+        n_cls, n_seg = count_parameters(self.cls), count_parameters(self.seg)
+        return {"model.parameters": float(n_cls + n_seg), "model.parameters_classifier": float(n_cls),
+                "model.parameters_segmenter": float(n_seg)}
+
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(self.seg.state_dict(), folder / "segmenter.pt")

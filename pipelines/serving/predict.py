@@ -17,7 +17,7 @@ import mlflow.pyfunc
 import numpy as np
 
 from pipelines.errors import CbhError
-from pipelines.imaging.preprocess import PreprocessError, load_frame, unwarp
+from pipelines.imaging.preprocess import PreprocessError, frame_labels, load_frame
 from pipelines.imaging.scan import RASTER_SUFFIXES, ScanError, pixel_spacing_mm, read_dicom, sidecar_spacing_mm
 from pipelines.imaging.scan import header_ga_weeks as scan_header_ga_weeks
 from pipelines.serving.pyfunc import OUTPUT_COLUMNS
@@ -245,10 +245,8 @@ def predict_items(items: list[Item], model, overlay_dir: Path | None, use_masks:
             overlay = ""
             if res.get("_labels") is not None and overlay_dir is not None:
                 overlay_path = overlay_dir / f"{k:05d}.png"
-                crop = res["_crop"]
-                footprint = unwarp(np.ones((crop.size, crop.size), np.uint8), crop, grey.shape) > 0
-                _draw_overlay(np.where(valid & footprint, grey, 0), footprint,
-                              unwarp(res["_labels"], crop, grey.shape), overlay_path)
+                labels, footprint = frame_labels(res["_labels"], res["_crop"], grey.shape)
+                _draw_overlay(np.where(valid & footprint, grey, 0), footprint, labels, overlay_path)
                 overlay = str(overlay_path)
             rows[k] = {c: res.get(c) for c in OUTPUT_COLUMNS} | {
                 "overlay": overlay, "_outside": res.get("_outside"), "_assessable": res.get("_assessable"),
@@ -379,10 +377,7 @@ def write_dicom_results(exams: list[dict], items: list[Item], rows: list[dict], 
         if path.suffix.lower() in RASTER_SUFFIXES:
             notes.append(f"{exam['exam']}: scored on PNG/JPEG, no DICOM study to return to")
             continue
-        row = rows[k]
-        crop = row["_crop"]
-        footprint = unwarp(np.ones((crop.size, crop.size), np.uint8), crop, row["_shape"]) > 0
-        labels = np.where(footprint, unwarp(row["_labels"], crop, row["_shape"]), 0).astype(np.uint8)
+        labels, _ = frame_labels(rows[k]["_labels"], rows[k]["_crop"], rows[k]["_shape"])
         try:
             _seg, _sr, why = write_exam(ExamResult(exam["exam"], path, frame, labels, exam), out_dir, model_uri,
                                         "" if threshold is None else f"threshold={threshold:.6f}")

@@ -429,7 +429,7 @@ def _results_back_to_pacs(ws, cohort, pacs, exams, stdout):
     import mlflow
     import numpy as np
 
-    from pipelines.imaging.preprocess import unwarp
+    from pipelines.imaging.preprocess import frame_labels
     from pipelines.serving.dicom_out import read_back
     from pipelines.serving.predict import exam_rows, load_model, predict_items, prediction_inputs
 
@@ -446,9 +446,7 @@ def _results_back_to_pacs(ws, cohort, pacs, exams, stdout):
             assert not folder.exists() and f"{row['exam']}: " in stdout
             continue
         labels, values, finding = read_back(folder / "seg.dcm", folder / "sr.dcm")
-        crop, shape = rows[k]["_crop"], rows[k]["_shape"]
-        footprint = unwarp(np.ones((crop.size, crop.size), np.uint8), crop, shape) > 0
-        assert np.array_equal(labels, np.where(footprint, unwarp(rows[k]["_labels"], crop, shape), 0))
+        assert np.array_equal(labels, frame_labels(rows[k]["_labels"], rows[k]["_crop"], rows[k]["_shape"])[0])
         assert (labels == 1).any()
         for code, col in (("11863-8", "tcd_mm"), ("11860-4", "cm_mm"), ("11984-2", "hc_mm"),
                           ("122157", "hypoplasia_probability"), ("125012:11863-8", "tcd_centile")):
