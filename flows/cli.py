@@ -121,6 +121,7 @@ def cmd_ingest(a: argparse.Namespace, root: Path) -> int:
         rep = stages.ingest(params, root, progress=_progress("ingesting"))
     print(f"cohort stored as {params.paths.incoming}/{dest.name}; {rep['deidentified']} rows de-identified, "
           f"{rep['quarantined']} quarantined {rep['reasons'] or ''}")
+    print(f"scans: {rep['scans']['deidentified']} de-identified now, {rep['scans']['reused']} unchanged and reused")
     print(f"manifest: {params.paths.manifest}  quarantine: {params.paths.quarantine}")
     return 0
 

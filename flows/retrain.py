@@ -33,7 +33,9 @@ def ingest_task(params: Params, root: Path, cohort: str | None) -> dict[str, Any
             logger.info("de-identified %d/%d rows", i, n)
 
     rep = stages.ingest(params, root, progress=progress)
-    logger.info("ingest: %d de-identified, %d quarantined %s", rep["deidentified"], rep["quarantined"], rep["reasons"])
+    logger.info("ingest: %d de-identified, %d quarantined %s; scans: %d de-identified now, %d reused",
+                rep["deidentified"], rep["quarantined"], rep["reasons"], rep["scans"]["deidentified"],
+                rep["scans"]["reused"])
     return rep
 
 

@@ -29,15 +29,19 @@ from pipelines.data.ingest import (
     QUARANTINE_SCHEMA,
     CohortError,
     IngestResult,
+    ScanCache,
     cohort_name,
+    collect_garbage,
+    file_digest,
     ingest_cohort,
     rank_first_exams,
     read_annotations,
     report,
-    upsert,
+    write_table,
 )
 from pipelines.data.split import assign_splits, split_summary
 from pipelines.deid.core import Pseudonymizer, Settings, load_key
+from pipelines.deid.folder import tree_files, write_atomic
 from pipelines.errors import CbhError
 
 log = logging.getLogger("cbh")
@@ -71,60 +75,86 @@ def audit_trail(params: Params, root: Path, create: bool = True):
     return Trail.open(root / params.paths.audit, root / params.paths.audit_key, create)
 
 
+# an incoming copy being written (`.partial`) or being replaced (`.replaced`): never ingested
+PARTIAL_SUFFIXES = (".partial", ".replaced")
+
+
+def _tree(folder: Path, files: list[Path] | None = None) -> list[tuple[str, str]]:
+    """(relative path, sha256) of every file of an export, through linked folders."""
+    return [(str(f.relative_to(folder)), file_digest(f)) for f in files or tree_files(folder, each_folder_once=False)]
+
+
 def add_cohort(params: Params, root: Path, cohort: Path) -> Path:
     """Copy a hospital export into the incoming area (immutable raw data; a DVC dependency).
 
     The copy is named by the content of annotations.csv, so adding the same cohort again
-    changes nothing. Linked sub-folders are copied as folders under every name they have (the
-    annotations may use any), a link loop is not followed round; a copy cut short stays
-    `.partial`, which ingest skips and the next add replaces.
+    changes nothing; a re-export with the same annotations but changed or added scans replaces
+    the copy (ingest then de-identifies only the files that changed). Linked sub-folders are
+    copied as folders under every name they have (the annotations may use any), a link loop is
+    not followed round; a copy cut short stays `.partial`, which ingest skips and the next add
+    replaces.
     """
-    from pipelines.deid.folder import tree_files
-
     read_annotations(cohort)                   # fail early, with the file named
     dest = root / params.paths.incoming / cohort_name(cohort)
-    if not dest.exists():
-        tmp = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for src in tree_files(cohort, each_folder_once=False):
-            target = tmp / src.relative_to(cohort)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, target)
-        tmp.rename(dest)
+    files = tree_files(cohort, each_folder_once=False)
+    if dest.is_dir() and _tree(dest) == _tree(cohort, files):
+        return dest
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for src in files:
+        target = tmp / src.relative_to(cohort)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    old = dest.with_name(dest.name + ".replaced")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
     return dest
 
 
 def ingest(params: Params, root: Path, today: dt.date | None = None, progress: Progress = None) -> dict[str, Any]:
-    """De-identify every cohort in the incoming area into the data store (idempotent)."""
+    """De-identify every cohort in the incoming area into the data store, incrementally: a scan
+    de-identified before with the same bytes, patient, settings and key is reused (the
+    ScanCache), never done again, and the store is never deleted to be rebuilt. New files are
+    written under new names beside the old ones; the manifest, written last and atomically, is
+    the commit: a run killed before it leaves the previous manifest and every file it names in
+    place. Only then are files no manifest row names removed."""
     incoming = root / params.paths.incoming
-    cohorts = sorted(p for p in incoming.iterdir() if p.is_dir() and not p.name.endswith(".partial")) \
+    cohorts = sorted(p for p in incoming.iterdir() if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIXES)) \
         if incoming.is_dir() else []
     if not cohorts:
         raise StageError(f"{incoming}: no cohort to ingest; pass one with `cbh ingest COHORT` "
                          "or `cbh retrain --cohort COHORT`")
     pseudo = pseudonymizer(params, root)
     deid_dir = root / params.paths.deid
-    shutil.rmtree(deid_dir, ignore_errors=True)           # a DVC output: rebuilt whole
     settings = Settings.from_params(params.deid)
+    cache = ScanCache(root / params.paths.ingest_cache)
     total = IngestResult()
     for cohort in cohorts:
-        res = ingest_cohort(cohort, root, params.paths.deid, pseudo, params.deid.keep_columns, today, progress,
-                            settings, runner_for(params.deid.executor, params.deid.workers, params.deid.dask_address),
-                            rank=False)
-        total.manifest.extend(res.manifest)
-        total.quarantine.extend(res.quarantine)
-        total.audit.extend(res.audit)
-        total.ocr_verified += res.ocr_verified
+        total.extend(ingest_cohort(cohort, root, params.paths.deid, pseudo, params.deid.keep_columns, today,
+                                   progress, settings,
+                                   runner_for(params.deid.executor, params.deid.workers, params.deid.dask_address),
+                                   rank=False, cache=cache))
     rank_first_exams(total.manifest)            # the temporal order across every cohort, no date kept
     audit = "".join(json.dumps(a, sort_keys=True) + "\n" for a in sorted(total.audit, key=lambda a: a["output"]))
-    (deid_dir / "deid-audit.jsonl").write_text(audit)
-    for path in (root / params.paths.manifest, root / params.paths.quarantine):
-        path.unlink(missing_ok=True)
-    upsert(root / params.paths.manifest, total.manifest, MANIFEST_SCHEMA, ("image_id",))
-    upsert(root / params.paths.quarantine, total.quarantine, QUARANTINE_SCHEMA, ("cohort", "source_row"))
+    audit_file = deid_dir / "deid-audit.jsonl"
+    write_atomic(audit_file, audit.encode(), durable=True)
+    write_table(root / params.paths.quarantine, total.quarantine, QUARANTINE_SCHEMA, ("cohort", "source_row"))
     rep = report(total, params.deid.max_date_shift_days, settings)
-    (root / params.paths.deid_report).write_text(json.dumps(rep, indent=2, sort_keys=True))
-    return rep
+    write_atomic(root / params.paths.deid_report, json.dumps(rep, indent=2, sort_keys=True).encode(), durable=True)
+    write_table(root / params.paths.manifest, total.manifest, MANIFEST_SCHEMA, ("image_id",))   # the commit
+    keep = {str(audit_file.relative_to(root))} | {
+        rec[col] for rec in total.manifest for col in ("deid_path", "mask_path", "head_mask_path") if rec[col]}
+    for output, key in total.unused:
+        if output not in keep:
+            cache.forget_output(key)
+    removed = collect_garbage(deid_dir, root, keep)
+    cache.prune()
+    # how this run got there (not in the report file: a DVC output must not depend on history)
+    return {**rep, "scans": {"deidentified": total.scans_processed, "reused": total.scans_reused,
+                             "files_removed": removed}}
 
 
 def validate_params(params: Params) -> ValidateParams:

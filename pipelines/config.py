@@ -77,6 +77,8 @@ class Paths:
     deid: Text = Field(description="de-identified scans and masks")
     manifest: Text = Field(description="the manifest: one row per de-identified image (parquet)")
     quarantine: Text = Field(description="ingest's held rows: identified side (raw image paths), never pushed")
+    ingest_cache: Text = Field(description="what ingest already de-identified, by file digest, settings and "
+                                           "key: identified side (header patient IDs), never pushed")
     contract_quarantine: Text = Field(description="rows the data contract held (pseudonymous ids)")
     deid_report: Text = Field(description="de-identification report of the data store (JSON)")
     validation: Text = Field(description="cbh validate --json document of the last contract run")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.deid import core as D
-from pipelines.deid.folder import ProcessPool, Runner, device_step, worker_for, write_atomic
+from pipelines.deid.folder import ProcessPool, Runner, atomic_target, device_step, worker_for, write_atomic
 from pipelines.errors import CbhError
 from pipelines.imaging import scan as S
 
@@ -73,6 +74,19 @@ class IngestResult:
     quarantine: list[dict[str, Any]] = field(default_factory=list)
     audit: list[dict[str, Any]] = field(default_factory=list)   # per output: actions, no values
     ocr_verified: int = 0
+    # (output, ScanCache key) of scans written whose every row was quarantined
+    unused: list[tuple[str, str]] = field(default_factory=list)
+    scans_processed: int = 0                           # de-identified in this run
+    scans_reused: int = 0                              # taken from the ScanCache
+
+    def extend(self, other: IngestResult) -> None:
+        self.manifest.extend(other.manifest)
+        self.quarantine.extend(other.quarantine)
+        self.audit.extend(other.audit)
+        self.unused.extend(other.unused)
+        self.ocr_verified += other.ocr_verified
+        self.scans_processed += other.scans_processed
+        self.scans_reused += other.scans_reused
 
     @property
     def reasons(self) -> dict[str, int]:
@@ -136,7 +150,10 @@ def _read_mask(path: Path, column: str) -> tuple[np.ndarray | None, str]:
         return None, "undecodable"
     if mask.ndim != 2:
         return None, "not_single_channel"
-    values = set(np.unique(mask).tolist())
+    if mask.dtype == np.uint8:                   # a histogram: ten times np.unique's speed
+        values = set(np.flatnonzero(np.bincount(mask.ravel(), minlength=256)).tolist())
+    else:
+        values = set(np.unique(mask).tolist())
     if not any(values <= allowed for allowed in MASK_VALUES[column]):
         return None, "unexpected_values"
     return mask, "ok"
@@ -149,12 +166,6 @@ def _inside(cohort: Path, rel: str, column: str) -> Path:
     if cohort.resolve() not in path.parents:
         raise RowError(f"bad_{column}_path", f"{column} path points outside the cohort")
     return path
-
-
-def _optional_mask(cohort: Path, row: dict[str, str], column: str) -> tuple[np.ndarray | None, str]:
-    """The mask a row names in `column` and its status (`none` when the column is empty)."""
-    rel = (row.get(column) or "").strip()
-    return _read_mask(_inside(cohort, rel, column), column) if rel else (None, "none")
 
 
 @dataclass
@@ -172,16 +183,110 @@ class _Scan:
     verified: bool                            # OCR read the cleaned pixels
     written: str | None = None                # output path relative to the workspace
     audit: dict[str, Any] | None = None
+    key: str = ""                             # ScanCache.key: source digest, patient ID, settings, key
+    device: str | None = None                 # which device template OCR verified (None: none)
+
+    def record(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> _Scan:
+        rec = dict(rec)
+        rec["frames"] = [tuple(f) for f in rec["frames"]]
+        rec["spacing"] = tuple(rec["spacing"])
+        return cls(**rec)
 
 
-def ingest_file(item: tuple[str, str, str, str, bool | None], init: tuple) -> _Scan | D.DeidError:
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, read in blocks (a cine may be hundreds of megabytes)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# outcomes that depend on the moment, not on the scan: never remembered
+TRANSIENT = {"unreadable_file"}
+
+
+class ScanCache:
+    """What ingest has already de-identified: one JSON record per source scan, named by a digest
+    of its bytes, the patient ID its annotations give it, and the settings and key it was
+    de-identified with (the worker's fingerprint), so a scan is de-identified again only when
+    one of those changes. A record holds the header's PatientID: the cache is identified data,
+    kept beside the raw export and never pushed. A record written as each scan finishes lets an
+    interrupted ingest resume where it stopped."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.touched: set[str] = set()
+
+    @staticmethod
+    def key(fingerprint: str, digest: str, csv_pid: str) -> str:
+        return hashlib.sha256(json.dumps([fingerprint, digest, csv_pid]).encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.json"
+
+    def get(self, key: str, workspace: Path) -> _Scan | D.DeidError | None:
+        """The earlier outcome for this key, or None when there is none or its output is gone."""
+        rec = self.record(key)
+        if rec is None:
+            return None
+        if "error" in rec:
+            return D.DeidError(rec["error"], rec["message"])
+        try:
+            scan = _Scan.from_record(rec)
+        except (TypeError, KeyError):
+            return None                              # a record from another version of this code
+        if scan.written and not (workspace / scan.written).is_file():
+            return None
+        return scan
+
+    def put(self, key: str, outcome: _Scan | S.ScanError) -> None:
+        self.remember(key, outcome.record() if isinstance(outcome, _Scan)
+                      else {"error": outcome.code, "message": str(outcome)})
+
+    def record(self, key: str) -> dict[str, Any] | None:
+        """The raw record under `key` (None when there is none)."""
+        self.touched.add(key)
+        try:
+            return json.loads(self._path(key).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def remember(self, key: str, rec: dict[str, Any]) -> None:
+        self.touched.add(key)
+        if not self.folder.is_dir():
+            self.folder.mkdir(parents=True, mode=0o700)         # identified data: its owner only
+        write_atomic(self._path(key), json.dumps(rec, sort_keys=True).encode())
+
+    def forget_output(self, key: str) -> None:
+        """The scan's file was removed (no row used it): written again if a row ever needs it."""
+        rec = self.record(key)
+        if rec is not None and "error" not in rec:
+            rec["written"] = rec["audit"] = None
+            self.remember(key, rec)
+
+    def prune(self) -> int:
+        """Remove the records of scans no cohort named in this run; how many were removed."""
+        gone = 0
+        for path in self.folder.glob("*/*.json") if self.folder.is_dir() else ():
+            if path.stem not in self.touched:
+                path.unlink(missing_ok=True)
+                gone += 1
+        return gone
+
+
+def ingest_file(item: tuple[str, str, str, str, bool | None, str], init: tuple) -> _Scan | D.DeidError:
     """One scan in a worker process: read, clean, verify, and write it de-identified under
     `root/deid_dir/<patient pseudonym>/` (atomically) when a patient ID is known."""
 
-    path, csv_pid, root, deid_dir, first = item
+    path, csv_pid, root, deid_dir, first, key = item
     deid = worker_for(init).deid
     try:
-        return _ingest_file(Path(path), csv_pid, Path(root), deid_dir, first, deid, write_atomic)
+        return _ingest_file(Path(path), csv_pid, Path(root), deid_dir, first, deid, write_atomic, key)
     except S.ScanError as exc:
         return exc
     except OSError as exc:
@@ -189,7 +294,7 @@ def ingest_file(item: tuple[str, str, str, str, bool | None], init: tuple) -> _S
 
 
 def _ingest_file(path: Path, csv_pid: str, root: Path, deid_dir: str, first: bool | None,
-                 deid: D.Deidentifier, write: Callable[[Path, Any], None]) -> _Scan:
+                 deid: D.Deidentifier, write: Callable[[Path, Any], None], key: str) -> _Scan:
     pseudo = deid.pseudo
     if path.suffix.lower() in S.RASTER_SUFFIXES:
         spacing = S.sidecar_spacing_mm(path)
@@ -216,11 +321,13 @@ def _ingest_file(path: Path, csv_pid: str, root: Path, deid_dir: str, first: boo
             str(ds.get("PatientID", "") or "").strip(), "dicom"
     frames = [(int(f.shape[0]), int(f.shape[1]), hashlib.sha256(np.ascontiguousarray(f).tobytes()).hexdigest())
               for f in cleaned.frames]
-    scan = _Scan(stem, header_pid, frames, spacing, cleaned.photometric, fmt, cleaned.verified)
+    scan = _Scan(stem, header_pid, frames, spacing, cleaned.photometric, fmt, cleaned.verified, key=key)
     raw_patient = header_pid or csv_pid            # the header wins; the contract flags a mismatch
     if not raw_patient:
         return scan                                # every row of it will be quarantined: nothing written
-    out = root / deid_dir / pseudo.patient(raw_patient) / f"{stem}.{'dcm' if fmt == 'dicom' else 'png'}"
+    # named by content and settings too: a changed scan or setting writes a new file beside the
+    # old one, which the previous manifest keeps until the new one replaces it
+    out = root / deid_dir / pseudo.patient(raw_patient) / f"{stem}-{key[:12]}.{'dcm' if fmt == 'dicom' else 'png'}"
     if ds is not None:
         clean, actions = deid.dicom(ds, raw_patient, cleaned)
         write(out, clean)
@@ -235,15 +342,17 @@ def _ingest_file(path: Path, csv_pid: str, root: Path, deid_dir: str, first: boo
 class Ingestor:
     """Turns annotation rows into manifest or quarantine rows. The scans are de-identified first,
     in parallel (`runner`: the same engine as `cbh deid`), then the rows are judged
-    one by one against what the workers sent back."""
+    one by one against what the workers sent back. With a `cache`, a scan de-identified before
+    with the same bytes, patient ID, settings and key is taken from it, not done again."""
 
     def __init__(self, cohort: Path, workspace: Path, deid_dir: str, pseudo: D.Pseudonymizer,
                  keep_columns: tuple[str, ...], today: dt.date, settings: D.Settings | None = None,
-                 runner: Runner | None = None) -> None:
+                 runner: Runner | None = None, cache: ScanCache | None = None) -> None:
         self.cohort, self.workspace, self.deid_dir = cohort, workspace, deid_dir
         self.pseudo, self.keep, self.today = pseudo, keep_columns, today
         self.settings = settings or D.Settings()
         self.runner = runner or ProcessPool(1)
+        self.cache = cache
         self.name = cohort_name(cohort)
         self._scans: dict[Path, _Scan | D.DeidError] = {}
 
@@ -262,28 +371,51 @@ class Ingestor:
         return list(out.items())
 
     def load_all(self, rows: list[dict[str, str]], progress: Callable[[int, int], None] | None = None) -> None:
-        """De-identify every scan the rows name, in parallel; OCR reads the first of each device."""
-        files = self._files(rows)
+        """De-identify every scan the rows name that the cache does not hold, in parallel; OCR
+        reads the first of each device (a device verified by a cached scan counts as read)."""
+        fingerprint = worker_for(self._init()).fingerprint
+        todo: list[tuple[Path, str, str]] = []
+        verified_devices: set[str] = set()
+        for path, pid in self._files(rows):
+            try:
+                key = ScanCache.key(fingerprint, file_digest(path), pid)
+            except OSError as exc:
+                self._scans[path] = D.DeidError("unreadable_file", f"cannot be read ({exc.strerror})")
+                continue
+            done = self.cache.get(key, self.workspace) if self.cache else None
+            if done is None:
+                todo.append((path, pid, key))
+            else:
+                self._scans[path] = done
+                if isinstance(done, _Scan) and done.device and done.verified:
+                    verified_devices.add(done.device)
+        self.reused = len(self._scans)
         root = str(self.workspace)
 
         def body(pmap: Callable) -> list:
-            devices = list(pmap(device_step, [p for p, _ in files]))
-            seen: set[str] = set()
+            devices = list(pmap(device_step, [p for p, _, _ in todo]))
+            seen = set(verified_devices)
             items = []
-            for (path, pid), device in zip(files, devices, strict=True):
+            for (path, pid, key), device in zip(todo, devices, strict=True):
                 first = None if device is None else device not in seen
                 seen.add(device or "")
-                items.append((str(path), pid, root, self.deid_dir, first))
+                items.append((str(path), pid, root, self.deid_dir, first, key))
             out = []
-            for i, res in enumerate(pmap(ingest_file, items), start=1):
+            for i, ((_, _, key), device, res) in enumerate(zip(todo, devices, pmap(ingest_file, items), strict=True),
+                                                       start=1):
+                if isinstance(res, _Scan):
+                    res.device = device
+                if self.cache and not (isinstance(res, S.ScanError) and res.code in TRANSIENT):
+                    self.cache.put(key, res)             # kept as it lands: a rerun resumes here
                 out.append(res)
                 if progress:
                     progress(i, len(items))
             return out
 
-        results = self.runner(self._init(), body) if files else []
-        for (path, _), res in zip(files, results, strict=True):
+        results = self.runner(self._init(), body) if todo else []
+        for (path, _, _), res in zip(todo, results, strict=True):
             self._scans[path] = res
+        self.processed = len(results)
 
     def _load(self, path: Path) -> _Scan:
         cached = self._scans.get(path)
@@ -305,18 +437,21 @@ class Ingestor:
                                            "reason_code": exc.code, "reason": str(exc)})
 
     def run(self, rows: list[dict[str, str]], progress: Callable[[int, int], None] | None = None) -> IngestResult:
+        """Judge every row. A scan every row of which was quarantined is listed in `unused`: its
+        file is removed by the caller, once the new manifest has replaced the old one."""
         self.result = IngestResult()
         self.load_all(rows, progress)
         for n, row in enumerate(rows, start=1):
             self.process(n, row)
+        self.result.scans_processed, self.result.scans_reused = self.processed, self.reused
         used = {rec["deid_path"] for rec in self.result.manifest}
         for scan in self._scans.values():
             if isinstance(scan, _Scan) and scan.written:
                 if scan.written in used:
                     self.result.audit.append(scan.audit)
                     self.result.ocr_verified += scan.verified
-                else:                    # every row of it was quarantined: it leaves no file behind
-                    (self.workspace / scan.written).unlink(missing_ok=True)
+                else:
+                    self.result.unused.append((scan.written, scan.key))
         return self.result
 
     def _row(self, row: dict[str, str]) -> dict[str, Any]:
@@ -347,20 +482,19 @@ class Ingestor:
         if not 0 <= frame < len(scan.frames):
             raise RowError("bad_frame", f"frame is not an index below {len(scan.frames)}")
         rows_px, cols_px, pixel_sha = scan.frames[frame]
-        mask, mask_status = _optional_mask(self.cohort, row, "mask")
-        head, head_status = _optional_mask(self.cohort, row, "head_mask")
+        sources = {col: _inside(self.cohort, rel, col) if (rel := (row.get(col) or "").strip()) else None
+                   for col in ("mask", "head_mask")}
         tcd, cm = _float(row, "tcd_mm", 0.0, 1000.0), _float(row, "cm_mm", 0.0, 1000.0)
         hc = _float(row, "hc_mm", 0.0, 1000.0)
         patient = self.pseudo.patient(raw_patient)
         out_dir = self.workspace / self.deid_dir / patient
         self._written(scan, path, csv_pid)
         image_id = self.pseudo.image(f"{scan.stem}#{frame}")
-        written: dict[str, Path] = {}
-        for suffix, m in (("mask", mask), ("head", head)):
-            if m is not None:
-                # re-encoded from the pixels: a source PNG's text chunks (names, dates) stay behind
-                written[suffix] = out_dir / f"{image_id}_{suffix}.png"
-                cv2.imwrite(str(written[suffix]), m)
+        written: dict[str, Path | None] = {}
+        status: dict[str, str] = {}
+        for col, suffix in (("mask", "mask"), ("head_mask", "head")):
+            written[suffix], status[col] = self._mask(sources[col], col, out_dir / f"{image_id}_{suffix}")
+        mask_status, head_status = status["mask"], status["head_mask"]
         mask_path, head_path = written.get("mask"), written.get("head")
         keep = set(self.keep)
         return {
@@ -383,6 +517,34 @@ class Ingestor:
             REAL_EXAM: (exam, patient),      # for rank_first_exams; never written
         }
 
+    def _mask(self, source: Path | None, column: str, stem: Path) -> tuple[Path | None, str]:
+        """The de-identified copy of a row's mask (`stem-<content>.png`) and the mask's status.
+        Re-encoded from the pixels, so a source PNG's text chunks (names, dates) stay behind;
+        named by content, as the scans, so a corrected mask never overwrites the one the
+        previous manifest names. What a mask file held is remembered by its digest: an unchanged
+        mask is not decoded again."""
+        if source is None:
+            return None, "none"
+        if not source.is_file():
+            return None, "missing"
+        key = ScanCache.key(f"mask:{column}", file_digest(source), "")
+        known = self.cache.record(key) if self.cache else None
+        png = None
+        if known is None:
+            mask, state = _read_mask(source, column)
+            png = cv2.imencode(".png", mask)[1].tobytes() if mask is not None else None
+            known = {"status": state, "tag": hashlib.sha256(png).hexdigest()[:12] if png else None}
+            if self.cache:
+                self.cache.remember(key, known)
+        if known["status"] != "ok":
+            return None, known["status"]
+        target = stem.with_name(f"{stem.name}-{known['tag']}.png")
+        if not target.is_file():
+            if png is None:
+                png = cv2.imencode(".png", _read_mask(source, column)[0])[1].tobytes()
+            write_atomic(target, png)
+        return target, "ok"
+
     def _staff(self, raw: str | None) -> str | None:
         """Annotators are staff: kept linkable (inter-observer checks) but pseudonymous."""
         return self.pseudo.staff(raw) if raw and raw.strip() else None
@@ -392,8 +554,10 @@ class Ingestor:
         this process, with this row's."""
         if scan.written is None:
             done = _ingest_file(path, csv_pid, self.workspace, self.deid_dir, None,
-                                worker_for(self._init()).deid, write_atomic)
+                                worker_for(self._init()).deid, write_atomic, scan.key)
             scan.written, scan.audit = done.written, done.audit
+            if self.cache:
+                self.cache.put(scan.key, scan)
         return self.workspace / str(scan.written)
 
 
@@ -422,17 +586,30 @@ def ingest_cohort(cohort: Path, workspace: Path, deid_dir: str, pseudo: D.Pseudo
                   keep_columns: tuple[str, ...], today: dt.date | None = None,
                   progress: Callable[[int, int], None] | None = None,
                   settings: D.Settings | None = None, runner: Runner | None = None,
-                  rank: bool = True) -> IngestResult:
+                  rank: bool = True, cache: ScanCache | None = None) -> IngestResult:
     """De-identify a cohort into `workspace/deid_dir`; returns manifest and quarantine rows.
     `rank`: place the patients' first exams within this cohort now (`rank_first_exams`); the
-    caller that joins several cohorts passes False and places them together."""
+    caller that joins several cohorts passes False and places them together, and removes the
+    `unused` files after its manifest is written (without a cache they are removed here)."""
     rows = read_annotations(cohort)
     ing = Ingestor(cohort, workspace, deid_dir, pseudo, keep_columns, today or dt.date.today(), settings,
-                   runner)
+                   runner, cache)
     result = ing.run(rows, progress)
     if rank:
         rank_first_exams(result.manifest)
+    if cache is None:
+        for rel, _ in result.unused:
+            (workspace / rel).unlink(missing_ok=True)
     return result
+
+
+def write_table(path: Path, rows: list[dict[str, Any]], schema: pa.Schema, keys: tuple[str, ...]) -> pa.Table:
+    """Write rows as a Parquet table sorted by key, atomically and durably: a reader, or a crash,
+    sees the old table or the new one, never a part."""
+    table = pa.Table.from_pylist(rows, schema=schema).sort_by([(k, "ascending") for k in keys])
+    with atomic_target(path, durable=True) as tmp:
+        pq.write_table(table, tmp)
+    return table
 
 
 def upsert(path: Path, rows: list[dict[str, Any]], schema: pa.Schema, keys: tuple[str, ...]) -> pa.Table:
@@ -443,10 +620,23 @@ def upsert(path: Path, rows: list[dict[str, Any]], schema: pa.Schema, keys: tupl
         seen = {tuple(r[k] for k in keys) for r in new.select(list(keys)).to_pylist()}
         keep = [tuple(r[k] for k in keys) not in seen for r in old.select(list(keys)).to_pylist()]
         new = pa.concat_tables([old.filter(pa.array(keep, pa.bool_())), new])
-    new = new.sort_by([(k, "ascending") for k in keys])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(new, path)
-    return new
+    return write_table(path, new.to_pylist(), schema, keys)
+
+
+def collect_garbage(store: Path, workspace: Path, keep: set[str]) -> int:
+    """Remove every file under the de-identified store that `keep` (paths relative to the
+    workspace) does not name, and folders left empty: what an earlier manifest used, scans no
+    row uses, temporary files a killed run left. Run only after the new manifest is written.
+    Returns how many files were removed."""
+    removed = 0
+    for path in sorted(store.rglob("*"), reverse=True):
+        if path.is_file() or path.is_symlink():
+            if str(path.relative_to(workspace)) not in keep:
+                path.unlink()
+                removed += 1
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    return removed
 
 
 def report(result: IngestResult, max_shift_days: int, settings: D.Settings | None = None) -> dict[str, Any]:

@@ -120,24 +120,38 @@ def discover(src: Path) -> list[Path]:
 
 
 @contextmanager
-def atomic_target(path: Path) -> Iterator[str]:
+def atomic_target(path: Path, durable: bool = False) -> Iterator[str]:
     """A temporary file (`.tmp-*`) beside `path`, renamed to `path` when the block succeeds and
     removed when it fails: a crash leaves no partial file under the final name (what a SIGKILL
-    leaves, the next run's `_remove_partial` removes)."""
+    leaves, the next run's `_remove_partial` removes). `durable`: the file and the rename are
+    flushed to disk before returning (for a commit point such as a manifest, which a power loss
+    must not leave empty)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     os.close(fd)
     try:
         yield tmp
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        _fsync(path.parent)
 
 
-def write_atomic(path: Path, data: bytes | Dataset) -> None:
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | Dataset, durable: bool = False) -> None:
     """Write bytes, or a dataset as a DICOM file, atomically (`atomic_target`)."""
-    with atomic_target(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_target(path, durable) as tmp, open(tmp, "wb") as fh:
         if isinstance(data, Dataset):
             D.write_dicom(fh, data)
         else:

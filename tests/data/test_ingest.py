@@ -136,7 +136,7 @@ def test_a_mask_that_is_no_mask_is_never_copied(cohort_copy, tmp_path, pseudo):
     res = _ingest(cohort_copy, tmp_path / "ws", pseudo)
     m = next(m for m in res.manifest if m["source_row"] == n)
     assert m["mask_status"] == "unexpected_values" and m["mask_path"] is None
-    written = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in (tmp_path / "ws" / "data/deid").rglob("*_mask.png")]
+    written = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in (tmp_path / "ws" / "data/deid").rglob("*_mask-*.png")]
     assert len(written) == sum(1 for r in rows if r["mask"]) - 1
     assert all(set(np.unique(w).tolist()) <= {0, 1, 2} for w in written)
 
@@ -170,7 +170,7 @@ def test_hc18_import_ingests_head_masks_and_hc(tmp_path, pseudo):
     assert len(res.manifest) == 2
     for m in res.manifest:
         assert m["label"] is None and m["mask_status"] == "none" and m["mask_path"] is None
-        assert m["head_mask_status"] == "ok" and m["head_mask_path"].endswith(f"{m['image_id']}_head.png")
+        assert m["head_mask_status"] == "ok" and m["head_mask_path"].split("/")[-1].startswith(f"{m['image_id']}_head-")
         assert m["head_mask_path"].startswith(f"data/deid/{m['patient_pseudo']}/")
         head = cv2.imread(str(ws / m["head_mask_path"]), cv2.IMREAD_UNCHANGED)
         assert head.shape == (m["rows"], m["cols"]) and set(head.ravel().tolist()) == {0, 1}
