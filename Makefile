@@ -34,15 +34,6 @@ lock:
 	@rm -rf .cbh/lockvenv
 	@echo "requirements.lock: $$(grep -vc '^#' requirements.lock) packages"
 
-## ocr: Debian's Tesseract, which verifies cleaned pixels during de-identification (apt; needs root or sudo)
-ocr:
-	@command -v tesseract > /dev/null || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  echo "installing Debian's tesseract-ocr (de-identification reads cleaned pixels back)"; \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q tesseract-ocr > /dev/null 2>&1 || { \
-	    $$SUDO apt-get update -q > /dev/null && \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q tesseract-ocr > /dev/null; }; }
-
 ## browser: Debian's chromium for the tests that open reports headless (apt; needs root or sudo)
 browser:
 	@command -v chromium > /dev/null || { \
@@ -70,24 +61,24 @@ servers-down: setup
 	@$(BIN)/cbh servers down
 
 ## demo: synthesise a cohort and run the whole retrain flow on it (ingest .. promote)
-demo: setup ocr
+demo: setup
 	@test -f $(DEMO_COHORT)/annotations.csv || $(BIN)/cbh synth $(DEMO_COHORT)
 	@CBH_DEMO=1 $(BIN)/cbh retrain --cohort $(DEMO_COHORT)
 
 ## test: the fast test suite (under 10 minutes), two test files at a time (pytest-xdist)
-test: setup ocr browser
+test: setup browser
 	$(BIN)/pytest -m "not slow and not servers and not heavy" -q -n 2 --dist loadfile
 
-## test-heavy: what CI runs beside make test: the model in a fresh venv, dvc repro at a recorded commit
+## test-heavy: what CI runs beside make test: the end-to-end retrain flow and the commands on it, dvc repro
 test-heavy: setup
 	$(BIN)/pytest -m heavy -q -n 2 --dist loadfile
 
 ## test-servers: the team-server and scheduler tests (real PostgreSQL, Prefect, MLflow servers and workers)
-test-servers: setup ocr postgres
+test-servers: setup postgres
 	$(BIN)/pytest -m servers -q
 
 ## test-full: every test, the slow ones and the team servers included
-test-full: setup ocr browser postgres
+test-full: setup browser postgres
 	$(BIN)/pytest -q
 
 ## ui: MLflow UI (127.0.0.1:5000) and Prefect UI (127.0.0.1:4200) in the background
@@ -117,4 +108,4 @@ lint: setup
 clean-workspace:
 	rm -rf data mlflow.db mlartifacts .prefect .dvcstore dvc.lock expectations/gx/uncommitted
 
-.PHONY: help setup lock test-heavy ocr browser postgres servers servers-down demo test test-servers test-full ui ui-down repro lint clean-workspace
+.PHONY: help setup lock test-heavy browser postgres servers servers-down demo test test-servers test-full ui ui-down repro lint clean-workspace

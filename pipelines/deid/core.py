@@ -32,6 +32,7 @@ from pydicom.sequence import Sequence
 from pipelines.deid import profile as P
 from pipelines.deid.ocr import DEFAULT_ALLOWED, DEFAULT_VOCABULARY, OcrSettings, OcrUnavailable, residual_text  # noqa: F401
 from pipelines.deid.ocr import available as ocr_available  # noqa: F401
+from pipelines.deid.ocr import missing as ocr_missing  # noqa: F401
 from pipelines.errors import EXIT_UNAVAILABLE, CbhError, UsageError
 from pipelines.imaging import scan as S
 from pipelines.imaging.scan import ScanError, decode, region_mask, regions

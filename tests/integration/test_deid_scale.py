@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.deid import core as D
 from tests.conftest import TEST_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(not D.ocr_available(), reason="tesseract missing: run `make ocr`")
 
 
 def _deid(src: Path, dst: Path, tmp: Path, *extra: str) -> dict:

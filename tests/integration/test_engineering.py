@@ -59,6 +59,7 @@ def test_ddp_with_two_cpu_processes(split_workspace, tmp_path):
     assert _versions(ws) == ["1"]
 
 
+@pytest.mark.heavy         # two trainings and a kill (about 2 minutes): make test-heavy, in .ci/run
 def test_interrupted_training_resumes_from_its_checkpoint(split_workspace, tmp_path):
     ws = _copy(split_workspace, tmp_path)
     # The tiny classifier runs an epoch in about 0.1 s here (0.3 s with the rest of the suite

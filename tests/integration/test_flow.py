@@ -23,6 +23,9 @@ from tests.integration.workspace import make_workspace as _workspace
 TINY = [f"{k}={v}" for k, v in TINY_PARAMS.items()]          # the same, as `cbh train --set` overrides
 DEFECT_ROW = 3                                                 # a data row of the flow's cohort the contract rejects
 HELD_IMAGE = "scans/Doe-Jane-MRN123-not-exported.dcm"          # a row ingest quarantines (an identifying name)
+# the whole file builds on one real retrain (about 3 minutes here) and then runs about 8 minutes
+# of commands against it: make test-heavy, in .ci/run, keeping make test under 10 minutes
+pytestmark = pytest.mark.heavy
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +150,6 @@ def test_run_and_version_carry_lineage(flow_run):
     assert run.data.params["train.max_epochs"] == "3"
 
 
-@pytest.mark.heavy         # the whole pipeline again (about 90 s): make test-heavy, in .ci/run
 def test_dvc_repro_at_the_recorded_commit_reproduces_the_data(flow_run, tmp_path):
     """A clean checkout at the champion's commit, its dvc.lock restored from MLflow and
     `dvc pull`: the exact dataset; `dvc repro --force` from the raw export: the same bytes

@@ -2,6 +2,7 @@
 
 import datetime as dt
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -204,38 +205,42 @@ def test_clean_pixels_blanks_exactly_outside_the_regions():
                                                                    np.array([0, 128, 128], np.uint8)))
 
 
-def test_ocr_in_process_reads_what_the_command_reads():
-    """A de-identification worker (a process without torch) reads through Debian's libtesseract,
-    its model loaded once, the same words with the same confidences as the tesseract command.
-    A process where torch has loaded its own OpenMP runtime (same soname, no thread limit) uses
-    the command instead."""
+def test_ocr_comes_from_pip_and_runs_without_tesseract_on_the_path(small_cohort, tmp_path):
+    """Tesseract is tesserocr's bundled libtesseract with the pip English model: a process with
+    no `tesseract` on its PATH, torch loaded first (its own OpenMP runtime), reads the words, and
+    `cbh deid` there de-identifies and verifies a folder."""
+    import os
     import subprocess
     import sys
 
     script = """
 import json, cv2, numpy as np
+import torch  # noqa: F401  (first: the engine must not depend on which OpenMP runtime is loaded)
 from pipelines.deid import ocr
 img = np.zeros((120, 520), np.uint8)
 cv2.putText(img, "DOE JANE 12/03/2020", (10, 70), cv2.FONT_HERSHEY_SIMPLEX, 1.2, 255, 2)
-engine = ocr.engine()
-library, command = ocr._tesseract_words(img, "library"), ocr._tesseract_words(img, "command")
-one_way = [ocr._tesseract_words(255 - img, via, invert=False) for via in ("library", "command")]
-print(json.dumps([engine, library, command, one_way, ocr.residual_text(img, ocr.OcrSettings())]))
-import torch  # noqa: E402  (after: the engine is chosen once per process)
+print(json.dumps([ocr.engine(), ocr._tesseract_words(255 - img, invert=False),
+                  ocr.residual_text(img, ocr.OcrSettings())]))
 """
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[2])
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent), CBH_DEID_KEY="test-key-not-a-secret-0123456789abcdef")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root,
+                         env=env)
     assert res.returncode == 0, res.stderr[-2000:]
-    engine, library, command, one_way, residual = json.loads(res.stdout.strip().splitlines()[-1])
-    assert engine == "library"
-    assert library == command
-    assert one_way[0] == one_way[1] and {"DOE", "JANE"} <= {w for w, conf in one_way[0] if conf >= 80}
-    assert {"DOE", "JANE", "12/03/2020"} <= {w for w, conf in library if conf >= 80}
+    engine, words, residual = json.loads(res.stdout.strip().splitlines()[-1])
+    assert engine.startswith("tesserocr 5.")
+    assert {"DOE", "JANE", "12/03/2020"} <= {w for w, conf in words if conf >= 80}
     assert residual == ["DOE", "JANE", "12/03/2020"]
-    probe = "import torch\nfrom pipelines.deid import ocr\nprint(ocr.engine())"
-    after_torch = subprocess.run([sys.executable, "-c", probe],
-                                 capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
-    assert after_torch.stdout.strip() == "command", after_torch.stderr[-2000:]
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for dcm in sorted((small_cohort / "scans").glob("*.dcm"))[:3]:
+        shutil.copy(dcm, src / dcm.name)
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "deid", str(src), str(tmp_path / "dst")],
+                         capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "dst" / "deid-report.json").read_text())
+    assert report["deidentified"] == 3 and report["ocr_verified"] >= 1
 
 
 def test_ocr_reads_bright_text_laid_over_speckle(tmp_path):
