@@ -79,6 +79,15 @@ def audit_trail(params: Params, root: Path, create: bool = True):
 PARTIAL_SUFFIXES = (".partial", ".replaced")
 
 
+def _restore_replaced(incoming: Path) -> None:
+    """A copy whose replacement was cut short between its two renames goes back in place: the
+    next ingest would otherwise drop that cohort's rows and remove their files."""
+    for old in incoming.glob("*.replaced") if incoming.is_dir() else ():
+        current = old.with_name(old.name.removesuffix(".replaced"))
+        if not current.exists():
+            old.rename(current)
+
+
 def _tree(folder: Path, files: list[Path] | None = None) -> list[tuple[str, str]]:
     """(relative path, sha256) of every file of an export, through linked folders."""
     return [(str(f.relative_to(folder)), file_digest(f)) for f in files or tree_files(folder, each_folder_once=False)]
@@ -95,6 +104,7 @@ def add_cohort(params: Params, root: Path, cohort: Path) -> Path:
     replaces.
     """
     read_annotations(cohort)                   # fail early, with the file named
+    _restore_replaced(root / params.paths.incoming)
     dest = root / params.paths.incoming / cohort_name(cohort)
     files = tree_files(cohort, each_folder_once=False)
     if dest.is_dir() and _tree(dest) == _tree(cohort, files):
@@ -122,6 +132,7 @@ def ingest(params: Params, root: Path, today: dt.date | None = None, progress: P
     the commit: a run killed before it leaves the previous manifest and every file it names in
     place. Only then are files no manifest row names removed."""
     incoming = root / params.paths.incoming
+    _restore_replaced(incoming)
     cohorts = sorted(p for p in incoming.iterdir() if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIXES)) \
         if incoming.is_dir() else []
     if not cohorts:

@@ -98,6 +98,13 @@ def test_a_reexport_with_a_changed_scan_redoes_that_scan_alone(workspace, cohort
     assert not (workspace / changed[0][0]).exists() and (workspace / changed[0][1]).is_file()
     assert [a["image_id"] for a in old] == [b["image_id"] for b in new]
 
+    # a replacement cut short between its two renames: the copy goes back, its rows stay
+    (copy,) = (workspace / "data" / "incoming").iterdir()
+    copy.rename(copy.with_name(copy.name + ".replaced"))
+    again = stages.ingest(params, workspace)
+    assert again["scans"]["deidentified"] == 0 and copy.is_dir()
+    assert pq.read_table(workspace / "data" / "manifest.parquet").to_pylist() == new
+
 
 def test_new_settings_or_a_new_key_redo_every_scan(workspace, small_cohort, monkeypatch):
     from tests.integration.workspace import set_params
