@@ -32,6 +32,7 @@ class ConfigError(CbhError, ValueError):
 
 # models/networks.py make_classifier
 Model = Literal["asc", "asc-ga", "asc-scale", "image-only", "biometry-rule", "asc-paper"]
+NoTemplate = Literal["quarantine", "blank-text"]   # pipelines/deid/core.py Deidentifier.pixel_plan
 Augment = Literal["basic", "scanner", "floor"]                      # models/augment.py AUGMENTS
 ImageNorm = Literal["none", "equalise"]                             # models/networks.py IMAGE_NORMS
 SegNorm = Literal["batch", "instance"]                              # models/networks.py SEG_NORMS
@@ -133,6 +134,9 @@ class DeidParams:
                                       "(pipelines/deid/profile.py OPTIONS)")
     templates: Mappings = Field(description="regions to keep per device and frame size, for ultrasound "
                                             "without SequenceOfUltrasoundRegions")
+    no_template: NoTemplate = Field(description="ultrasound with no regions, no template and no "
+                                                "BurnedInAnnotation NO: quarantine it, or blank the text "
+                                                "OCR finds and verify again (blank-text)")
     ocr_sample: Fraction = Field(description="share of images OCR re-reads after the first of each device "
                                              "(keyed, reproducible)")
     ocr_min_chars: int = Field(gt=0, description="a word of at least this many letters/digits is text")

@@ -30,7 +30,15 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 
 from pipelines.deid import profile as P
-from pipelines.deid.ocr import DEFAULT_ALLOWED, DEFAULT_VOCABULARY, OcrSettings, OcrUnavailable, residual_text  # noqa: F401
+from pipelines.deid.ocr import (  # noqa: F401
+    DEFAULT_ALLOWED,
+    DEFAULT_VOCABULARY,
+    OcrSettings,
+    OcrUnavailable,
+    residual_text,
+    shown_grey,
+    text_boxes,
+)
 from pipelines.deid.ocr import available as ocr_available  # noqa: F401
 from pipelines.deid.ocr import missing as ocr_missing  # noqa: F401
 from pipelines.errors import EXIT_UNAVAILABLE, CbhError, UsageError
@@ -43,6 +51,10 @@ DEFAULT_OPTIONS = ("clean_pixel_data", "clean_descriptors", "retain_longitudinal
 def profile_record(options: tuple[str, ...] = DEFAULT_OPTIONS) -> dict[str, object]:
     """The profile and options applied, as every de-identification report states them."""
     return P.build_profile(options).record()
+
+
+# the `no_template` setting that blanks the text OCR finds, and the pixel method it records
+BLANK_TEXT = "blank-text"
 
 
 class DeidError(ScanError):
@@ -322,13 +334,15 @@ class Settings:
     ocr: OcrSettings = OcrSettings()
     # the limits of this process when built; they travel to worker processes, which never read params.yaml
     limits: S.Limits = field(default_factory=lambda: S.LIMITS)
+    # no regions, no template, BurnedInAnnotation not NO: quarantine | blank-text (BLANK_TEXT)
+    no_template: str = "quarantine"
 
     @classmethod
     def from_params(cls, deid: Any) -> Settings:
         return cls(tuple(deid.options), parse_templates(deid.templates), float(deid.ocr_sample),
                    OcrSettings(int(deid.ocr_min_chars), float(deid.ocr_min_confidence),
                                DEFAULT_ALLOWED + tuple(deid.ocr_allowed),
-                               DEFAULT_VOCABULARY + tuple(deid.ocr_vocabulary)), S.LIMITS)
+                               DEFAULT_VOCABULARY + tuple(deid.ocr_vocabulary)), S.LIMITS, deid.no_template)
 
 
 @dataclass
@@ -337,7 +351,7 @@ class Cleaned:
 
     frames: np.ndarray            # (frames, rows, cols[, 3])
     photometric: str
-    method: str                   # regions | template | flagged-clean (BurnedInAnnotation NO) | raster
+    method: str                   # regions | template | flagged-clean (BurnedInAnnotation NO) | raster | blank-text
     verified: bool                # OCR read the cleaned pixels
     lossy: bool = False
 
@@ -360,7 +374,8 @@ class Deidentifier:
 
     def record(self) -> dict[str, Any]:
         return {**self.profile.record(), "ocr_sample": self.settings.ocr_sample,
-                "ocr_min_chars": self.settings.ocr.min_chars, "templates": len(self.settings.templates)}
+                "ocr_min_chars": self.settings.ocr.min_chars, "templates": len(self.settings.templates),
+                "no_template": self.settings.no_template}
 
     # -- pixels -------------------------------------------------------------------------
     def _template(self, manufacturer: str, model: str, rows: int, cols: int, raster: bool) -> Template | None:
@@ -397,6 +412,8 @@ class Deidentifier:
             return "template", list(tpl.keep)
         if str(ds.get("BurnedInAnnotation", "")).upper() == "NO":
             return "flagged-clean", []
+        if self.settings.no_template == BLANK_TEXT:
+            return BLANK_TEXT, []
         raise DeidError("no_pixel_template",
                         "no SequenceOfUltrasoundRegions, no device template for this manufacturer, "
                         f"model and {cols}x{rows} frame, and BurnedInAnnotation is not NO: "
@@ -416,8 +433,12 @@ class Deidentifier:
     def clean_dicom(self, ds: Dataset, first: bool | None = None) -> Cleaned:
         method, boxes = self.pixel_plan(ds)
         arr, photometric = frames_for_cleaning(ds)
+        fill = blank_value(photometric, ds, arr.dtype)
         if boxes:                                                # arr is this call's own copy
-            clean_pixels(arr, boxes, inplace=True, fill=blank_value(photometric, ds, arr.dtype))
+            clean_pixels(arr, boxes, inplace=True, fill=fill)
+        if method == BLANK_TEXT:
+            self.blank_text(arr, lambda frame: display(frame, photometric, ds), fill)
+            first = True                                         # every such file is read again
         verified = self._verify(arr, self.device(ds, method), str(ds.get("SOPInstanceUID", "")), first,
                                 lambda frame: display(frame, photometric, ds)) if self.clean_pixels_on else False
         meta = getattr(ds, "file_meta", None)
@@ -431,11 +452,25 @@ class Deidentifier:
         frames = img[None]
         rows, cols = img.shape[:2]
         tpl = self._template("", "", rows, cols, raster=True)
-        method = "template" if tpl is not None else "raster"
+        method = "template" if tpl is not None else BLANK_TEXT if self.settings.no_template == BLANK_TEXT else "raster"
         if tpl is not None:
             frames = clean_pixels(frames, list(tpl.keep))
+        elif method == BLANK_TEXT:
+            frames = frames.copy()
+            self.blank_text(frames, lambda frame: frame, 0)
         verified = self._verify(frames, self.raster_device(rows, cols), key, True if tpl is None else first)
         return Cleaned(frames, "RGB" if img.ndim == 3 else "MONOCHROME2", method, verified)
+
+    def blank_text(self, frames: np.ndarray, shown: Any, fill: int | tuple[int, ...]) -> int:
+        """Blank, in every frame, the boxes where OCR reads text in the first or last frame (a
+        banner is static over a cine), grown by a margin; in place. The caller reads the file
+        again: only what still reads as text is quarantined. Returns how many boxes."""
+        boxes = sorted({b for i in sorted({0, frames.shape[0] - 1})
+                        for b in text_boxes(shown_grey(shown(frames[i])), self.settings.ocr)})
+        value = np.asarray(fill, dtype=frames.dtype)
+        for x0, y0, x1, y1 in boxes:
+            frames[:, y0:y1 + 1, x0:x1 + 1] = value
+        return len(boxes)
 
     @staticmethod
     def raster_png(cleaned: Cleaned) -> tuple[bytes, list[dict]]:
@@ -458,7 +493,7 @@ class Deidentifier:
         out.PatientIdentityRemoved = "YES"
         out.LongitudinalTemporalInformationModified = self.profile.temporal
         out.BurnedInAnnotation = "NO" if cleaned.method != "not-cleaned" else str(ds.get("BurnedInAnnotation", ""))
-        out.DeidentificationMethod = P.METHOD
+        out.DeidentificationMethod = P.METHOD_BLANK_TEXT if cleaned.method == BLANK_TEXT else P.METHOD
         out.DeidentificationMethodCodeSequence = Sequence([_code(v, m) for v, m in self.profile.codes])
         if cleaned.lossy:
             out.LossyImageCompression = "01"

