@@ -86,6 +86,8 @@ def _restore_replaced(incoming: Path) -> None:
         current = old.with_name(old.name.removesuffix(".replaced"))
         if not current.exists():
             old.rename(current)
+        else:                                   # the replacement landed: the old raw copy goes
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _tree(folder: Path, files: list[Path] | None = None) -> list[tuple[str, str]]:
@@ -155,6 +157,7 @@ def ingest(params: Params, root: Path, today: dt.date | None = None, progress: P
     write_table(root / params.paths.quarantine, total.quarantine, QUARANTINE_SCHEMA, ("cohort", "source_row"))
     rep = report(total, params.deid.max_date_shift_days, settings)
     write_atomic(root / params.paths.deid_report, json.dumps(rep, indent=2, sort_keys=True).encode(), durable=True)
+    os.sync()           # every scan and mask on disk before the manifest that names them
     write_table(root / params.paths.manifest, total.manifest, MANIFEST_SCHEMA, ("image_id",))   # the commit
     keep = {str(audit_file.relative_to(root))} | {
         rec[col] for rec in total.manifest for col in ("deid_path", "mask_path", "head_mask_path") if rec[col]}

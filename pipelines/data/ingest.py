@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.deid import core as D
-from pipelines.deid.folder import ProcessPool, Runner, atomic_target, device_step, worker_for, write_atomic
+from pipelines.deid.folder import ProcessPool, Runner, Worker, atomic_target, device_step, worker_for, write_atomic
 from pipelines.errors import CbhError
 from pipelines.imaging import scan as S
 
@@ -206,6 +206,16 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def source_digest(path: Path) -> str:
+    """What a scan's de-identification reads: its bytes, and for a PNG/JPEG its sidecar (the
+    pixel spacing), so that an added or corrected sidecar is read again."""
+    digest = file_digest(path)
+    sidecar = path.with_suffix(".json")
+    if path.suffix.lower() in S.RASTER_SUFFIXES and sidecar.is_file():
+        digest = hashlib.sha256(f"{digest}:{file_digest(sidecar)}".encode()).hexdigest()
+    return digest
+
+
 # outcomes that depend on the moment, not on the scan: never remembered
 TRANSIENT = {"unreadable_file"}
 
@@ -373,12 +383,15 @@ class Ingestor:
     def load_all(self, rows: list[dict[str, str]], progress: Callable[[int, int], None] | None = None) -> None:
         """De-identify every scan the rows name that the cache does not hold, in parallel; OCR
         reads the first of each device (a device verified by a cached scan counts as read)."""
-        fingerprint = worker_for(self._init()).fingerprint
+        # a Worker of its own, not this process's (worker_for): a pool forked from here must not
+        # inherit one, or its processes would skip their own set-up
+        fingerprint = Worker(*self._init()).fingerprint
         todo: list[tuple[Path, str, str]] = []
         verified_devices: set[str] = set()
+        self.reused = 0
         for path, pid in self._files(rows):
             try:
-                key = ScanCache.key(fingerprint, file_digest(path), pid)
+                key = ScanCache.key(fingerprint, source_digest(path), pid)
             except OSError as exc:
                 self._scans[path] = D.DeidError("unreadable_file", f"cannot be read ({exc.strerror})")
                 continue
@@ -387,9 +400,9 @@ class Ingestor:
                 todo.append((path, pid, key))
             else:
                 self._scans[path] = done
+                self.reused += 1
                 if isinstance(done, _Scan) and done.device and done.verified:
                     verified_devices.add(done.device)
-        self.reused = len(self._scans)
         root = str(self.workspace)
 
         def body(pmap: Callable) -> list:
@@ -649,6 +662,7 @@ def report(result: IngestResult, max_shift_days: int, settings: D.Settings | Non
         "reasons": result.reasons,
         "ocr_verified": result.ocr_verified,
         **D.profile_record(settings.options),
+        "no_template": settings.no_template,
         "date_shift": f"per patient, keyed, within +/-{max_shift_days} days",
         "pseudonyms": "HMAC-SHA256 with the secret key",
     }

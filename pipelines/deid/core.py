@@ -13,6 +13,7 @@ LongitudinalTemporalInformationModified, BurnedInAnnotation NO).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -53,8 +54,10 @@ def profile_record(options: tuple[str, ...] = DEFAULT_OPTIONS) -> dict[str, obje
     return P.build_profile(options).record()
 
 
-# the `no_template` setting that blanks the text OCR finds, and the pixel method it records
+# the `no_template` setting that blanks the text OCR finds, and the pixel method it records;
+# what it blanks: words of 2+ letters or digits read at 50+ (speckle reads as gibberish below)
 BLANK_TEXT = "blank-text"
+BLANK_MIN_CHARS, BLANK_MIN_CONFIDENCE = 2, 50.0
 
 
 class DeidError(ScanError):
@@ -462,11 +465,16 @@ class Deidentifier:
         return Cleaned(frames, "RGB" if img.ndim == 3 else "MONOCHROME2", method, verified)
 
     def blank_text(self, frames: np.ndarray, shown: Any, fill: int | tuple[int, ...]) -> int:
-        """Blank, in every frame, the boxes where OCR reads text in the first or last frame (a
-        banner is static over a cine), grown by a margin; in place. The caller reads the file
-        again: only what still reads as text is quarantined. Returns how many boxes."""
-        boxes = sorted({b for i in sorted({0, frames.shape[0] - 1})
-                        for b in text_boxes(shown_grey(shown(frames[i])), self.settings.ocr)})
+        """Blank, in every frame, the boxes where OCR reads text in the first, middle or last
+        frame, grown by a margin; in place. Looser than the check that follows (BLANK_MIN_*): a
+        date read as "12 03 85" or a name read at 70 is blanked, though the check would not flag
+        it. The caller reads the file again: only what still reads as text is quarantined.
+        Returns how many boxes."""
+        n = frames.shape[0]
+        loose = dataclasses.replace(self.settings.ocr, min_chars=BLANK_MIN_CHARS,
+                                    min_confidence=min(self.settings.ocr.min_confidence, BLANK_MIN_CONFIDENCE))
+        boxes = sorted({b for i in sorted({0, n // 2, n - 1})
+                        for b in text_boxes(shown_grey(shown(frames[i])), loose)})
         value = np.asarray(fill, dtype=frames.dtype)
         for x0, y0, x1, y1 in boxes:
             frames[:, y0:y1 + 1, x0:x1 + 1] = value
@@ -492,7 +500,9 @@ class Deidentifier:
         _write_pixels(out, cleaned, ds)
         out.PatientIdentityRemoved = "YES"
         out.LongitudinalTemporalInformationModified = self.profile.temporal
-        out.BurnedInAnnotation = "NO" if cleaned.method != "not-cleaned" else str(ds.get("BurnedInAnnotation", ""))
+        # blank-text removed only what OCR read: it does not claim the pixels hold no text
+        out.BurnedInAnnotation = "NO" if cleaned.method not in ("not-cleaned", BLANK_TEXT) \
+            else str(ds.get("BurnedInAnnotation", ""))
         out.DeidentificationMethod = P.METHOD_BLANK_TEXT if cleaned.method == BLANK_TEXT else P.METHOD
         out.DeidentificationMethodCodeSequence = Sequence([_code(v, m) for v, m in self.profile.codes])
         if cleaned.lossy:

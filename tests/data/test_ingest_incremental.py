@@ -112,7 +112,7 @@ def test_new_settings_or_a_new_key_redo_every_scan(workspace, small_cohort, monk
     params = load_params(workspace / "params.yaml")
     stages.add_cohort(params, workspace, small_cohort)
     stages.ingest(params, workspace)
-    set_params(workspace, {"deid.ocr_min_chars": params.deid.ocr_min_chars + 1})
+    set_params(workspace, {"deid.ocr_vocabulary": ["aurora"]})      # a steward's allowed on-screen word
     out = stages.ingest(load_params(workspace / "params.yaml"), workspace)
     assert out["scans"]["reused"] == 0 and out["scans"]["deidentified"] == _scans(small_cohort)
     monkeypatch.setenv("CBH_DEID_KEY", TEST_KEY[::-1])
@@ -159,3 +159,21 @@ def test_sigkill_mid_ingest_leaves_the_previous_manifest_valid_and_the_rerun_res
     assert not [p for p in (workspace / "data" / "deid").rglob(".tmp-*")]   # a killed write left nothing
     assert set(_files(workspace)) == _manifest_files(workspace) | {"data/deid/deid-audit.jsonl"}
     shutil.rmtree(big)
+
+
+def test_an_added_sidecar_releases_its_png(workspace, cohort_copy):
+    """A PNG's pixel spacing is in its sidecar: the cache knows the pair, so a PNG held for a
+    missing sidecar is de-identified once the re-export brings it."""
+    params = load_params(workspace / "params.yaml")
+    row = next(r for r in read_annotations(cohort_copy) if r["image"].endswith(".png"))
+    sidecar = (cohort_copy / row["image"]).with_suffix(".json")
+    kept = sidecar.read_bytes()
+    sidecar.unlink()
+    stages.add_cohort(params, workspace, cohort_copy)
+    first = stages.ingest(params, workspace)
+    assert first["reasons"].get("no_pixel_spacing") == 1
+    sidecar.write_bytes(kept)
+    stages.add_cohort(params, workspace, cohort_copy)
+    again = stages.ingest(params, workspace)
+    assert "no_pixel_spacing" not in again["reasons"] and again["scans"]["deidentified"] == 1
+    assert again["deidentified"] == first["deidentified"] + 1
