@@ -365,6 +365,10 @@ class Ingestor:
         self.cache = cache
         self.name = cohort_name(cohort)
         self._scans: dict[Path, _Scan | D.DeidError] = {}
+        # this process's Worker, for the fingerprint and a scan written here (`_written`): its
+        # own, not the process's (worker_for), which a pool forked from here would inherit and
+        # so skip its own set-up
+        self._worker = Worker(*self._init())
 
     def _init(self) -> tuple:
         return (self.workspace / self.deid_dir, self.pseudo.key, self.pseudo.max_shift_days, self.settings)
@@ -383,9 +387,7 @@ class Ingestor:
     def load_all(self, rows: list[dict[str, str]], progress: Callable[[int, int], None] | None = None) -> None:
         """De-identify every scan the rows name that the cache does not hold, in parallel; OCR
         reads the first of each device (a device verified by a cached scan counts as read)."""
-        # a Worker of its own, not this process's (worker_for): a pool forked from here must not
-        # inherit one, or its processes would skip their own set-up
-        fingerprint = Worker(*self._init()).fingerprint
+        fingerprint = self._worker.fingerprint
         todo: list[tuple[Path, str, str]] = []
         verified_devices: set[str] = set()
         self.reused = 0
@@ -503,12 +505,8 @@ class Ingestor:
         out_dir = self.workspace / self.deid_dir / patient
         self._written(scan, path, csv_pid)
         image_id = self.pseudo.image(f"{scan.stem}#{frame}")
-        written: dict[str, Path | None] = {}
-        status: dict[str, str] = {}
-        for col, suffix in (("mask", "mask"), ("head_mask", "head")):
-            written[suffix], status[col] = self._mask(sources[col], col, out_dir / f"{image_id}_{suffix}")
-        mask_status, head_status = status["mask"], status["head_mask"]
-        mask_path, head_path = written.get("mask"), written.get("head")
+        mask_path, mask_status = self._mask(sources["mask"], "mask", out_dir / f"{image_id}_mask")
+        head_path, head_status = self._mask(sources["head_mask"], "head_mask", out_dir / f"{image_id}_head")
         keep = set(self.keep)
         return {
             "image_id": image_id, "patient_pseudo": patient,
@@ -567,7 +565,7 @@ class Ingestor:
         this process, with this row's."""
         if scan.written is None:
             done = _ingest_file(path, csv_pid, self.workspace, self.deid_dir, None,
-                                worker_for(self._init()).deid, write_atomic, scan.key)
+                                self._worker.deid, write_atomic, scan.key)
             scan.written, scan.audit = done.written, done.audit
             if self.cache:
                 self.cache.put(scan.key, scan)

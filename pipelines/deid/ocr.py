@@ -222,12 +222,23 @@ def _crop(img: np.ndarray) -> np.ndarray | None:
     return grey[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 
 
-def shown_words(grey: np.ndarray) -> list[tuple[str, float]]:
+def shown_words(grey: np.ndarray, boxes: bool = False) -> list:
     """The first read of `residual_text`: the grey frame(s) as shown. Burned-in text is bright
     on the dark screen, so the image is inverted and read dark on white, in one polarity.
     Tesseract's per-line retry in the other one costs 40% of the read; it caught 1 more of 400
     planted strings and flagged 2 more clean scans of 708 (benchmarks/ocr_sensitivity.py)."""
-    return _tesseract_words(255 - grey, invert=False)
+    return _engine().words(255 - grey, invert=False, boxes=boxes)
+
+
+def _text(grey: np.ndarray, settings: OcrSettings) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """(word, (left, top, width, height)) of every word the check counts as text in an 8-bit grey
+    image, allowed or not: read as shown, then in its bright marks alone (`bright_marks`), each
+    with its confidence floor, and at least `min_chars` letters or digits."""
+    reads = [(shown_words(grey, boxes=True), settings.min_confidence)]
+    if (bright := bright_marks(grey)) is not None:
+        reads.append((_engine().words(bright, boxes=True), max(settings.min_confidence, BRIGHT_MIN_CONFIDENCE)))
+    return [(word, box) for words, floor in reads for word, conf, box in words
+            if float(conf) >= floor and sum(ch.isalnum() for ch in word) >= settings.min_chars]
 
 
 def residual_text(frames: np.ndarray | list[np.ndarray], settings: OcrSettings) -> list[str]:
@@ -241,35 +252,17 @@ def residual_text(frames: np.ndarray | list[np.ndarray], settings: OcrSettings) 
     width = max(c.shape[1] for c in crops) + 16
     sheet = np.vstack([cv2.copyMakeBorder(c, 8, 8, 8, width - 8 - c.shape[1], cv2.BORDER_CONSTANT, value=0)
                        for c in crops])
-    words = [(w, c, settings.min_confidence) for w, c in shown_words(sheet)]
-    if (bright := bright_marks(sheet)) is not None:
-        floor = max(settings.min_confidence, BRIGHT_MIN_CONFIDENCE)
-        words += [(w, c, floor) for w, c in _tesseract_words(bright)]
-    found = []
-    for word, conf, min_confidence in words:
-        if float(conf) < min_confidence or sum(ch.isalnum() for ch in word) < settings.min_chars:
-            continue
-        if not settings.is_allowed(word):
-            found.append(word)
+    found = [word for word, _ in _text(sheet, settings) if not settings.is_allowed(word)]
     return list(dict.fromkeys(found))            # a word both reads found, once
 
 
 def text_boxes(grey: np.ndarray, settings: OcrSettings, margin: int = 4) -> list[tuple[int, int, int, int]]:
-    """Where an 8-bit grey frame shows text, as the verification reads it (the frame as shown and
-    its bright marks): (x0, y0, x1, y1) boxes, inclusive, grown by `margin` pixels, of every word
-    of at least `min_chars` letters or digits and `min_confidence`, allowed marks included (a
-    blanked depth scale costs nothing; a word judged allowed may be a misread name)."""
-    reads = [(_engine().words(255 - grey, invert=False, boxes=True), settings.min_confidence)]
-    if (bright := bright_marks(grey)) is not None:
-        reads.append((_engine().words(bright, boxes=True), max(settings.min_confidence, BRIGHT_MIN_CONFIDENCE)))
+    """Where an 8-bit grey frame shows text, as the verification reads it (`_text`): (x0, y0, x1,
+    y1) boxes, inclusive, grown by `margin` pixels, allowed marks included (a blanked depth scale
+    costs nothing; a word judged allowed may be a misread name)."""
     rows, cols = grey.shape[:2]
-    out = []
-    for words, floor in reads:
-        for word, conf, (x, y, w, h) in words:
-            if conf >= floor and sum(ch.isalnum() for ch in word) >= settings.min_chars:
-                out.append((max(x - margin, 0), max(y - margin, 0), min(x + w - 1 + margin, cols - 1),
-                            min(y + h - 1 + margin, rows - 1)))
-    return sorted(set(out))
+    return sorted({(max(x - margin, 0), max(y - margin, 0), min(x + w - 1 + margin, cols - 1),
+                    min(y + h - 1 + margin, rows - 1)) for _, (x, y, w, h) in _text(grey, settings)})
 
 
 # Text laid over speckle is often not found at all: Tesseract's layout analysis drowns in the
