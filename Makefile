@@ -18,10 +18,11 @@ help:
 ## setup: create .venv and install the locked stack and the project (no-op when up to date)
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements.lock
+$(VENV)/.installed: pyproject.toml requirements.lock requirements-nodeps.lock
 	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	@echo "installing the locked stack (requirements.lock) into $(VENV) (a few minutes the first time)"
 	@$(PY) -m pip install --disable-pip-version-check -q -r requirements.lock 2> >(grep -v '^WARNING: Location' >&2)
+	@$(PY) -m pip install --disable-pip-version-check -q --no-deps --require-hashes -r requirements-nodeps.lock 2> >(grep -v '^WARNING: Location' >&2)
 	@$(PY) -m pip install --disable-pip-version-check -q --no-deps -e . 2> >(grep -v '^WARNING: Location' >&2)
 	@touch $@
 

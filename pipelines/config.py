@@ -33,6 +33,7 @@ class ConfigError(CbhError, ValueError):
 # models/networks.py make_classifier
 Model = Literal["asc", "asc-ga", "asc-scale", "image-only", "biometry-rule", "asc-paper"]
 NoTemplate = Literal["quarantine", "blank-text"]   # pipelines/deid/core.py Deidentifier.pixel_plan
+OcrEngine = Literal["ppocr", "tesseract"]
 Augment = Literal["basic", "scanner", "floor"]                      # models/augment.py AUGMENTS
 ImageNorm = Literal["none", "equalise"]                             # models/networks.py IMAGE_NORMS
 SegNorm = Literal["batch", "instance"]                              # models/networks.py SEG_NORMS
@@ -139,6 +140,8 @@ class DeidParams:
                                                 "OCR finds and verify again (blank-text)")
     ocr_sample: Fraction = Field(description="share of images OCR re-reads after the first of each device "
                                              "(keyed, reproducible)")
+    ocr_engine: OcrEngine = Field(description="what reads cleaned pixels: ppocr (PP-OCRv4 detection and "
+                                              "recognition, onnxruntime) | tesseract")
     ocr_min_chars: int = Field(gt=0, description="a word of at least this many letters/digits is text")
     ocr_min_confidence: float = Field(ge=0, le=100, description="Tesseract confidence below which a word "
                                                                 "is ignored (speckle reads below ~60)")

