@@ -46,12 +46,11 @@ DEFAULT_VOCABULARY = tuple((
     "tcd bpd efw edd liver kidney renal sag trans long axial lat ant post sup inf fetal head brain "
     "cereb vermis gyn abd general breast thyroid adult echo heart cardiac vasc probe preset mhz khz bpm tib tis hgen "
     "plow pmed phigh par dtce dtcei siemens philips toshiba hitachi aloka samsung mindray esaote page ao "
-    # PP-OCR's reads of real on-screen labels (pydicom's RGB_IMAGE "*Ren" with its marker, gdcm's
-    # ALOKA, the Turbo of examples_ybr_color)
-    "rent lol mcm"
+    # PP-OCR's reads of real on-screen labels (pydicom's RGB_IMAGE "*Ren" with its marker, gdcm's ALOKA)
+    "rent lol"
 ).split())
 ENGINES = ("ppocr", "tesseract")
-CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])")
+CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 LETTER_ZERO = re.compile(r"(?<=[A-Za-z])0(?=[A-Za-z])")
 DATE_OR_TIME = re.compile(r"\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}|\d{1,2}:\d{2}")
 
@@ -95,24 +94,27 @@ class OcrSettings:
             return False
         vocab = {fold(v) for v in self.vocabulary}
         patterns = [re.compile(p) for p in self.allowed]
-        for part in (p for slashed in bare.split("/") for p in _pieces(slashed)):
+
+        def known(part: str) -> bool:
             if sum(ch.isalnum() for ch in part) < self.min_chars or is_label(fold(part), vocab):
-                continue
+                return True
             # a letter O between letters read as a zero ("D0E") must not pass as a probe name
-            lettered = LETTER_ZERO.sub("O", part)
-            if not all(any(p.match(v) for p in patterns) for v in {part, lettered}):
-                return False
-        return True
+            return all(any(p.match(v) for p in patterns) for v in {part, LETTER_ZERO.sub("O", part)})
+
+        # each piece whole ("2.5MHz"), or else each of its camel-case parts
+        return all(known(piece) or all(map(known, CAMEL.split(piece)))
+                   for slashed in bare.split("/") for piece in _pieces(slashed))
 
 
 def _pieces(part: str) -> list[str]:
-    """A label in its pieces, each judged alone: hyphenated ("2D--1009", "MB-Cm"), unless two
-    numbers stand side by side ("4829-173" may be an ID), then run together in camel case
-    ("AscAo", "PageT3": PP-OCR drops the space between short labels)."""
+    """A label in its hyphenated pieces ("2D--1009", "MB-Cm"), each judged alone, unless two
+    numbers stand side by side ("4829-173" may be an ID). A piece that is no label may still be
+    labels run together in camel case ("AscAo", "PageT3", "MBCmOn": PP-OCR drops the space
+    between short labels): CAMEL splits it."""
     pieces = [p for p in part.split("-") if p]
     if len(pieces) < 2 or any(a.isdigit() and b.isdigit() for a, b in zip(pieces, pieces[1:], strict=False)):
-        pieces = [part]
-    return [c for p in pieces for c in CAMEL.split(p)]
+        return [part]
+    return pieces
 
 
 DPI = 70      # what the tesseract command assumes for an image without a resolution

@@ -364,11 +364,11 @@ def test_ocr_allows_calibration_marks_and_flags_identifiers():
     for ok in ("10", "4.5cm", "100°", "L12-5", "6C1", "TIS0.4", "20dB/DR60", "65bpm", "Cist", "MHz", "Saq", "L1VER",
                # PP-OCR's reads of on-screen labels of real Philips and Siemens frames (ocr_sensitivity.py)
                "WF384Hz", "SIEMEN!", "Gener:", "*Ren", "P'Med", "4.0cm-", "PLow", "2D--1009", "MB-Cm", "+AscAo",
-               "PageT3", "75bpr", "MCmOn"):
+               "PageT3", "75bpr", "MCmOn", "MBCmOn"):
         assert s.is_allowed(ok), ok
     for bad in ("08/29/1951", "8:48:26", "MRN8109163", "CLEVELAND", "Lowbridge", "00047431395", "Sam", "Oliver",
                 "O'Brien", "Jane!", "ACC99812", "4829173", "Hospital", "D0E", "4829-173", "ACC-99812",
-                "MRN-12-345678", "JaneDoe", "JohnSMITH", "McDonald"):
+                "MRN-12-345678", "JaneDoe", "JohnSMITH", "McDonald", "JOHNSmith", "MRNAbc123456"):
         assert not s.is_allowed(bad), bad
 
 
