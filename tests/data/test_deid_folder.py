@@ -27,6 +27,7 @@ def test_link_inside_dst_is_refused(small_cohort, tmp_path, pseudo):
         deid_folder(small_cohort / "scans", tmp_path / "out", pseudo, tmp_path / "out" / "link.csv")
 
 
+@pytest.mark.heavy         # a run killed mid-write and run again (about 20 s): make test-heavy, in .ci/run
 def test_a_killed_runs_partial_files_are_removed_on_rerun(small_cohort, tmp_path, pseudo):
     """What a SIGKILL mid-write leaves (a temporary output, audit record or quarantine copy) is
     gone after the rerun, and the outputs are those of a clean run."""

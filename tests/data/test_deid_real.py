@@ -296,6 +296,7 @@ def test_every_input_is_accounted_for_one_reason_each(pseudo, tmp_path):
             assert leaked(values, out.read_bytes(), source_of.get(out)) == [], f"identifying values in {out.name}"
 
 
+@pytest.mark.heavy         # three runs over the real corpus (about 40 s): make test-heavy, in .ci/run
 def test_rerun_is_idempotent_and_resumes_after_a_crash(pseudo, tmp_path):
     src, _ = quarantine_corpus(tmp_path)
     dst = tmp_path / "deid"
@@ -387,6 +388,7 @@ def test_quarantine_inside_destination_is_refused(pseudo, tmp_path):
         deid_folder(tmp_path / "src", tmp_path / "dst", pseudo, tmp_path / "dst" / "link.csv")
 
 
+@pytest.mark.heavy         # every file read twice by PP-OCR (about 2 minutes): make test-heavy, in .ci/run
 def test_blank_text_cleans_real_files_without_regions_and_verifies_them(pseudo, tmp_path):
     """`deid.no_template: blank-text`: real ultrasound with its regions removed (so no region,
     no template, BurnedInAnnotation not NO) is quarantined by default; with blank-text the text

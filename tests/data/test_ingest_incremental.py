@@ -106,6 +106,7 @@ def test_a_reexport_with_a_changed_scan_redoes_that_scan_alone(workspace, cohort
     assert pq.read_table(workspace / "data" / "manifest.parquet").to_pylist() == new
 
 
+@pytest.mark.heavy         # three ingests of one cohort (about 25 s): make test-heavy, in .ci/run
 def test_new_settings_or_a_new_key_redo_every_scan(workspace, small_cohort, monkeypatch):
     from tests.integration.workspace import set_params
 
@@ -122,6 +123,7 @@ def test_new_settings_or_a_new_key_redo_every_scan(workspace, small_cohort, monk
     assert set(_files(workspace)) == _manifest_files(workspace) | {"data/deid/deid-audit.jsonl"}
 
 
+@pytest.mark.heavy         # an ingest killed and run again (about 45 s): make test-heavy, in .ci/run
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 def test_sigkill_mid_ingest_leaves_the_previous_manifest_valid_and_the_rerun_resumes(workspace, small_cohort,
                                                                                    tmp_path):

@@ -28,7 +28,8 @@ from pipelines.contract.validate import (
 )
 from pipelines.data.ingest import MANIFEST_SCHEMA, ingest_cohort
 from pipelines.data.split import assign_splits
-from pipelines.deid.core import Pseudonymizer
+from pipelines.deid.core import Pseudonymizer, Settings
+from pipelines.deid.ocr import OcrSettings
 from tests.conftest import ROOT, TEST_KEY
 
 PARAMS = ValidateParams(min_per_class=3)
@@ -43,7 +44,11 @@ def clean(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
     tmp = tmp_path_factory.mktemp("contract")
     synth_cohort(tmp / "export", 30, 17, ("aurora", "boreal", "cirrus"), png_fraction=0.2)
     ws = tmp / "ws"
-    res = ingest_cohort(tmp / "export", ws, "data/deid", Pseudonymizer(TEST_KEY.encode()), KEEP, dt.date(2026, 1, 1))
+    # the contract is under test here, not the OCR check: Tesseract verifies the 24 PNGs and
+    # the sampled scans about ten times faster than PP-OCR (tests/unit/test_deid.py tests both)
+    settings = Settings(ocr=OcrSettings(engine="tesseract"))
+    res = ingest_cohort(tmp / "export", ws, "data/deid", Pseudonymizer(TEST_KEY.encode()), KEEP, dt.date(2026, 1, 1),
+                        settings=settings)
     assert not res.quarantine
     return ws, pd.DataFrame(res.manifest)
 

@@ -72,6 +72,7 @@ def test_ingest_is_the_same_serial_in_a_pool_and_on_dask(small_cohort, tmp_path)
         assert result == serial and files == serial_files
 
 
+@pytest.mark.heavy         # a 45-file corpus de-identified twice (about 90 s): make test-heavy, in .ci/run
 def test_killed_mid_run_the_rerun_completes_without_duplicates(tmp_path):
     """SIGKILL to `cbh deid` and its pool while it writes; the rerun resumes: every input is
     accounted for once, no output is duplicated or partial, and the bytes equal a clean run's."""

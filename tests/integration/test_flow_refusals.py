@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.integration.workspace import TINY_PARAMS, set_params
 from tests.integration.workspace import cbh as _cbh
 from tests.integration.workspace import make_workspace as _workspace
@@ -34,6 +36,7 @@ def test_cohort_without_annotations(tmp_path):
     assert res.stderr.count("\n") == 1                                  # one sentence
 
 
+@pytest.mark.heavy         # the retrain flow up to its contract (about 80 s): make test-heavy, in .ci/run
 def test_critical_contract_failure_stops_before_training(tmp_path):
     from pipelines.data.synth import synth_cohort
 

@@ -30,6 +30,7 @@ def workspace(tmp_path, monkeypatch):
     return ws
 
 
+@pytest.mark.heavy         # a head model trained and registered (about 35 s): make test-heavy, in .ci/run
 def test_head_stage_trains_registers_and_gates(workspace, tmp_path) -> None:
     import mlflow
     import torch

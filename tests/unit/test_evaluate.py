@@ -69,6 +69,21 @@ def test_bias_keeps_the_sign_the_absolute_error_drops():
     assert np.isnan(mean_error(np.array([np.nan]), np.array([1.0])))
 
 
+def test_rank_auc_is_sklearns_auc_ties_included():
+    """The bootstrap's AUC (ranks) equals roc_auc_score, on tied and untied scores alike."""
+    from sklearn.metrics import roc_auc_score
+
+    from pipelines.evaluation import metrics as ev
+
+    rng = np.random.default_rng(3)
+    for n, levels in ((40, None), (200, 5), (7, 2)):
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        p = rng.random(n) if levels is None else rng.integers(0, levels, n) / levels
+        assert ev.rank_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert ev.rank_auc(np.array([0, 1, 0, 1]), np.array([0.9, 0.1, 0.8, 0.2])) == 0.0
+
+
 def test_intervals_resample_patients_not_images():
     """Ten images per patient are one patient's evidence, not ten: resampling images would
     narrow the AUC interval as if the test set were ten times larger. Sensitivity and
