@@ -44,7 +44,7 @@ def clean(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
     tmp = tmp_path_factory.mktemp("contract")
     synth_cohort(tmp / "export", 30, 17, ("aurora", "boreal", "cirrus"), png_fraction=0.2)
     ws = tmp / "ws"
-    # the contract is under test here, not the OCR check: Tesseract verifies the 24 PNGs and
+    # the contract is under test here, not the OCR check: Tesseract verifies the PNGs (all read) and
     # the sampled scans about ten times faster than PP-OCR (tests/unit/test_deid.py tests both)
     settings = Settings(ocr=OcrSettings(engine="tesseract"))
     res = ingest_cohort(tmp / "export", ws, "data/deid", Pseudonymizer(TEST_KEY.encode()), KEEP, dt.date(2026, 1, 1),
