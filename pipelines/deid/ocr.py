@@ -364,13 +364,6 @@ def shown_grey(img: np.ndarray) -> np.ndarray:
     return img
 
 
-def _tesseract_words(grey: np.ndarray, invert: bool = True) -> list[tuple[str, float]]:
-    """(word, confidence) as Tesseract reads them (sparse text, LSTM engine). `invert`: Tesseract
-    also reads the inverted line wherever a line reads poorly (its default; False: one polarity
-    only)."""
-    return _engine("tesseract").words(grey, invert)
-
-
 def _crop(img: np.ndarray) -> np.ndarray | None:
     """The frame in grey, cropped to its non-blank part (blanked borders carry nothing to read)."""
     grey = shown_grey(img)

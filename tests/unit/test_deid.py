@@ -226,7 +226,7 @@ import torch  # noqa: F401  (first: the engine must not depend on which OpenMP r
 from pipelines.deid import ocr
 img = np.zeros((120, 520), np.uint8)
 cv2.putText(img, "DOE JANE 12/03/2020", (10, 70), cv2.FONT_HERSHEY_SIMPLEX, 1.2, 255, 2)
-print(json.dumps([ocr.engine("tesseract"), ocr._tesseract_words(255 - img, invert=False),
+print(json.dumps([ocr.engine("tesseract"), ocr.shown_words(img),
                   ocr.residual_text(img, ocr.OcrSettings(engine="tesseract")),
                   ocr.engine("ppocr"), ocr.residual_text(img, ocr.OcrSettings(engine="ppocr"))]))
 """
