@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import textwrap
 import time
@@ -53,7 +54,7 @@ def cmd_synth(a: argparse.Namespace, root: Path) -> int:
         raise CommandError(f"{out}: a cohort already exists there; choose an empty folder")
     counts = synth_cohort(out, a.patients or p.patients, p.seed if a.seed is None else a.seed, styles,
                           p.hypoplasia_fraction, (p.ga_min, p.ga_max), p.max_exams, p.png_fraction,
-                          progress=_progress("rendering"))
+                          progress=_progress("rendering"), workers=a.workers or os.cpu_count() or 1)
     print(f"synthetic cohort written to {out}: {counts['images']} images of {counts['patients']} patients "
           f"({counts['hypoplasia_patients']} with hypoplasia, {counts['png']} PNG)")
     return 0
@@ -625,6 +626,8 @@ def _data_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--patients", type=int, help="number of patients (default: params.yaml synth.patients)")
     s.add_argument("--seed", type=int, help="random seed (default: params.yaml synth.seed)")
     s.add_argument("--style", help="one vendor style for all scans (default: the mix in params.yaml)")
+    s.add_argument("--workers", type=int, default=0,
+                   help="rendering processes (default 0: one per core); the files do not depend on it")
     s.set_defaults(fn=cmd_synth)
     s = _command(sub, "deid", "de-identify every DICOM/PNG/JPEG under SRC into DST",
                  "De-identify every DICOM, PNG and JPEG file under SRC into DST: headers by the DICOM PS3.15 "

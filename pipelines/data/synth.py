@@ -10,9 +10,12 @@ construction.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
+import functools
 import json
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,7 +184,8 @@ def build_dicom(ex: Exam, pixels: np.ndarray, sec: Sector, spacing_mm: float, se
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
     syntax = getattr(pydicom.uid, st.transfer_syntax)
     if syntax == pydicom.uid.RLELossless:
-        ds.compress(syntax)
+        # keep the seeded UID: pydicom's default gives a compressed copy a new random one
+        ds.compress(syntax, generate_instance_uid=False)
     else:
         ds.file_meta.TransferSyntaxUID = syntax
     return ds
@@ -193,49 +197,63 @@ def _png_crop(sec: Sector, *planes: np.ndarray) -> list[np.ndarray]:
     return [p[y0:y1 + 1, x0:x1 + 1] for p in planes]
 
 
+def _write_exam(out: Path, ex: Exam, seed: int) -> dict[str, str]:
+    """Render one exam, write its scan and masks under `out`, return its annotations row.
+    Its random stream is seeded by (seed, patient, exam), so exams can be written in any order."""
+    rng = np.random.default_rng([seed, ex.patient, ex.index])
+    tcd = float(biometry.tcd_from_z(ex.tcd_z, ex.ga_weeks))
+    cm = float(biometry.cm_from_z(ex.cm_z, ex.ga_weeks))
+    an = make_anatomy(ex.ga_weeks, tcd, cm, float(np.clip(rng.normal(0.78, 0.03), 0.7, 0.86)))
+    img, labels, pl, sec = render(an, ex.style, rng)
+    head = head_mask(an, pl, img.shape[:2])
+    stem = f"{ex.patient:04d}_{ex.index}"
+    if ex.as_png:
+        img, labels, head = _png_crop(sec, img, labels, head)
+        rel = f"scans/{stem}.png"
+        cv2.imwrite(str(out / rel), img)
+        (out / f"scans/{stem}.json").write_text(json.dumps({"pixel_spacing_mm": [pl.spacing, pl.spacing]}))
+    else:
+        lines = [ex.name.replace("^", ", "), f"ID {ex.patient_id}",
+                 ex.exam_time.strftime("%d/%m/%Y %H:%M"), ex.hospital[:24]]
+        shown = burn_banner(img, lines, ex.style, sec)
+        rel = f"scans/{stem}.dcm"
+        build_dicom(ex, shown, sec, pl.spacing, seed).save_as(out / rel, enforce_file_format=True)
+    mask_rel = f"masks/{stem}_mask.png"
+    cv2.imwrite(str(out / mask_rel), labels)
+    head_rel = f"masks/{stem}_head.png"
+    cv2.imwrite(str(out / head_rel), head)
+    give_pid = ex.as_png or rng.random() < 0.7
+    return {
+        "image": rel, "frame": 0, "patient_id": ex.patient_id if give_pid else "",
+        "exam_date": ex.exam_time.date().isoformat(), "ga_weeks": f"{ex.ga_weeks:.1f}",
+        "label": ex.label, "tcd_mm": f"{an.tcd:.2f}", "cm_mm": f"{an.cm:.2f}",
+        "mask": mask_rel, "hc_mm": f"{biometry.ellipse_perimeter(an.a, an.b):.2f}", "head_mask": head_rel,
+        "annotator": "sonographer-" + "ABC"[ex.patient % 3],
+        "site": SITES[ex.style.name],
+        "comments": f"Referred by Dr {ex.doctor.split('^')[0]} for {ex.name.split('^')[1]}",
+    }
+
+
 def synth_cohort(out: Path, patients: int, seed: int, styles: tuple[str, ...],
                  hypoplasia_fraction: float = 0.35, ga_range: tuple[float, float] = (16.0, 36.0),
-                 max_exams: int = 3, png_fraction: float = 0.1, progress=None) -> dict[str, int]:
-    """Write a cohort (CONTRACT.md section 1) to `out`; returns counts."""
+                 max_exams: int = 3, png_fraction: float = 0.1, progress=None, workers: int = 1) -> dict[str, int]:
+    """Write a cohort (CONTRACT.md section 1) to `out`; returns counts. `workers` > 1 renders
+    in that many processes (the files are the same: each exam has its own random stream)."""
     exams = plan_exams(patients, seed, styles, hypoplasia_fraction, ga_range, max_exams, png_fraction)
     (out / "scans").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, ex in enumerate(exams):
-        rng = np.random.default_rng([seed, ex.patient, ex.index])
-        tcd = float(biometry.tcd_from_z(ex.tcd_z, ex.ga_weeks))
-        cm = float(biometry.cm_from_z(ex.cm_z, ex.ga_weeks))
-        an = make_anatomy(ex.ga_weeks, tcd, cm, float(np.clip(rng.normal(0.78, 0.03), 0.7, 0.86)))
-        img, labels, pl, sec = render(an, ex.style, rng)
-        head = head_mask(an, pl, img.shape[:2])
-        stem = f"{ex.patient:04d}_{ex.index}"
-        if ex.as_png:
-            img, labels, head = _png_crop(sec, img, labels, head)
-            rel = f"scans/{stem}.png"
-            cv2.imwrite(str(out / rel), img)
-            (out / f"scans/{stem}.json").write_text(json.dumps({"pixel_spacing_mm": [pl.spacing, pl.spacing]}))
+    write = functools.partial(_write_exam, out, seed=seed)
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(exams) > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(min(workers, len(exams))))
+            written = pool.map(write, exams, chunksize=4)
         else:
-            lines = [ex.name.replace("^", ", "), f"ID {ex.patient_id}",
-                     ex.exam_time.strftime("%d/%m/%Y %H:%M"), ex.hospital[:24]]
-            shown = burn_banner(img, lines, ex.style, sec)
-            rel = f"scans/{stem}.dcm"
-            build_dicom(ex, shown, sec, pl.spacing, seed).save_as(out / rel, enforce_file_format=True)
-        mask_rel = f"masks/{stem}_mask.png"
-        cv2.imwrite(str(out / mask_rel), labels)
-        head_rel = f"masks/{stem}_head.png"
-        cv2.imwrite(str(out / head_rel), head)
-        give_pid = ex.as_png or rng.random() < 0.7
-        rows.append({
-            "image": rel, "frame": 0, "patient_id": ex.patient_id if give_pid else "",
-            "exam_date": ex.exam_time.date().isoformat(), "ga_weeks": f"{ex.ga_weeks:.1f}",
-            "label": ex.label, "tcd_mm": f"{an.tcd:.2f}", "cm_mm": f"{an.cm:.2f}",
-            "mask": mask_rel, "hc_mm": f"{biometry.ellipse_perimeter(an.a, an.b):.2f}", "head_mask": head_rel,
-            "annotator": "sonographer-" + "ABC"[ex.patient % 3],
-            "site": SITES[ex.style.name],
-            "comments": f"Referred by Dr {ex.doctor.split('^')[0]} for {ex.name.split('^')[1]}",
-        })
-        if progress:
-            progress(i + 1, len(exams))
+            written = map(write, exams)
+        rows = []
+        for row in written:
+            rows.append(row)
+            if progress:
+                progress(len(rows), len(exams))
     with (out / "annotations.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         writer.writeheader()

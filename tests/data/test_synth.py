@@ -75,10 +75,14 @@ def test_identifiers_where_hospitals_leave_them(small_cohort):
 
 
 def test_deterministic_by_seed(tmp_path):
+    """Byte for byte, rendered in one process or in two, RLE-compressed DICOM included."""
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    synth_cohort(a, 3, 11, ("aurora",))
-    synth_cohort(b, 3, 11, ("aurora",))
-    synth_cohort(c, 3, 12, ("aurora",))
+    styles = ("aurora", "boreal", "cirrus")
+    synth_cohort(a, 6, 11, styles)
+    synth_cohort(b, 6, 11, styles, workers=2)
+    synth_cohort(c, 6, 12, styles)
+    assert any(pydicom.dcmread(p).file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+               for p in (a / "scans").glob("*.dcm"))
 
     def digest(folder):
         return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())).hexdigest()
