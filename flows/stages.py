@@ -469,6 +469,16 @@ def _head_items(params: Params, root: Path) -> list:
     return items
 
 
+def diagnosis_test_patients(params: Params, root: Path) -> set[str]:
+    """The patient pseudonyms of the dataset's test split (none before the `split` stage, or in
+    a workspace of head annotations only)."""
+    path = root / params.paths.dataset
+    if not path.is_file():
+        return set()
+    table = pq.read_table(path, columns=["patient_pseudo", "split"]).to_pandas()
+    return set(table.loc[table["split"] == "test", "patient_pseudo"])
+
+
 def head(params: Params, root: Path) -> dict[str, Any]:
     """Train the fetal-head localiser on the manifest's head masks (subject split by patient),
     evaluate it once on the test subjects, save it with its metrics and split (the `head`
@@ -491,7 +501,9 @@ def head(params: Params, root: Path) -> dict[str, Any]:
         (out / "skipped.json").write_text(json.dumps(skipped) + "\n")
         return {**skipped, "frame": _write_frame_head(params, out)}
     _quiet_lightning()
-    assignment = split_subjects([it.subject for it in items], p.val_fraction, p.test_fraction, p.seed)
+    # the diagnosis model's test patients never train the head that frames their crops
+    held = diagnosis_test_patients(params, root)
+    assignment = split_subjects([it.subject for it in items], p.val_fraction, p.test_fraction, p.seed, held)
     parts = {k: [it for it in items if assignment[it.subject] == k] for k in ("train", "val", "test")}
     if not parts["train"] or not parts["test"]:
         raise StageError(f"{params.paths.manifest}: {len(set(assignment))} patient(s) with head masks are too "
@@ -508,7 +520,7 @@ def head(params: Params, root: Path) -> dict[str, Any]:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     # the split is recorded by patient pseudonym: on disk (DVC), never in MLflow
     (out / "split.json").write_text(json.dumps({"seed": p.seed, "frames": frames, "subjects": dict(
-        sorted(assignment.items()))}, indent=2) + "\n")
+        sorted(assignment.items())), "held_for_diagnosis_test": len(held & set(assignment))}, indent=2) + "\n")
 
     tags = {**lineage.collect(root, params), "model.kind": "head", "head.method": localiser.method,
             "head.tta": str(localiser.tta), "head.level": str(localiser.level),

@@ -127,12 +127,22 @@ def annotation_check(folder: Path, pad_px: float = ANNOTATION_PAD_PX) -> dict[st
 
 
 def split_subjects(subjects: Sequence[str], val_fraction: float, test_fraction: float,
-                   seed: int) -> dict[str, str]:
-    """Subject -> 'train' | 'val' | 'test', a seeded permutation of the sorted subjects."""
+                   seed: int, held: Iterable[str] = ()) -> dict[str, str]:
+    """Subject -> 'train' | 'val' | 'test', a seeded permutation of the sorted subjects.
+
+    `held`: subjects that must never train (the diagnosis model's test patients, whose crops
+    this localiser frames). They are test subjects, and count towards `test_fraction`; the
+    rest of the test part, if any, is drawn from the permutation as without them."""
     uniq = sorted(set(subjects))
-    order = np.random.default_rng(seed).permutation(len(uniq))
-    n_test, n_val = round(len(uniq) * test_fraction), round(len(uniq) * val_fraction)
-    return {uniq[j]: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, j in enumerate(order)}
+    held_here = set(held) & set(uniq)
+    free = [s for s in uniq if s not in held_here]
+    order = np.random.default_rng(seed).permutation(len(free))
+    n_test = max(round(len(uniq) * test_fraction) - len(held_here), 0)
+    n_val = round(len(uniq) * val_fraction)
+    out = {s: "test" for s in held_here}
+    out.update({free[j]: "test" if i < n_test else "val" if i < n_test + n_val else "train"
+                for i, j in enumerate(order)})
+    return out
 
 
 def arrays_from_pairs(pairs: Iterable[tuple[NDArray[np.floating], NDArray]],

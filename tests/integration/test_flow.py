@@ -260,6 +260,13 @@ def test_both_models_registered_and_the_crops_cut_around_the_learned_head(flow_r
     sources = training["frame_sources"]
     assert training["frame"] == "learned" and sum(sources.values()) == sum(training["images"].values())
     assert sources.get("learned", 0) > sources.get("classical", 0), sources       # fit_skull: only a fallback
+    # the frozen test set's patients never trained the head that frames their crops
+    import pandas as pd
+
+    subjects = json.loads((ws / "data/head/split.json").read_text())
+    frozen = set(pd.read_parquet(ws / "data/frozen_test.parquet")["patient_pseudo"]) & set(subjects["subjects"])
+    assert frozen and {subjects["subjects"][p] for p in frozen} == {"test"}
+    assert subjects["held_for_diagnosis_test"] == len(frozen)
     assert json.loads((ws / "data/model/config.json").read_text())["frame"] == "learned"
     champ = client.get_model_version_by_alias("cerebellar-hypoplasia", "champion")
     run = client.get_run(champ.run_id)
