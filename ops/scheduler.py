@@ -152,7 +152,11 @@ class Scheduler:
             pid = services[name].get("pid")
             if _group_alive(pid):
                 os.killpg(pid, signal.SIGKILL)
-        time.sleep(0.2)
+        # a killed group is gone once init has reaped every member, which under load takes
+        # longer than one short sleep (a worker killed mid flow run has several processes)
+        deadline = time.monotonic() + 10.0
+        while any(_group_alive(services[n].get("pid")) for n in stopped) and time.monotonic() < deadline:
+            time.sleep(0.1)
         left = [n for n in stopped if _group_alive(services[n].get("pid"))]
         if left:
             raise ServersError(f"{', '.join(left)} did not stop; their process groups are still alive")
