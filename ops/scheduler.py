@@ -58,6 +58,13 @@ def _group_alive(pgid: int | None) -> bool:
         return True
 
 
+def _wait_gone(pgids: list[int | None], timeout: float) -> None:
+    """Wait until none of these process groups is alive, or `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while any(map(_group_alive, pgids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 class Scheduler:
     """The Prefect server and workers of one workspace (state in `<root>/.cbh/scheduler`)."""
 
@@ -145,18 +152,14 @@ class Scheduler:
                 except ProcessLookupError:
                     pass
                 stopped.append(name)
-        deadline = time.monotonic() + timeout
-        while any(_group_alive(services[n].get("pid")) for n in stopped) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for name in stopped:
-            pid = services[name].get("pid")
+        pids = [services[n].get("pid") for n in stopped]
+        _wait_gone(pids, timeout)
+        for pid in pids:
             if _group_alive(pid):
                 os.killpg(pid, signal.SIGKILL)
         # a killed group is gone once init has reaped every member, which under load takes
         # longer than one short sleep (a worker killed mid flow run has several processes)
-        deadline = time.monotonic() + 10.0
-        while any(_group_alive(services[n].get("pid")) for n in stopped) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _wait_gone(pids, 10.0)
         left = [n for n in stopped if _group_alive(services[n].get("pid"))]
         if left:
             raise ServersError(f"{', '.join(left)} did not stop; their process groups are still alive")
