@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import log_loss, roc_auc_score
+from sklearn.metrics import log_loss
 
 from flows.stages import _prepared, _quiet_lightning
 from pipelines.config import load_params
@@ -48,8 +48,6 @@ def main() -> None:
         predictor = Predictor.load(root / params.paths.model_dir)
         trained = root / params.paths.model_dir / "training.json"
         history = json.loads(trained.read_text()).get("history", {}) if trained.is_file() else {}
-        if history.get("segmenter"):
-            out["val_dice_cerebellum_last"] = round(history["segmenter"][-1]["seg_val_dice_cerebellum"], 4)
     else:
         info: dict = {}
         start = time.perf_counter()
@@ -58,12 +56,12 @@ def main() -> None:
         out.update(train_wall_s=round(time.perf_counter() - start, 1),
                    segmenter_epochs=len(history.get("segmenter", [])),
                    classifier_epochs=len(history.get("classifier", [])))
-        if history.get("segmenter"):
-            out["val_dice_cerebellum_last"] = round(history["segmenter"][-1]["seg_val_dice_cerebellum"], 4)
+    if history.get("segmenter"):
+        out["val_dice_cerebellum_last"] = round(history["segmenter"][-1]["seg_val_dice_cerebellum"], 4)
     masks = predictor.segment(data.images[va], data.axis_ratio[va])
     prob = predictor.probability(data.images[va], masks,
                                  context_features(data.frame["ga_weeks"].to_numpy()[va], data.mm_per_px[va]))
-    out.update(val_auc=round(float(roc_auc_score(y, prob)), 4),
+    out.update(val_auc=round(ev.auc(y, prob), 4),
                val_log_loss=round(float(log_loss(y, np.clip(prob, 1e-6, 1 - 1e-6))), 4),
                val_ece=round(float(ev.expected_calibration_error(y, prob)), 4))
     print(json.dumps(out))
