@@ -72,9 +72,13 @@ class ClsModule(L.LightningModule):
         # masks the segmenter predicted for a share of samples, so inference needs no outlining
         use_pred = (torch.rand(batch["labels"].shape[0], device=self.device) < self.p_pred).view(-1, 1, 1)
         labels = torch.where(use_pred, batch["pred_labels"], batch["labels"])
+        # a context measured on the masks (asc-z's TCD z-score) follows the masks chosen
+        context = batch["context"]
+        if "pred_context" in batch:
+            context = torch.where(use_pred.view(-1, 1), batch["pred_context"], context)
         img, masks = random_affine(batch["image"], one_hot_masks(labels))
         img = random_intensity(img, augment=self.augment)
-        loss = F.cross_entropy(self(img, masks, batch["context"]), batch["target"])
+        loss = F.cross_entropy(self(img, masks, context), batch["target"])
         self.log("cls_train_loss", loss, prog_bar=True, on_epoch=True, on_step=False)
         return loss
 
@@ -82,7 +86,8 @@ class ClsModule(L.LightningModule):
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def validation_step(self, batch: dict[str, torch.Tensor], _: int) -> None:
-        logits = self(batch["image"], one_hot_masks(batch["pred_labels"]), batch["context"])
+        logits = self(batch["image"], one_hot_masks(batch["pred_labels"]),
+                      batch.get("pred_context", batch["context"]))
         self.log("cls_val_loss", F.cross_entropy(logits, batch["target"]), prog_bar=True, sync_dist=True)
         self._val.append((torch.softmax(logits, 1)[:, 1].detach(), batch["target"]))
 

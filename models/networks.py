@@ -6,7 +6,9 @@ over the cerebellum and cisterna magna masks as two channels); a shape-attention
 multiplies the image features; an MLP over [image, gated image, shape] gives two logits.
 Optional context joins the MLP input: GA and the crop's physical scale for `asc-ga`, the
 scale alone for `asc-scale` (the head's size in millimetres, which the skull-normalised crop
-no longer shows and the paper's fixed-size images did; no GA).
+no longer shows and the paper's fixed-size images did; no GA); for `asc-z` GA, scale and the
+TCD z-score measured on the masks the shape branch sees (the rule's own input, so the network
+can lean on the measurement where the image looks unlike anything it was trained on).
 With `image_norm="equalise"` the image branch sees the crop histogram-equalised: each imaged
 pixel replaced by its rank among the crop's imaged pixels. The image branch is then invariant
 to any increasing grey-level map (gain, dynamic range, each vendor's post-processing curve);
@@ -176,6 +178,9 @@ def make_classifier(model: str, features: int, backbone: str = "small", shape_ba
         return ASCNet(features, context_cols=(0, 1), **kw)
     if model == "asc-scale":
         return ASCNet(features, context_cols=(1,), **kw)
+    if model == "asc-z":
+        return ASCNet(features, context_cols=(0, 1, 2), **kw)
     if model == "image-only":
         return ASCNet(features, use_shape=False, **kw)
-    raise ValueError(f"unknown model {model!r}; choose asc, asc-ga, asc-scale, image-only, biometry-rule or asc-paper")
+    raise ValueError(f"unknown model {model!r}; choose asc, asc-ga, asc-scale, asc-z, image-only, "
+                     "biometry-rule or asc-paper")

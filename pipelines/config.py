@@ -31,7 +31,7 @@ class ConfigError(CbhError, ValueError):
 
 
 # models/networks.py make_classifier
-Model = Literal["asc", "asc-ga", "asc-scale", "image-only", "biometry-rule", "asc-paper"]
+Model = Literal["asc", "asc-ga", "asc-scale", "asc-z", "image-only", "biometry-rule", "asc-paper"]
 NoTemplate = Literal["quarantine", "blank-text"]   # pipelines/deid/core.py Deidentifier.pixel_plan
 OcrEngine = Literal["ppocr", "tesseract"]                       # pipelines/deid/ocr.py KINDS
 Augment = Literal["basic", "scanner", "floor"]                      # models/augment.py AUGMENTS

@@ -85,16 +85,36 @@ def largest_components(labels: NDArray[np.uint8], head: NDArray[np.bool_] | None
     return out
 
 
+def measured_tcd_z(labels: NDArray[np.uint8], context: NDArray[np.float32]) -> NDArray[np.float64]:
+    """The TCD z-score each label mask gives at its GA (context columns 0 and 1: GA and the
+    crop's scale, as context_features writes them); NaN where the cerebellum is missing."""
+    ga = context[:, 0].astype(float) * GA_SD + GA_MEAN
+    mm_per_px = np.exp(context[:, 1].astype(float) * 0.5 + SCALE_REF)
+    tcd = np.array([biometry.measure_mask(m, s)[0] for m, s in zip(labels, mm_per_px, strict=True)])
+    return biometry.tcd_zscore(tcd, ga) if len(tcd) else np.zeros(0)
+
+
 def rule_probability(labels: NDArray[np.uint8], context: NDArray[np.float32]) -> NDArray[np.float64]:
     """P(hypoplasia) of the biometry rule: 1 - Phi(z + 1.645) on the measured TCD's z-score,
     so 0.5 exactly at the 5th centile; a missing measurement scores 0.5 (undecided)."""
     from scipy.special import ndtr
 
-    ga = context[:, 0].astype(float) * GA_SD + GA_MEAN
-    mm_per_px = np.exp(context[:, 1].astype(float) * 0.5 + SCALE_REF)
-    tcd = np.array([biometry.measure_mask(m, s)[0] for m, s in zip(labels, mm_per_px, strict=True)])
-    z = biometry.tcd_zscore(tcd, ga)
+    z = measured_tcd_z(labels, context)
     return np.where(np.isfinite(z), 1.0 - ndtr(z - biometry.Z_5TH), 0.5)
+
+
+# models whose classifier also reads the TCD z-score of the masks it is shown (context column 2)
+TCD_Z_MODELS = ("asc-z",)
+Z_CLIP, Z_SCALE = 8.0, 4.0
+
+
+def with_tcd_z(labels: NDArray[np.uint8], context: NDArray[np.float32]) -> NDArray[np.float32]:
+    """context_features plus a third column: the TCD z-score measured on `labels`, clipped to
+    +-8 and divided by 4 (so it spans the range of the other inputs); 0, the population's mean,
+    where the mask has no cerebellum to measure. The same masks go to the shape branch, so the
+    network reads the measurement of what it sees, annotated or predicted."""
+    z = np.clip(measured_tcd_z(labels, context), -Z_CLIP, Z_CLIP) / Z_SCALE
+    return np.concatenate([context[:, :2], np.nan_to_num(z, nan=0.0)[:, None]], 1).astype(np.float32)
 
 
 class Predictor:
@@ -198,6 +218,8 @@ class Predictor:
                     context: NDArray[np.float32], batch: int = 64) -> NDArray[np.float64]:
         if isinstance(self.cls, BiometryRule):
             return rule_probability(labels, context)
+        if self.cfg.model in TCD_Z_MODELS and context.shape[1] == 2:
+            context = with_tcd_z(labels, context)
         out = []
         for i in range(0, len(images), batch):
             x = torch.from_numpy(images[i:i + batch]).to(self.device)
@@ -275,4 +297,4 @@ class Predictor:
         return rows
 
 
-__all__ = ["Predictor", "ModelConfig", "context_features", "PreprocessError"]
+__all__ = ["Predictor", "ModelConfig", "context_features", "with_tcd_z", "PreprocessError"]

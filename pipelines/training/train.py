@@ -24,7 +24,7 @@ from models.networks import BiometryRule, make_classifier, make_segmenter
 from pipelines.config import Params, TrainParams
 from pipelines.evaluation import metrics as ev
 from pipelines.imaging.crops import Prepared
-from pipelines.serving.inference import ModelConfig, Predictor, context_features
+from pipelines.serving.inference import TCD_Z_MODELS, ModelConfig, Predictor, context_features, with_tcd_z
 
 log = logging.getLogger(__name__)
 # one line per epoch where no progress bar is drawn; the CLI sets the root logger to WARNING,
@@ -202,8 +202,12 @@ def train_models(data: Prepared, params: Params, checkpoints: Path | None = None
     pred_labels = predictor.segment(data.images, data.axis_ratio)
     target = (data.frame["label"] == "hypoplasia").to_numpy().astype(np.int64)
     context = context_features(data.frame["ga_weeks"].to_numpy(), data.mm_per_px)
+    pred_context = context
+    if tp.model in TCD_Z_MODELS:
+        # each sample's z-score is measured on the masks it is shown with (ClsModule picks both)
+        context, pred_context = with_tcd_z(data.labels, context), with_tcd_z(pred_labels, context)
     arrays = dict(image=data.images, labels=data.labels, pred_labels=pred_labels,
-                  context=context, target=target)
+                  context=context, pred_context=pred_context, target=target)
     train_ds = _Arrays(**{k: v[tr] for k, v in arrays.items()})
     val_ds = _Arrays(**{k: v[va] for k, v in arrays.items()})
     if tp.max_epochs > 0 and len(tr) and not isinstance(clf, BiometryRule):

@@ -33,7 +33,7 @@ def prepared(small_cohort, tmp_path_factory, params):
     return prepare(dataset, ws, 48, params.preprocess.crop_margin)
 
 
-@pytest.mark.parametrize("model", ["asc", "asc-ga", "asc-scale", "image-only", "biometry-rule"])
+@pytest.mark.parametrize("model", ["asc", "asc-ga", "asc-scale", "asc-z", "image-only", "biometry-rule"])
 def test_each_model_trains_and_evaluates(prepared, params, model):
     p = replace(params, SHRUNK + [f"train.model={model}"])
     predictor = train_models(prepared, p)

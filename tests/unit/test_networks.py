@@ -1,5 +1,6 @@
 """The networks' shapes for every backbone MONAI provides here (random weights, no download)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,6 +91,46 @@ def test_asc_scale_sees_the_scale_and_never_the_ga():
             base, ga, scale = (net(image, masks, c) for c in (ctx, other_ga, other_scale))
         assert torch.allclose(base, ga) != reads_ga, model
         assert not torch.allclose(base, scale), model
+
+
+def test_asc_z_reads_the_measured_z_score():
+    """asc-z reads a third context column (the TCD z-score); asc-ga, given the same three
+    columns, ignores it."""
+    torch.manual_seed(0)
+    image = torch.rand(3, 1, 48, 48)
+    masks = one_hot_masks(torch.randint(0, 3, (3, 48, 48)))
+    ctx = torch.randn(3, 3)
+    other_z = ctx.clone()
+    other_z[:, 2] += 2.0
+    for model, reads_z in (("asc-z", True), ("asc-ga", False)):
+        net = make_classifier(model, 16).eval()
+        with torch.no_grad():
+            assert torch.allclose(net(image, masks, ctx), net(image, masks, other_z)) != reads_z, model
+
+
+def test_tcd_z_column_is_the_rules_measurement():
+    """with_tcd_z appends the z-score the biometry rule scores (clipped, scaled), from the very
+    masks given, and 0 where there is no cerebellum; the rule's probability is 0.5 at the 5th
+    centile's z."""
+    from scipy.special import ndtr
+
+    from pipelines import biometry
+    from pipelines.serving.inference import context_features, measured_tcd_z, rule_probability, with_tcd_z
+
+    labels = np.zeros((3, 64, 64), np.uint8)
+    labels[0, 28:36, 12:52] = 1            # a cerebellum 40 px wide
+    labels[1, 28:36, 22:42] = 1            # one 20 px wide
+    ctx = context_features(np.array([24.0, 24.0, 24.0]), np.array([0.5, 0.5, 0.5]))
+    z = measured_tcd_z(labels, ctx)
+    expected = biometry.tcd_zscore([biometry.measure_mask(m, 0.5)[0] for m in labels[:2]], [24.0, 24.0])
+    np.testing.assert_allclose(z[:2], expected)
+    assert np.isnan(z[2]) and z[1] < z[0]
+    out = with_tcd_z(labels, ctx)
+    np.testing.assert_allclose(out[:, :2], ctx)
+    np.testing.assert_allclose(out[:2, 2], np.clip(expected, -8, 8) / 4, rtol=1e-6)
+    assert out[2, 2] == 0.0
+    np.testing.assert_allclose(rule_probability(labels, ctx)[:2], 1 - ndtr(expected - biometry.Z_5TH))
+    assert rule_probability(labels, ctx)[2] == 0.5
 
 
 def _sector_batch(seed: int = 0) -> torch.Tensor:
