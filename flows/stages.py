@@ -505,6 +505,11 @@ def head(params: Params, root: Path) -> dict[str, Any]:
     held = diagnosis_test_patients(params, root)
     assignment = split_subjects([it.subject for it in items], p.val_fraction, p.test_fraction, p.seed, held)
     parts = {k: [it for it in items if assignment[it.subject] == k] for k in ("train", "val", "test")}
+    kept = held & set(assignment)
+    if not parts["train"] and kept:
+        raise StageError(f"{params.paths.manifest}: every patient with a head mask ({len(kept)}) is a test patient "
+                         f"of the diagnosis model ({params.paths.dataset}), and those never train the head that "
+                         "frames their crops; add head annotations of training patients (or `cbh import hc18`)")
     if not parts["train"] or not parts["test"]:
         raise StageError(f"{params.paths.manifest}: {len(set(assignment))} patient(s) with head masks are too "
                          "few for a train and a test subject; add head annotations")
@@ -520,7 +525,7 @@ def head(params: Params, root: Path) -> dict[str, Any]:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     # the split is recorded by patient pseudonym: on disk (DVC), never in MLflow
     (out / "split.json").write_text(json.dumps({"seed": p.seed, "frames": frames, "subjects": dict(
-        sorted(assignment.items())), "held_for_diagnosis_test": len(held & set(assignment))}, indent=2) + "\n")
+        sorted(assignment.items())), "held_for_diagnosis_test": len(kept)}, indent=2) + "\n")
 
     tags = {**lineage.collect(root, params), "model.kind": "head", "head.method": localiser.method,
             "head.tta": str(localiser.tta), "head.level": str(localiser.level),

@@ -96,3 +96,24 @@ def test_head_stage_skips_without_head_annotations(workspace, small_cohort, tmp_
     assert json.loads((out / "frame" / "frame.json").read_text()) == {"source": "classical",
                                                                       "why": "no fetal-head champion"}
     assert stages.frame_head(params, workspace) is None
+
+
+@pytest.mark.heavy         # an ingest of three real frames (about 30 s): make test-heavy, in .ci/run
+def test_head_stage_names_the_cause_when_every_head_is_a_diagnosis_test_patient(workspace, tmp_path) -> None:
+    """Head masks only on the diagnosis model's test patients: nothing may train the head, and
+    the error says so (not a bare "too few patients")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cohort = tmp_path / "hc18"
+    import_hc18(ROOT / "tests" / "fixtures" / "hc18", cohort, dt.date(2025, 6, 1))
+    params = load_params(workspace / "params.yaml", overrides=TINY_HEAD)
+    stages.add_cohort(params, workspace, cohort)
+    stages.ingest(params, workspace)
+    patients = sorted(set(pq.read_table(workspace / params.paths.manifest).column("patient_pseudo").to_pylist()))
+    dataset = workspace / params.paths.dataset
+    dataset.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"patient_pseudo": patients, "split": ["test"] * len(patients)}), dataset)
+    with pytest.raises(stages.StageError, match=r"every patient with a head mask \(3\) is a test patient"):
+        stages.head(params, workspace)
+    assert not (workspace / params.paths.head / "head.pt").exists()
