@@ -89,13 +89,15 @@ def _random_curve(x: torch.Tensor, generator: torch.Generator | None, knots: int
     return torch.where(x > 1, x, mapped)
 
 
-def _noise_floor(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _noise_floor(x: torch.Tensor, generator: torch.Generator | None,
+                 levels: tuple[float, float] = (0.05, 0.35)) -> torch.Tensor:
     """On half the batch, the black level raised to a textured grey: x -> L R + (1 - L) x with
-    L in 0.05-0.35 and R speckle-like (Rayleigh, mean 1, grain of 1, 2 or 4 px). Fluid that
+    L in `levels` and R speckle-like (Rayleigh, mean 1, grain of 1, 2 or 4 px). Fluid that
     the training scanners clip to black (cisterna magna: 0.01 of the crop's range) shows as
     grey speckle on a scanner with a wider dynamic range (0.25 on the fifth synthetic one)."""
     b, dev = x.shape[0], x.device
-    level = (0.05 + 0.30 * torch.rand(b, generator=generator)).view(b, 1, 1, 1).to(dev)
+    lo, hi = levels
+    level = (lo + (hi - lo) * torch.rand(b, generator=generator)).view(b, 1, 1, 1).to(dev)
     on = (torch.rand(b, generator=generator) < 0.5).view(b, 1, 1, 1).to(dev)
     pair = [_coarse_noise(x.shape, generator) if float(torch.rand(1, generator=generator)) < 0.5
             else torch.randn(x.shape, generator=generator) for _ in range(2)]

@@ -15,6 +15,8 @@ from monai.losses import DiceLoss
 from monai.networks.nets import BasicUNet
 from torch import nn
 
+from models.augment import _noise_floor
+
 HEAD_FEATURES = (8, 16, 32, 64, 128, 8)
 
 
@@ -23,14 +25,24 @@ def make_head_net(features: tuple[int, ...] = HEAD_FEATURES) -> nn.Module:
     return BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=tuple(features))
 
 
+HEAD_AUGMENTS = ("basic", "floor")          # also pipelines/config.py, which checks params.yaml
+# the raised black level of `floor`: up to half the frame's range, the grey speckle around the
+# head of a scanner that shows the tissue and fluid the training scanners clip to black
+HEAD_FLOOR_LEVELS = (0.05, 0.5)
+
+
 def head_augment(image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None,
                  max_rot_deg: float = 20.0, zoom: tuple[float, float] = (0.85, 1.2), shift: float = 0.08,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 augment: str = "basic") -> tuple[torch.Tensor, torch.Tensor]:
     """Random horizontal flip, rotation, zoom and shift (identical for image and soft mask, both
-    (B,1,H,W)), then gain, gamma and speckle-like multiplicative noise on the image.
+    (B,1,H,W)), then gain, gamma and speckle-like multiplicative noise on the image; with
+    `augment="floor"`, first a raised noise floor on half the batch (models.augment._noise_floor),
+    so that grey speckle around the head is not taken for head.
 
     No vertical flip: the probe's fan apex is always at the top of these frames, and the
     network may use it. The mask is resampled bilinearly so it stays a soft (sub-pixel) target."""
+    if augment not in HEAD_AUGMENTS:
+        raise ValueError(f"head augment {augment!r}: choose one of {HEAD_AUGMENTS}")
     b, dev = image.shape[0], image.device
     rnd = torch.rand(b, 8, generator=generator).to(dev)
     ang = (rnd[:, 0] * 2 - 1) * math.radians(max_rot_deg)
@@ -42,6 +54,8 @@ def head_augment(image: torch.Tensor, mask: torch.Tensor, generator: torch.Gener
     grid = F.affine_grid(theta, list(image.shape), align_corners=False)
     img = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     msk = F.grid_sample(mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if augment == "floor":
+        img = _noise_floor(img.clamp(min=0), generator, HEAD_FLOOR_LEVELS)
     gain = (0.75 + 0.5 * rnd[:, 5]).view(b, 1, 1, 1)
     gamma = torch.exp((rnd[:, 6] * 2 - 1) * math.log(1.5)).view(b, 1, 1, 1)
     noise = 1.0 + 0.15 * rnd[:, 7].view(b, 1, 1, 1) * torch.randn(image.shape, generator=generator).to(dev)
@@ -52,7 +66,7 @@ class HeadModule(L.LightningModule):
     """Head segmentation with soft Dice + binary cross-entropy against soft (area-resampled)
     masks, AdamW and a cosine learning-rate schedule."""
 
-    def __init__(self, net: nn.Module, lr: float, max_epochs: int, augment: bool = True) -> None:
+    def __init__(self, net: nn.Module, lr: float, max_epochs: int, augment: str | None = "basic") -> None:
         super().__init__()
         self.net, self.lr, self.max_epochs, self.augment = net, lr, max(max_epochs, 1), augment
         self.dice = DiceLoss(sigmoid=True)
@@ -66,7 +80,7 @@ class HeadModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         img, msk = batch
         if self.augment:
-            img, msk = head_augment(img, msk)
+            img, msk = head_augment(img, msk, augment=self.augment)
         logits = self(img)
         loss = self.dice(logits, msk) + F.binary_cross_entropy_with_logits(logits, msk)
         self.log("head_train_loss", loss, prog_bar=True, on_epoch=True, on_step=False)

@@ -170,7 +170,7 @@ def train_head(train: tuple[NDArray, NDArray], val: tuple[NDArray, NDArray] | No
     """The trained network (eval mode, CPU) and the training time in seconds."""
     L.seed_everything(params.seed, workers=True)
     net = make_head_net(params.features)
-    module = HeadModule(net, params.lr, params.max_epochs)
+    module = HeadModule(net, params.lr, params.max_epochs, params.augment)
     g = torch.Generator().manual_seed(params.seed)
     tr = DataLoader(TensorDataset(torch.from_numpy(train[0]), torch.from_numpy(train[1])),
                     batch_size=params.batch_size, shuffle=True, generator=g,
