@@ -25,10 +25,40 @@ def make_head_net(features: tuple[int, ...] = HEAD_FEATURES) -> nn.Module:
     return BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=tuple(features))
 
 
-HEAD_AUGMENTS = ("basic", "floor")          # also pipelines/config.py, which checks params.yaml
-# the raised black level of `floor`: up to half the frame's range, the grey speckle around the
-# head of a scanner that shows the tissue and fluid the training scanners clip to black
+HEAD_AUGMENTS = ("basic", "floor", "fan")   # also pipelines/config.py, which checks params.yaml
+# the raised black level of `floor` and `fan`: up to half the frame's range, the grey speckle
+# around the head of a scanner that shows the tissue and fluid the training scanners clip to black
 HEAD_FLOOR_LEVELS = (0.05, 0.5)
+
+
+def _fan_floor(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """On half the batch, a raised noise floor inside a random probe fan only: apex near the top
+    centre, half-angle 25-50 degrees, reaching 0.8-1.3 frame heights, brighter towards the apex
+    (the near field). Outside the fan the frame stays black, as a scanner draws it, so the fan's
+    straight edges and the head's curved one both appear, and only the second bounds a head."""
+    b, _, h, w = x.shape
+    dev = x.device
+    r = torch.rand(b, 6, generator=generator)
+    apex_x = (0.5 + (r[:, 0] - 0.5) * 0.2) * w
+    apex_y = (r[:, 1] - 0.5) * 0.1 * h
+    half = torch.deg2rad(25 + 25 * r[:, 2])
+    reach = (0.8 + 0.5 * r[:, 3]) * h
+    near = 0.8 * r[:, 4]                          # extra brightness at the apex, fading with depth
+    on = r[:, 5] < 0.5
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32) + 0.5,
+                            torch.arange(w, dtype=torch.float32) + 0.5, indexing="ij")
+    dx, dy = xx[None] - apex_x.view(b, 1, 1), yy[None] - apex_y.view(b, 1, 1)
+    dist = torch.hypot(dx, dy)
+    fan = (torch.atan2(dx.abs(), dy) <= half.view(b, 1, 1)) & (dist <= reach.view(b, 1, 1)) & (dy > 0)
+    lo, hi = HEAD_FLOOR_LEVELS
+    level = lo + (hi - lo) * torch.rand(b, generator=generator)
+    depth = (dist / reach.view(b, 1, 1)).clamp(0, 1)
+    lift = level.view(b, 1, 1) * (1 + near.view(b, 1, 1) * (1 - depth))
+    lift = torch.where(fan & on.view(b, 1, 1), lift.clamp(max=0.9), torch.zeros_like(lift))[:, None].to(dev)
+    pair = torch.randn((2, *x.shape), generator=generator)
+    rayleigh = torch.hypot(pair[0], pair[1]).to(dev)
+    rayleigh = rayleigh / rayleigh.mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
+    return lift * rayleigh + (1 - lift) * x
 
 
 def head_augment(image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None,
@@ -37,7 +67,8 @@ def head_augment(image: torch.Tensor, mask: torch.Tensor, generator: torch.Gener
     """Random horizontal flip, rotation, zoom and shift (identical for image and soft mask, both
     (B,1,H,W)), then gain, gamma and speckle-like multiplicative noise on the image; with
     `augment="floor"`, first a raised noise floor on half the batch (models.augment._noise_floor),
-    so that grey speckle around the head is not taken for head.
+    so that grey speckle around the head is not taken for head; with `fan`, that floor inside a
+    random probe fan only (`_fan_floor`).
 
     No vertical flip: the probe's fan apex is always at the top of these frames, and the
     network may use it. The mask is resampled bilinearly so it stays a soft (sub-pixel) target."""
@@ -56,6 +87,8 @@ def head_augment(image: torch.Tensor, mask: torch.Tensor, generator: torch.Gener
     msk = F.grid_sample(mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if augment == "floor":
         img = _noise_floor(img.clamp(min=0), generator, HEAD_FLOOR_LEVELS)
+    elif augment == "fan":
+        img = _fan_floor(img.clamp(min=0), generator)
     gain = (0.75 + 0.5 * rnd[:, 5]).view(b, 1, 1, 1)
     gamma = torch.exp((rnd[:, 6] * 2 - 1) * math.log(1.5)).view(b, 1, 1, 1)
     noise = 1.0 + 0.15 * rnd[:, 7].view(b, 1, 1, 1) * torch.randn(image.shape, generator=generator).to(dev)

@@ -40,7 +40,7 @@ SegNorm = Literal["batch", "instance"]                              # models/net
 Backbone = Literal["small", "densenet121", "resnet18", "resnet34", "resnet50"]   # models/networks.py BACKBONES
 GateReading = Literal["sample", "batch"]                             # models/paper.py GATE_READINGS
 Executor = Literal["processes", "dask"]                             # flows/executors.py
-HeadAugment = Literal["basic", "floor"]                               # models/head.py HEAD_AUGMENTS
+HeadAugment = Literal["basic", "floor", "fan"]                               # models/head.py HEAD_AUGMENTS
 HeadMethod = Literal["contour", "moments"]                          # pipelines/imaging/head.py ellipse_from_mask
 
 MODELS: tuple[str, ...] = get_args(Model)
@@ -319,7 +319,8 @@ class HeadSection:
     lr: float = Field(0.003, gt=0, description="learning rate")
     seed: int = Field(0, ge=0, description="random seed of the subject split and of training")
     augment: HeadAugment = Field("basic", description="training augmentation: geometry, gain, gamma, speckle "
-                                                      "(basic), and a raised noise floor on half the batch (floor)")
+                                                      "(basic), and a raised noise floor on half the batch (floor), or "
+                                                      "inside a random probe fan only (fan)")
     val_fraction: OpenFraction = Field(0.1, description="share of subjects (patients) for validation")
     test_fraction: OpenFraction = Field(0.2, description="share of subjects (patients) for the test, looked at once")
     tta: bool = Field(True, description="average the prediction with that of the horizontally flipped frame")

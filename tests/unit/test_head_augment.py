@@ -46,3 +46,15 @@ def test_params_accept_exactly_the_head_augments() -> None:
     from pipelines.config import HeadAugment
 
     assert get_args(HeadAugment) == HEAD_AUGMENTS
+
+
+def test_fan_lifts_only_inside_a_probe_fan() -> None:
+    """`fan`: the floor is raised below the apex (top centre) on about half the batch, while the
+    top corners, outside any fan of half-angle <= 50 degrees, stay black."""
+    image, mask = _frames()
+    out, _ = head_augment(image, mask, torch.Generator().manual_seed(3), augment="fan")
+    top_corners = torch.cat([out[:, 0, :4, :4], out[:, 0, :4, -4:]], dim=2).amax(dim=(1, 2))
+    assert float(top_corners.max()) < 0.01
+    below_apex = out[:, 0, 5:10, 22:26].mean(dim=(1, 2))      # under the apex, above the head
+    lifted = below_apex > 0.02
+    assert 16 <= int(lifted.sum()) <= 48
