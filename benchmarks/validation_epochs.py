@@ -28,8 +28,8 @@ from sklearn.metrics import log_loss
 from flows.stages import _prepared, _quiet_lightning
 from pipelines.config import load_params
 from pipelines.evaluation import metrics as ev
-from pipelines.serving.inference import Predictor, context_features
-from pipelines.training.train import train_models
+from pipelines.serving.inference import Predictor
+from pipelines.training.train import train_models, validation_scores
 
 
 def main() -> None:
@@ -41,9 +41,7 @@ def main() -> None:
     params = load_params(root / "params.yaml", a.sets)
     _quiet_lightning()
     data = _prepared(params, root)
-    va = data.subset("val")
-    y = (data.frame["label"].to_numpy()[va] == "hypoplasia").astype(int)
-    out: dict = {"set": a.sets, "val_images": int(len(va))}
+    out: dict = {"set": a.sets, "val_images": int(len(data.subset("val")))}
     if a.current:
         predictor = Predictor.load(root / params.paths.model_dir)
         trained = root / params.paths.model_dir / "training.json"
@@ -58,9 +56,7 @@ def main() -> None:
                    classifier_epochs=len(history.get("classifier", [])))
     if history.get("segmenter"):
         out["val_dice_cerebellum_last"] = round(history["segmenter"][-1]["seg_val_dice_cerebellum"], 4)
-    masks = predictor.segment(data.images[va], data.axis_ratio[va])
-    prob = predictor.probability(data.images[va], masks,
-                                 context_features(data.frame["ga_weeks"].to_numpy()[va], data.mm_per_px[va]))
+    y, prob = validation_scores(predictor, data)
     out.update(val_auc=round(ev.auc(y, prob), 4),
                val_log_loss=round(float(log_loss(y, np.clip(prob, 1e-6, 1 - 1e-6))), 4),
                val_ece=round(float(ev.expected_calibration_error(y, prob)), 4))

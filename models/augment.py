@@ -101,9 +101,15 @@ def _noise_floor(x: torch.Tensor, generator: torch.Generator | None,
     on = (torch.rand(b, generator=generator) < 0.5).view(b, 1, 1, 1).to(dev)
     pair = [_coarse_noise(x.shape, generator) if float(torch.rand(1, generator=generator)) < 0.5
             else torch.randn(x.shape, generator=generator) for _ in range(2)]
-    rayleigh = torch.hypot(pair[0], pair[1]).to(dev)
-    rayleigh = rayleigh / rayleigh.mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
+    rayleigh = rayleigh_speckle(pair[0], pair[1]).to(dev)
     return torch.where(on, level * rayleigh + (1 - level) * x, x)
+
+
+def rayleigh_speckle(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+    """Speckle-like texture from two Gaussian fields (the echo's real and imaginary parts): their
+    magnitude, Rayleigh-distributed, scaled to mean 1 per sample of (B, C, H, W)."""
+    magnitude = torch.hypot(re, im)
+    return magnitude / magnitude.mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
 
 
 def _coarse_noise(shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:

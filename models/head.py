@@ -15,7 +15,7 @@ from monai.losses import DiceLoss
 from monai.networks.nets import BasicUNet
 from torch import nn
 
-from models.augment import _noise_floor
+from models.augment import _noise_floor, rayleigh_speckle
 
 HEAD_FEATURES = (8, 16, 32, 64, 128, 8)
 
@@ -56,9 +56,7 @@ def _fan_floor(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     lift = level.view(b, 1, 1) * (1 + near.view(b, 1, 1) * (1 - depth))
     lift = torch.where(fan & on.view(b, 1, 1), lift.clamp(max=0.9), torch.zeros_like(lift))[:, None].to(dev)
     pair = torch.randn((2, *x.shape), generator=generator)
-    rayleigh = torch.hypot(pair[0], pair[1]).to(dev)
-    rayleigh = rayleigh / rayleigh.mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
-    return lift * rayleigh + (1 - lift) * x
+    return lift * rayleigh_speckle(pair[0], pair[1]).to(dev) + (1 - lift) * x
 
 
 def head_augment(image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None,

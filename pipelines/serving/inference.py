@@ -91,7 +91,7 @@ def measured_tcd_z(labels: NDArray[np.uint8], context: NDArray[np.float32]) -> N
     ga = context[:, 0].astype(float) * GA_SD + GA_MEAN
     mm_per_px = np.exp(context[:, 1].astype(float) * 0.5 + SCALE_REF)
     tcd = np.array([biometry.measure_mask(m, s)[0] for m, s in zip(labels, mm_per_px, strict=True)])
-    return biometry.tcd_zscore(tcd, ga) if len(tcd) else np.zeros(0)
+    return biometry.tcd_zscore(tcd, ga)
 
 
 def rule_probability(labels: NDArray[np.uint8], context: NDArray[np.float32]) -> NDArray[np.float64]:
