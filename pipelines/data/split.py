@@ -4,7 +4,8 @@ The latest patients by first exam (the fifth of patients their real first exam d
 taken at ingest on the identified side) form the test set the first time; that
 membership is then frozen: later cohorts never change it. New images of a frozen test
 patient are held out (split `excluded`) rather than trained on, so no patient crosses
-splits. Validation patients are drawn at random (seeded) from the rest, per label.
+splits. Validation patients are drawn at random (seeded) from the rest, per label, in an order
+the pseudonymisation key does not change.
 """
 
 from __future__ import annotations
@@ -49,9 +50,14 @@ def assign_splits(manifest: pd.DataFrame, frozen: pd.DataFrame | None, test_frac
     rest = labelled & ~df["patient_pseudo"].isin(test_patients)
     rng = np.random.default_rng(seed)
     patient_label = df[rest].groupby("patient_pseudo")["label"].agg(lambda s: s.mode().iat[0])
+    # the draw runs over the patients in the order of their cleaned pixels' digest, which the
+    # pseudonymisation key does not change: the same data and seed give the same validation
+    # patients in every workspace (sorted pseudonyms would reshuffle with each key)
+    order = df[rest].groupby("patient_pseudo")["pixel_sha256"].min() \
+        if "pixel_sha256" in df and df.loc[rest, "pixel_sha256"].notna().all() else None
     val: set[str] = set()
     for _, group in patient_label.groupby(patient_label):
-        names = sorted(group.index)
+        names = sorted(group.index, key=lambda name: (order[name], name) if order is not None else ("", name))
         k = int(round(val_fraction * len(names)))
         val.update(rng.choice(names, size=k, replace=False).tolist() if k else [])
     df.loc[rest, "split"] = np.where(df.loc[rest, "patient_pseudo"].isin(val), "val", "train")

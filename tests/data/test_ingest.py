@@ -222,3 +222,31 @@ def test_first_exam_period_keeps_the_real_order_the_shifted_dates_blur(small_coh
     dataset, frozen = assign_splits(manifest, None, 0.2, 0.3, 7)
     test = set(frozen["patient_pseudo"])
     assert len(test) == (period == 5).sum() and {int(period[p]) for p in test} == {5}   # 12 patients: 2 per fifth
+
+
+def test_validation_patients_do_not_depend_on_the_key(small_cohort, tmp_path, pseudo):
+    """Two workspaces ingesting the same cohort under different keys draw the same validation
+    (and test) patients from the same seed: the draw runs in a key-free order."""
+    import pandas as pd
+    import pydicom
+
+    from pipelines.data.split import assign_splits
+    from pipelines.deid.core import Pseudonymizer
+
+    raw_id = {}
+    for row in read_annotations(small_cohort):
+        raw_id[row["image"]] = row["patient_id"].strip() or str(pydicom.dcmread(
+            small_cohort / row["image"], stop_before_pixels=True).PatientID)
+    splits = []
+    for n, p in enumerate((pseudo, Pseudonymizer(b"another-workspace-key-of-32-bytes!!", 365))):
+        manifest = pd.DataFrame(_ingest(small_cohort, tmp_path / f"ws{n}", p).manifest)
+        real = {p.patient(r): r for r in raw_id.values()}
+        dataset, _ = assign_splits(manifest, None, 0.2, 0.3, 7)
+        splits.append({s: sorted({real[q] for q in dataset.loc[dataset["split"] == s, "patient_pseudo"]})
+                       for s in ("train", "val", "test")})
+        assert splits[-1]["val"]
+    assert splits[0] == splits[1]
+    # the old order (sorted pseudonyms) would have differed between the keys: the test can fail
+    names = sorted(raw_id.values())
+    assert sorted(names, key=pseudo.patient) != sorted(names, key=Pseudonymizer(
+        b"another-workspace-key-of-32-bytes!!", 365).patient)
