@@ -503,7 +503,9 @@ def head(params: Params, root: Path) -> dict[str, Any]:
     _quiet_lightning()
     # the diagnosis model's test patients never train the head that frames their crops
     held = diagnosis_test_patients(params, root)
-    assignment = split_subjects([it.subject for it in items], p.val_fraction, p.test_fraction, p.seed, held)
+    digests = pq.read_table(root / params.paths.manifest, columns=["patient_pseudo", "pixel_sha256"]).to_pandas()
+    order = digests.dropna().groupby("patient_pseudo")["pixel_sha256"].min().to_dict()
+    assignment = split_subjects([it.subject for it in items], p.val_fraction, p.test_fraction, p.seed, held, order)
     parts = {k: [it for it in items if assignment[it.subject] == k] for k in ("train", "val", "test")}
     kept = held & set(assignment)
     if not parts["train"] and kept:

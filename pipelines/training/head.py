@@ -13,7 +13,7 @@ import csv
 import json
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,13 +127,15 @@ def annotation_check(folder: Path, pad_px: float = ANNOTATION_PAD_PX) -> dict[st
 
 
 def split_subjects(subjects: Sequence[str], val_fraction: float, test_fraction: float,
-                   seed: int, held: Iterable[str] = ()) -> dict[str, str]:
+                   seed: int, held: Iterable[str] = (), order: Mapping[str, str] | None = None) -> dict[str, str]:
     """Subject -> 'train' | 'val' | 'test', a seeded permutation of the sorted subjects.
 
     `held`: subjects that must never train (the diagnosis model's test patients, whose crops
     this localiser frames). They are test subjects, and count towards `test_fraction`; the
-    rest of the test part, if any, is drawn from the permutation as without them."""
-    uniq = sorted(set(subjects))
+    rest of the test part, if any, is drawn from the permutation as without them. `order`: a
+    sort key per subject to permute in place of the name (the stage passes the cleaned pixels'
+    digest, so a pseudonym that changes with the key does not change the split)."""
+    uniq = sorted(set(subjects), key=lambda s: ((order or {}).get(s, ""), s))
     held_here = set(held) & set(uniq)
     free = [s for s in uniq if s not in held_here]
     order = np.random.default_rng(seed).permutation(len(free))

@@ -30,3 +30,17 @@ def test_held_subjects_are_test_and_count_towards_its_share(n_held: int) -> None
     assert not held & (parts["train"] | parts["val"])
     assert len(parts["test"]) == max(10, n_held) and len(parts["val"]) == 5
     assert sum(map(len, parts.values())) == 50
+
+
+def test_an_order_key_makes_the_split_independent_of_the_names() -> None:
+    """The stage orders subjects by their pixels' digest: renaming every subject (another
+    pseudonymisation key) leaves each frame on the same side of the split."""
+    digest = {f"p{i:03d}": f"{(i * 37) % 101:04d}" for i in range(50)}
+    renamed = {s: f"q{(i * 13) % 50:03d}x" for i, s in enumerate(sorted(digest))}
+    split = split_subjects(SUBJECTS, 0.1, 0.2, seed=3, order=digest)
+    other = split_subjects([renamed[s] for s in SUBJECTS], 0.1, 0.2, seed=3,
+                           order={renamed[s]: d for s, d in digest.items()})
+    assert {s: other[renamed[s]] for s in digest} == split
+    # without the key the renaming moves subjects between the sides
+    plain = split_subjects([renamed[s] for s in SUBJECTS], 0.1, 0.2, seed=3)
+    assert {s: plain[renamed[s]] for s in digest} != split_subjects(SUBJECTS, 0.1, 0.2, seed=3)
