@@ -32,6 +32,42 @@ def operating_threshold(y: NDArray, p: NDArray, sensitivity_target: float) -> fl
     return min(empirical, parametric)
 
 
+def _logit(p: NDArray | float) -> NDArray:
+    eps = 1e-6
+    q = np.clip(np.asarray(p, dtype=float), eps, 1 - eps)
+    return np.log(q / (1 - q))
+
+
+def margin_threshold(y: NDArray, p: NDArray, sensitivity_target: float) -> float:
+    """The `operating_threshold` moved down to the middle (on the logit scale) of the gap between
+    the classes on validation, where there is one.
+
+    The gap runs from the negatives' score that `sensitivity_target` of them stay below (the
+    higher of the empirical and the normal-logit quantile, mirroring `operating_threshold`) up
+    to the positives' threshold. Inside it the validation split cannot tell thresholds apart,
+    and a confident model's positives sit near 1, so the sensitivity quantile alone lands at the
+    gap's top edge: a scanner whose positives score a little lower then loses them. The middle
+    keeps the validation sensitivity and specificity and leaves both classes the same room.
+    Without negatives, or with overlapping classes, it is `operating_threshold`.
+    """
+    upper = operating_threshold(y, p, sensitivity_target)
+    neg = np.sort(p[y == 0])
+    if neg.size == 0 or not (y == 1).any():
+        return upper
+    k = int(np.ceil(sensitivity_target * neg.size)) - 1
+    lower = float(neg[min(max(k, 0), neg.size - 1)])
+    if neg.size >= 3:
+        logit = _logit(neg)
+        z = float(ndtri(sensitivity_target))
+        lower = max(lower, float(1.0 / (1.0 + np.exp(-(logit.mean() + z * logit.std(ddof=1))))))
+    if lower >= upper:
+        return upper
+    return float(1.0 / (1.0 + np.exp(-(_logit(lower) + _logit(upper)) / 2)))
+
+
+OPERATING_POINTS = {"sensitivity": operating_threshold, "margin": margin_threshold}
+
+
 def auc(y: NDArray, p: NDArray) -> float:
     return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
 

@@ -250,22 +250,23 @@ def train_models(data: Prepared, params: Params, checkpoints: Path | None = None
         info["train_peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     seg, clf = (m.to("cpu", memory_format=torch.contiguous_format) for m in (seg, clf))
     predictor = Predictor(seg, clf, cfg)
-    return choose_operating_point(predictor, data, params.evaluate.sensitivity_target)
+    return choose_operating_point(predictor, data, params.evaluate.sensitivity_target, params.evaluate.operating_point)
 
 
-def validation_scores(predictor: Predictor, data: Prepared) -> tuple[np.ndarray, np.ndarray]:
-    """The validation split's labels (1: hypoplasia) and the model's probabilities on the masks
-    its own segmenter predicts, as at inference."""
-    va = data.subset("val")
+def validation_scores(predictor: Predictor, data: Prepared, split: str = "val") -> tuple[np.ndarray, np.ndarray]:
+    """The validation split's (or `split`'s) labels (1: hypoplasia) and the model's probabilities
+    on the masks its own segmenter predicts, as at inference."""
+    va = data.subset(split)
     y = (data.frame["label"].to_numpy()[va] == "hypoplasia").astype(int)
     prob = predictor.probability(data.images[va], predictor.segment(data.images[va], data.axis_ratio[va]),
                                  context_features(data.frame["ga_weeks"].to_numpy()[va], data.mm_per_px[va]))
     return y, prob
 
 
-def choose_operating_point(predictor: Predictor, data: Prepared, sensitivity_target: float) -> Predictor:
-    """The threshold that meets the sensitivity target on the validation split (part of the
-    fitted model: the test split is never looked at)."""
+def choose_operating_point(predictor: Predictor, data: Prepared, sensitivity_target: float,
+                           rule: str = "sensitivity") -> Predictor:
+    """The threshold that meets the sensitivity target on the validation split, by `rule` (a key
+    of `metrics.OPERATING_POINTS`; part of the fitted model: the test split is never looked at)."""
     y, prob = validation_scores(predictor, data)
-    thr = ev.operating_threshold(y, prob, sensitivity_target)
+    thr = ev.OPERATING_POINTS[rule](y, prob, sensitivity_target)
     return Predictor(predictor.seg, predictor.cls, ModelConfig(**{**predictor.cfg.__dict__, "threshold": thr}))

@@ -7,6 +7,7 @@ from pipelines.evaluation.metrics import (
     binary_metrics,
     dice_per_image,
     expected_calibration_error,
+    margin_threshold,
     mean_abs_error,
     mean_error,
     operating_threshold,
@@ -21,6 +22,24 @@ def test_operating_threshold_reaches_the_target_on_its_own_data():
     thr = operating_threshold(y, p, 0.95)
     assert binary_metrics(y, p, thr)["sensitivity"] >= 0.95
     assert operating_threshold(np.zeros(5, int), np.linspace(0, 1, 5), 0.95) == 0.5
+
+
+
+def test_margin_threshold_sits_in_the_middle_of_the_gap_and_keeps_validation_calls():
+    rng = np.random.default_rng(2)
+    y = np.r_[np.ones(30), np.zeros(70)].astype(int)
+    # a confident model: positives near 1, negatives near 0, a wide gap between them
+    p = 1 / (1 + np.exp(-np.r_[rng.normal(7, 0.5, 30), rng.normal(-6, 0.5, 70)]))
+    upper, thr = operating_threshold(y, p, 0.95), margin_threshold(y, p, 0.95)
+    assert upper > 0.99 and 0.1 < thr < 0.9                  # the middle, not the positives' edge
+    assert abs(np.log(thr / (1 - thr)) - 0.5) < 1.0                      # about halfway between -6 and +7 (logit 0.5)
+    got, sensitivity_only = binary_metrics(y, p, thr), binary_metrics(y, p, upper)
+    assert got["sensitivity"] == 1.0 and got["specificity"] == sensitivity_only["specificity"] == 1.0
+    # overlapping classes: no gap, the sensitivity rule's threshold
+    p_overlap = np.r_[rng.beta(5, 2, 30), rng.beta(2, 5, 70)]
+    assert margin_threshold(y, p_overlap, 0.95) == operating_threshold(y, p_overlap, 0.95)
+    # no negatives: the same
+    assert margin_threshold(np.ones(5, int), p[:5], 0.95) == operating_threshold(np.ones(5, int), p[:5], 0.95)
 
 
 def test_dice_per_image():
