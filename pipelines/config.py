@@ -274,8 +274,9 @@ class EvaluateParams:
     sensitivity_target: OpenFraction = Field(description="the operating threshold keeps at least this validation "
                                                          "sensitivity")
     operating_point: Literal["sensitivity", "margin"] = Field(
-        default="sensitivity", description="sensitivity: the validation positives' sensitivity_target quantile; "
-        "margin: moved down to the middle of the gap between the classes on validation (logit scale)")
+        default="margin", description="sensitivity: the validation positives' sensitivity_target quantile; "
+        "margin: that threshold moved down to the middle of the gap between the classes on validation (logit "
+        "scale), where there is one")
     bootstrap: int = Field(gt=0, description="bootstrap resamples of the test images for the AUC's 95% interval")
 
 

@@ -47,8 +47,9 @@ def margin_threshold(y: NDArray, p: NDArray, sensitivity_target: float) -> float
     to the positives' threshold. Inside it the validation split cannot tell thresholds apart,
     and a confident model's positives sit near 1, so the sensitivity quantile alone lands at the
     gap's top edge: a scanner whose positives score a little lower then loses them. The middle
-    keeps the validation sensitivity and specificity and leaves both classes the same room.
-    Without negatives, or with overlapping classes, it is `operating_threshold`.
+    keeps at least the validation sensitivity, keeps the validation specificity near the same
+    target (negatives above their quantile may cross it), and leaves both classes the same
+    room. Without negatives, or with overlapping classes, it is `operating_threshold`.
     """
     upper = operating_threshold(y, p, sensitivity_target)
     neg = np.sort(p[y == 0])
