@@ -578,14 +578,17 @@ PERIODS = 5
 def rank_first_exams(manifest: list[dict[str, Any]]) -> None:
     """Give every row its patient's `first_exam_period` (1-5) from the real exam dates the rows
     carry (`REAL_EXAM`), over all rows given, then drop those dates. Patients are ordered by
-    their real first exam (equal days in pseudonym order, which is keyed) and cut into fifths of
-    as equal size as their number allows."""
+    their real first exam (equal days in the order of their cleaned pixels' digest, which no key
+    changes, then of pseudonym) and cut into fifths of as equal size as their number allows."""
     first: dict[str, dt.date] = {}
+    digest: dict[str, str] = {}
     for rec in manifest:
         if REAL_EXAM in rec:
             date, patient = rec[REAL_EXAM]
             first[patient] = min(date, first.get(patient, date))
-    order = sorted(first, key=lambda p: (first[p], p))
+            sha = rec.get("pixel_sha256") or ""
+            digest[patient] = min(sha, digest.get(patient, sha))
+    order = sorted(first, key=lambda p: (first[p], digest[p], p))
     period = {p: 1 + (k * PERIODS) // max(len(order), 1) for k, p in enumerate(order)}
     for rec in manifest:
         real = rec.pop(REAL_EXAM, None)

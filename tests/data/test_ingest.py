@@ -250,3 +250,20 @@ def test_validation_patients_do_not_depend_on_the_key(small_cohort, tmp_path, ps
     names = sorted(raw_id.values())
     assert sorted(names, key=pseudo.patient) != sorted(names, key=Pseudonymizer(
         b"another-workspace-key-of-32-bytes!!", 365).patient)
+
+
+def test_first_exams_on_one_day_are_ranked_without_the_key():
+    """Ten patients first seen on the same day straddle the fifths: which fifth each gets
+    follows its pixels' digest, so renaming the patients (another key) moves none of them."""
+    from pipelines.data.ingest import REAL_EXAM, rank_first_exams
+
+    def manifest(names):
+        return [{REAL_EXAM: (dt.date(2025, 3, 1), names[i]), "pixel_sha256": f"{(i * 7) % 10:064d}",
+                 "patient_pseudo": names[i]} for i in range(10)]
+
+    one, other = [f"P{i}" for i in range(10)], [f"P{9 - i}x" for i in range(10)]
+    got = [manifest(one), manifest(other)]
+    for rows in got:
+        rank_first_exams(rows)
+    assert [r["first_exam_period"] for r in got[0]] == [r["first_exam_period"] for r in got[1]]
+    assert sorted(r["first_exam_period"] for r in got[0]) == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
