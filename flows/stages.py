@@ -456,7 +456,10 @@ def _head_items(params: Params, root: Path) -> list:
     if "head_mask_status" not in manifest:
         return []
     rows = manifest[(manifest["head_mask_status"] == "ok")
-                    & ~manifest["image_id"].isin(contract_quarantined(params, root))].sort_values("image_id")
+                    & ~manifest["image_id"].isin(contract_quarantined(params, root))]
+    # a key-free order (the cleaned pixels' digest): the seeded shuffle then gives every workspace
+    # of the same data the same batches, whatever its pseudonymisation key
+    rows = rows.sort_values(["pixel_sha256", "image_id"], kind="stable")
     items = []
     for r in rows.itertuples(index=False):
         grey = read_scan(root / r.deid_path, frame=int(r.frame)).frames[0]

@@ -61,6 +61,10 @@ def assign_splits(manifest: pd.DataFrame, frozen: pd.DataFrame | None, test_frac
         k = int(round(val_fraction * len(names)))
         val.update(rng.choice(names, size=k, replace=False).tolist() if k else [])
     df.loc[rest, "split"] = np.where(df.loc[rest, "patient_pseudo"].isin(val), "val", "train")
+    if "pixel_sha256" in df and df["pixel_sha256"].notna().all():
+        # rows in a key-free order too: training reads them in this order, and a seeded shuffle
+        # of a differently ordered table is another sequence of batches
+        df = df.sort_values(["pixel_sha256", "image_id"], kind="stable").reset_index(drop=True)
     return df, frozen
 
 

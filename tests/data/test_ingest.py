@@ -244,6 +244,7 @@ def test_validation_patients_do_not_depend_on_the_key(small_cohort, tmp_path, ps
         dataset, _ = assign_splits(manifest, None, 0.2, 0.3, 7)
         splits.append({s: sorted({real[q] for q in dataset.loc[dataset["split"] == s, "patient_pseudo"]})
                        for s in ("train", "val", "test")})
+        splits[-1]["rows"] = dataset["pixel_sha256"].tolist()       # the order training reads them in
         assert splits[-1]["val"]
     assert splits[0] == splits[1]
     # the old order (sorted pseudonyms) would have differed between the keys: the test can fail
