@@ -25,17 +25,18 @@ def operating_threshold(y: NDArray, p: NDArray, sensitivity_target: float) -> fl
     empirical = float(pos[min(max(k, 0), pos.size - 1)])
     if pos.size < 3:
         return empirical
-    eps = 1e-6
-    logit = np.log(np.clip(pos, eps, 1 - eps) / np.clip(1 - pos, eps, 1 - eps))
+    logit = _logit(pos)
     z = float(ndtri(sensitivity_target))
-    parametric = float(1.0 / (1.0 + np.exp(-(logit.mean() - z * logit.std(ddof=1)))))
-    return min(empirical, parametric)
+    return min(empirical, _sigmoid(logit.mean() - z * logit.std(ddof=1)))
 
 
 def _logit(p: NDArray | float) -> NDArray:
-    eps = 1e-6
-    q = np.clip(np.asarray(p, dtype=float), eps, 1 - eps)
+    q = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)
     return np.log(q / (1 - q))
+
+
+def _sigmoid(x: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-x)))
 
 
 def margin_threshold(y: NDArray, p: NDArray, sensitivity_target: float) -> float:
@@ -60,10 +61,10 @@ def margin_threshold(y: NDArray, p: NDArray, sensitivity_target: float) -> float
     if neg.size >= 3:
         logit = _logit(neg)
         z = float(ndtri(sensitivity_target))
-        lower = max(lower, float(1.0 / (1.0 + np.exp(-(logit.mean() + z * logit.std(ddof=1))))))
+        lower = max(lower, _sigmoid(logit.mean() + z * logit.std(ddof=1)))
     if lower >= upper:
         return upper
-    return float(1.0 / (1.0 + np.exp(-(_logit(lower) + _logit(upper)) / 2)))
+    return _sigmoid(float(_logit(lower) + _logit(upper)) / 2)
 
 
 OPERATING_POINTS = {"sensitivity": operating_threshold, "margin": margin_threshold}

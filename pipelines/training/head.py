@@ -138,12 +138,12 @@ def split_subjects(subjects: Sequence[str], val_fraction: float, test_fraction: 
     uniq = sorted(set(subjects), key=lambda s: ((order or {}).get(s, ""), s))
     held_here = set(held) & set(uniq)
     free = [s for s in uniq if s not in held_here]
-    order = np.random.default_rng(seed).permutation(len(free))
+    perm = np.random.default_rng(seed).permutation(len(free))
     n_test = max(round(len(uniq) * test_fraction) - len(held_here), 0)
     n_val = round(len(uniq) * val_fraction)
     out = {s: "test" for s in held_here}
     out.update({free[j]: "test" if i < n_test else "val" if i < n_test + n_val else "train"
-                for i, j in enumerate(order)})
+                for i, j in enumerate(perm)})
     return out
 
 
