@@ -23,7 +23,7 @@ from flows.stages import _prepared, _quiet_lightning
 from pipelines.config import load_params
 from pipelines.evaluation import metrics as ev
 from pipelines.serving.inference import Predictor
-from pipelines.training.train import validation_scores
+from pipelines.training.train import split_scores
 
 
 def main() -> None:
@@ -35,8 +35,8 @@ def main() -> None:
     _quiet_lightning()
     data = _prepared(params, root)
     predictor = Predictor.load(root / params.paths.model_dir)
-    y_val, p_val = validation_scores(predictor, data, "val")
-    y_te, p_te = validation_scores(predictor, data, "test")
+    y_val, p_val = split_scores(predictor, data, "val")
+    y_te, p_te = split_scores(predictor, data, "test")
     patients = data.frame["patient_pseudo"].to_numpy()[data.subset("test")]
     target = params.evaluate.sensitivity_target
     rows = []

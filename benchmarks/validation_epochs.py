@@ -29,7 +29,7 @@ from flows.stages import _prepared, _quiet_lightning
 from pipelines.config import load_params
 from pipelines.evaluation import metrics as ev
 from pipelines.serving.inference import Predictor
-from pipelines.training.train import train_models, validation_scores
+from pipelines.training.train import split_scores, train_models
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
                    classifier_epochs=len(history.get("classifier", [])))
     if history.get("segmenter"):
         out["val_dice_cerebellum_last"] = round(history["segmenter"][-1]["seg_val_dice_cerebellum"], 4)
-    y, prob = validation_scores(predictor, data)
+    y, prob = split_scores(predictor, data)
     out.update(val_auc=round(ev.auc(y, prob), 4),
                val_log_loss=round(float(log_loss(y, np.clip(prob, 1e-6, 1 - 1e-6))), 4),
                val_ece=round(float(ev.expected_calibration_error(y, prob)), 4))

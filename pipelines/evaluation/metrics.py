@@ -18,16 +18,24 @@ def operating_threshold(y: NDArray, p: NDArray, sensitivity_target: float) -> fl
     the positives' logits at the same quantile is taken: sensitivity is the priority.
     0.5 if there are no positives.
     """
-    pos = np.sort(p[y == 1])[::-1]
-    if pos.size == 0:
-        return 0.5
-    k = int(np.ceil(sensitivity_target * pos.size)) - 1
-    empirical = float(pos[min(max(k, 0), pos.size - 1)])
-    if pos.size < 3:
+    pos = p[y == 1]
+    return _class_edge(pos, sensitivity_target, positives=True) if pos.size else 0.5
+
+
+def _class_edge(scores: NDArray, target: float, positives: bool) -> float:
+    """The score that `target` of one class's scores stay on their side of (at or above it for
+    positives, at or below for negatives): the more conservative (nearer the other class) of
+    the empirical order statistic and a normal approximation of the logits (from 3 scores)."""
+    ordered = np.sort(scores)[::-1] if positives else np.sort(scores)
+    k = int(np.ceil(target * ordered.size)) - 1
+    empirical = float(ordered[min(max(k, 0), ordered.size - 1)])
+    if ordered.size < 3:
         return empirical
-    logit = _logit(pos)
-    z = float(ndtri(sensitivity_target))
-    return min(empirical, _sigmoid(logit.mean() - z * logit.std(ddof=1)))
+    logit = _logit(ordered)
+    z = float(ndtri(target))
+    if positives:
+        return min(empirical, _sigmoid(logit.mean() - z * logit.std(ddof=1)))
+    return max(empirical, _sigmoid(logit.mean() + z * logit.std(ddof=1)))
 
 
 def _logit(p: NDArray | float) -> NDArray:
@@ -53,15 +61,10 @@ def margin_threshold(y: NDArray, p: NDArray, sensitivity_target: float) -> float
     room. Without negatives, or with overlapping classes, it is `operating_threshold`.
     """
     upper = operating_threshold(y, p, sensitivity_target)
-    neg = np.sort(p[y == 0])
+    neg = p[y == 0]
     if neg.size == 0 or not (y == 1).any():
         return upper
-    k = int(np.ceil(sensitivity_target * neg.size)) - 1
-    lower = float(neg[min(max(k, 0), neg.size - 1)])
-    if neg.size >= 3:
-        logit = _logit(neg)
-        z = float(ndtri(sensitivity_target))
-        lower = max(lower, _sigmoid(logit.mean() + z * logit.std(ddof=1)))
+    lower = _class_edge(neg, sensitivity_target, positives=False)
     if lower >= upper:
         return upper
     return _sigmoid(float(_logit(lower) + _logit(upper)) / 2)

@@ -253,13 +253,13 @@ def train_models(data: Prepared, params: Params, checkpoints: Path | None = None
     return choose_operating_point(predictor, data, params.evaluate.sensitivity_target, params.evaluate.operating_point)
 
 
-def validation_scores(predictor: Predictor, data: Prepared, split: str = "val") -> tuple[np.ndarray, np.ndarray]:
-    """The validation split's (or `split`'s) labels (1: hypoplasia) and the model's probabilities
-    on the masks its own segmenter predicts, as at inference."""
-    va = data.subset(split)
-    y = (data.frame["label"].to_numpy()[va] == "hypoplasia").astype(int)
-    prob = predictor.probability(data.images[va], predictor.segment(data.images[va], data.axis_ratio[va]),
-                                 context_features(data.frame["ga_weeks"].to_numpy()[va], data.mm_per_px[va]))
+def split_scores(predictor: Predictor, data: Prepared, split: str = "val") -> tuple[np.ndarray, np.ndarray]:
+    """A split's labels (1: hypoplasia) and the model's probabilities on the masks its own
+    segmenter predicts, as at inference (validation by default)."""
+    idx = data.subset(split)
+    y = (data.frame["label"].to_numpy()[idx] == "hypoplasia").astype(int)
+    prob = predictor.probability(data.images[idx], predictor.segment(data.images[idx], data.axis_ratio[idx]),
+                                 context_features(data.frame["ga_weeks"].to_numpy()[idx], data.mm_per_px[idx]))
     return y, prob
 
 
@@ -267,6 +267,6 @@ def choose_operating_point(predictor: Predictor, data: Prepared, sensitivity_tar
                            rule: str = "sensitivity") -> Predictor:
     """The threshold that meets the sensitivity target on the validation split, by `rule` (a key
     of `metrics.OPERATING_POINTS`; part of the fitted model: the test split is never looked at)."""
-    y, prob = validation_scores(predictor, data)
+    y, prob = split_scores(predictor, data)
     thr = ev.OPERATING_POINTS[rule](y, prob, sensitivity_target)
     return Predictor(predictor.seg, predictor.cls, ModelConfig(**{**predictor.cfg.__dict__, "threshold": thr}))

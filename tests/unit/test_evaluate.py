@@ -24,7 +24,6 @@ def test_operating_threshold_reaches_the_target_on_its_own_data():
     assert operating_threshold(np.zeros(5, int), np.linspace(0, 1, 5), 0.95) == 0.5
 
 
-
 def test_margin_threshold_sits_in_the_middle_of_the_gap_and_keeps_validation_calls():
     rng = np.random.default_rng(2)
     y = np.r_[np.ones(30), np.zeros(70)].astype(int)
@@ -32,7 +31,7 @@ def test_margin_threshold_sits_in_the_middle_of_the_gap_and_keeps_validation_cal
     p = 1 / (1 + np.exp(-np.r_[rng.normal(7, 0.5, 30), rng.normal(-6, 0.5, 70)]))
     upper, thr = operating_threshold(y, p, 0.95), margin_threshold(y, p, 0.95)
     assert upper > 0.99 and 0.1 < thr < 0.9                  # the middle, not the positives' edge
-    assert abs(np.log(thr / (1 - thr)) - 0.5) < 1.0                      # about halfway between -6 and +7 (logit 0.5)
+    assert abs(np.log(thr / (1 - thr)) - 0.5) < 1.0          # about halfway between -6 and +7 (logit 0.5)
     got, sensitivity_only = binary_metrics(y, p, thr), binary_metrics(y, p, upper)
     assert got["sensitivity"] == 1.0 and got["specificity"] == sensitivity_only["specificity"] == 1.0
     # overlapping classes: no gap, the sensitivity rule's threshold
