@@ -105,6 +105,16 @@ def auc_ci(y: NDArray, p: NDArray, n_boot: int, seed: int) -> tuple[float, float
 MIN_PATIENTS_PER_CLASS = 2
 
 
+def _patient_index(patients: NDArray) -> tuple[int, NDArray[np.intp]]:
+    """The number of patients and each row's patient index, patients numbered in the order they
+    first appear: the draw then follows the rows' order (key-free: the dataset's rows are ordered
+    by pixel digest), not the sorted names, which change with the pseudonymisation key."""
+    _, first, inverse = np.unique(np.asarray(patients).astype(str), return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.intp)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return len(first), rank[inverse.reshape(-1)]
+
+
 def _both_classes(y: NDArray, inverse: NDArray) -> bool:
     """At least MIN_PATIENTS_PER_CLASS patients with a positive and as many with a negative
     image: below that a bootstrap over patients has nothing to vary and would print a
@@ -120,17 +130,17 @@ def patient_bootstrap(y: NDArray, p: NDArray, patients: NDArray, threshold: floa
     `threshold`, resampling patients with all their images: images of one patient are not
     independent (the same anatomy, several exams), and resampling images treats them as if they
     were, which narrows every interval. Keys: auc, sensitivity, specificity."""
-    ids, inverse = np.unique(np.asarray(patients).astype(str), return_inverse=True)
+    n_patients, inverse = _patient_index(patients)
     if not _both_classes(y, inverse):
         return {key: (float("nan"), float("nan")) for key in ("auc", "sensitivity", "specificity")}
     order = np.argsort(inverse, kind="stable")
-    bounds = np.searchsorted(inverse[order], np.arange(len(ids) + 1))
-    members = [order[bounds[k]:bounds[k + 1]] for k in range(len(ids))]
+    bounds = np.searchsorted(inverse[order], np.arange(n_patients + 1))
+    members = [order[bounds[k]:bounds[k + 1]] for k in range(n_patients)]
     called = p >= threshold
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {"auc": [], "sensitivity": [], "specificity": []}
-    for _ in range(n_boot if len(ids) else 0):
-        idx = np.concatenate([members[k] for k in rng.integers(0, len(ids), len(ids))])
+    for _ in range(n_boot if n_patients else 0):
+        idx = np.concatenate([members[k] for k in rng.integers(0, n_patients, n_patients)])
         yy, pos = y[idx], y[idx] == 1
         if pos.any() and (~pos).any():
             draws["auc"].append(rank_auc(yy, p[idx]))
@@ -152,14 +162,14 @@ def paired_auc_difference(y: NDArray, p_ref: NDArray, p_other: NDArray, patients
     correlation between them is kept). Keys: difference, ci_low, ci_high, p_value (at least
     1/n_boot: a finite bootstrap cannot say less), n_boot (draws used). Fewer than two patients
     of either class: NaN interval and p."""
-    ids, inverse = np.unique(np.asarray(patients).astype(str), return_inverse=True)
-    members = [np.flatnonzero(inverse == k) for k in range(len(ids))]
+    n_patients, inverse = _patient_index(patients)
+    members = [np.flatnonzero(inverse == k) for k in range(n_patients)]
     rng = np.random.default_rng(seed)
     diffs = []
     if not _both_classes(y, inverse):
         n_boot = 0                               # nothing to resample: no interval, no p-value
-    for _ in range(n_boot if len(ids) else 0):
-        idx = np.concatenate([members[k] for k in rng.integers(0, len(ids), len(ids))])
+    for _ in range(n_boot if n_patients else 0):
+        idx = np.concatenate([members[k] for k in rng.integers(0, n_patients, n_patients)])
         if len(np.unique(y[idx])) == 2:
             diffs.append(rank_auc(y[idx], p_other[idx]) - rank_auc(y[idx], p_ref[idx]))
     point = auc(y, p_other) - auc(y, p_ref)

@@ -125,6 +125,25 @@ def test_intervals_resample_patients_not_images():
     assert ev.patient_bootstrap(y, p, patients, 0.3, 500, seed=1) == got       # seeded: the same numbers
 
 
+def test_patient_draws_do_not_depend_on_what_patients_are_called():
+    """Pseudonyms change with the key; the rows' order does not (it follows pixel digests). The
+    same rows under other names, sorting in another order, give the same intervals."""
+    from pipelines.evaluation import metrics as ev
+
+    rng = np.random.default_rng(8)
+    n_pat, per = 40, 2
+    y = np.repeat(np.arange(n_pat) % 2, per)
+    p_ref = y * 0.5 + rng.normal(0, 0.4, len(y))
+    p_other = y * 0.6 + rng.normal(0, 0.4, len(y))
+    names = np.repeat([f"a{i:02d}" for i in range(n_pat)], per)
+    renamed = np.repeat([f"z{(n_pat - i) * 7 % 97:02d}" for i in range(n_pat)], per)     # another sort order
+    assert list(np.unique(renamed, return_index=True)[1]) != list(np.unique(names, return_index=True)[1])
+    assert ev.patient_bootstrap(y, p_ref, names, 0.3, 300, seed=4) == ev.patient_bootstrap(y, p_ref, renamed, 0.3,
+                                                                                          300, seed=4)
+    assert ev.paired_auc_difference(y, p_ref, p_other, names, 300, seed=4) == ev.paired_auc_difference(
+        y, p_ref, p_other, renamed, 300, seed=4)
+
+
 def test_paired_difference_keeps_the_pairing_and_the_patients():
     """The same images under two models: a model against itself differs by exactly 0 (p = 1); a
     clearly better one differs with an interval above 0; patients, not images, are drawn."""
