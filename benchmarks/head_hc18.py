@@ -77,12 +77,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=defaults.size)
     ap.add_argument("--epochs", type=int, default=defaults.max_epochs)
     ap.add_argument("--lr", type=float, default=defaults.lr)
+    ap.add_argument("--refine", action=argparse.BooleanOptionalAction, default=defaults.refine,
+                    help="train on refining crops too and run a second pass on a crop around the head")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-test", action="store_true", help="stop after the validation table")
     ap.add_argument("--load", type=Path, help="evaluate this saved state dict (its .json: params) instead of training")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    params = dataclasses.replace(defaults, size=args.size, max_epochs=args.epochs, lr=args.lr)
+    params = dataclasses.replace(defaults, size=args.size, max_epochs=args.epochs, lr=args.lr,
+                                 refine=args.refine)
     if args.load:
         saved = json.loads(args.load.with_suffix(".json").read_text())
         params = HeadSection(**saved.pop("params"))
@@ -103,7 +106,8 @@ def main() -> None:
         seconds = float(saved["train_seconds"])
         print(f"loaded {args.load} (trained in {seconds:.1f} s)")
     else:
-        train = arrays_from_pairs(((it.grey, it.mask) for it in parts["train"]), params.size)
+        train = arrays_from_pairs(((it.grey, it.mask) for it in parts["train"]), params.size, params.refine,
+                                  params.seed)
         val = arrays_from_pairs(((it.grey, it.mask) for it in parts["val"]), params.size)
         net, seconds = train_head(train, val, params)
         print(f"training: {seconds:.1f} s, {params.max_epochs} epochs, {torch.get_num_threads()} thread(s)")
@@ -122,7 +126,7 @@ def main() -> None:
         chosen.save(args.save_localiser)
         print(f"localiser saved: {args.save_localiser} (cbh predict --head-model {args.save_localiser})")
     print(row("fit_skull (classical)", baseline(parts["val"])))
-    label = f"learned {chosen.method} tta={chosen.tta} level={chosen.level}"
+    label = f"learned {chosen.method} tta={chosen.tta} level={chosen.level} refine={chosen.refine}"
     print(f"chosen on validation: {label}")
     if args.no_test:
         return

@@ -518,7 +518,7 @@ def head(params: Params, root: Path) -> dict[str, Any]:
     if not parts["train"] or not parts["test"]:
         raise StageError(f"{params.paths.manifest}: {len(set(assignment))} patient(s) with head masks are too "
                          "few for a train and a test subject; add head annotations")
-    train_arrays = arrays_from_pairs(((it.grey, it.mask) for it in parts["train"]), p.size)
+    train_arrays = arrays_from_pairs(((it.grey, it.mask) for it in parts["train"]), p.size, p.refine, p.seed)
     val_arrays = arrays_from_pairs(((it.grey, it.mask) for it in parts["val"]), p.size) if parts["val"] else None
     net, seconds = train_head(train_arrays, val_arrays, p)
     localiser, _ = choose_localiser(net, p, parts["val"])       # ellipse fit and threshold, on validation

@@ -41,7 +41,7 @@ Backbone = Literal["small", "densenet121", "resnet18", "resnet34", "resnet50"]  
 GateReading = Literal["sample", "batch"]                             # models/paper.py GATE_READINGS
 Executor = Literal["processes", "dask"]                             # flows/executors.py
 HeadAugment = Literal["basic", "floor", "fan"]                               # models/head.py HEAD_AUGMENTS
-HeadMethod = Literal["contour", "moments"]                          # pipelines/imaging/head.py ellipse_from_mask
+HeadMethod = Literal["contour", "moments", "robust"]                 # pipelines/imaging/head.py ellipse_from_mask
 
 MODELS: tuple[str, ...] = get_args(Model)
 AUGMENTS: tuple[str, ...] = get_args(Augment)
@@ -328,8 +328,11 @@ class HeadSection:
     val_fraction: OpenFraction = Field(0.1, description="share of subjects (patients) for validation")
     test_fraction: OpenFraction = Field(0.2, description="share of subjects (patients) for the test, looked at once")
     tta: bool = Field(True, description="average the prediction with that of the horizontally flipped frame")
-    method: HeadMethod = Field("moments", description="ellipse from the probability map: its outer contour or "
-                                                      "its second moments")
+    refine: bool = Field(True, description="a second pass on a crop of the source frame around the first "
+                                            "pass's head (trained on such crops half the time)")
+    method: HeadMethod = Field("moments", description="ellipse from the probability map: its outer contour, "
+                                                      "its second moments, or its outer contour "
+                                                      "without the points far from the ellipse (robust)")
     level: OpenFraction = Field(0.6, description="probability level that bounds the head")
     min_iou: Fraction = Field(0.9, description="head not found below this IoU of the fitted ellipse and the "
                                                "predicted region")

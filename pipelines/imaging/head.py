@@ -50,6 +50,25 @@ def to_square(grey: NDArray[np.floating], size: int) -> tuple[NDArray[np.float32
     return cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA), SquareMap((h, w), side, top, left, size)
 
 
+# the share of a refining crop's side the head's long axis spans: the crop is cut from the
+# source frame around the first pass's ellipse, so a big head is seen at up to twice the
+# detail of the whole-frame pass (training draws crops around this, pipelines/training/head.py)
+REFINE_FILL = 0.6
+
+
+def crop_square(grey: NDArray[np.floating], cx: float, cy: float, side: float,
+                size: int) -> tuple[NDArray[np.float32], SquareMap]:
+    """A square of `side` source pixels centred on source pixel (cx, cy), zeros beyond the frame,
+    area-resampled to size x size, and where the frame lies in it (offsets may be negative)."""
+    side_px = max(int(round(side)), 1)
+    x0, y0 = int(round(cx - side_px / 2)), int(round(cy - side_px / 2))
+    shift = np.float32([[1, 0, -x0], [0, 1, -y0]])
+    crop = cv2.warpAffine(np.asarray(grey, np.float32), shift, (side_px, side_px), flags=cv2.INTER_NEAREST,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return (cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA),
+            SquareMap(tuple(grey.shape), side_px, -y0, -x0, size))
+
+
 def hc_mm(a: float, b: float) -> float:
     """Ellipse perimeter from semi-axes, Ramanujan's second approximation (as HC18 uses).
     biometry.ellipse_perimeter is Ramanujan's first; the two differ by < 0.01 % on heads."""
@@ -113,6 +132,42 @@ def _to_mm(centre: NDArray, axes: NDArray, rot: NDArray, px_scale: float, offset
     return float(cx * sc), float(cy * sr), float(sv[0]), float(sv[1]), angle
 
 
+def _radial_offsets(pts: NDArray, ellipse: tuple) -> NDArray[np.float64]:
+    """Signed distance of each point from `ellipse` (cv2.fitEllipse's form) along the ray from
+    its centre, in pixels: positive outside. Close to the geometric distance for head shapes."""
+    (ex, ey), (ew, eh), ang = ellipse
+    t = math.radians(ang)
+    d = pts - np.array([ex, ey])
+    u = d[:, 0] * math.cos(t) + d[:, 1] * math.sin(t)
+    v = -d[:, 0] * math.sin(t) + d[:, 1] * math.cos(t)
+    r = np.hypot(u, v)
+    rho = np.hypot(u / max(ew / 2, 1e-9), v / max(eh / 2, 1e-9))
+    return r * (1.0 - 1.0 / np.maximum(rho, 1e-9))
+
+
+def trimmed_ellipse(pts: NDArray, rounds: int = 4, k: float = 3.0, floor_px: float = 1.0,
+                    keep_min: float = 0.6) -> tuple | None:
+    """cv2.fitEllipse refitted `rounds` times on the points within max(`floor_px`, `k` robust SDs
+    (1.4826 MAD)) of the previous fit, or None when no ellipse fits. Stops when fewer than
+    `keep_min` of the points would remain: an outline that far from an ellipse is not trimmed
+    into one (the quality check then sees the plain fit)."""
+    p = pts.astype(np.float64)
+    try:
+        fit = cv2.fitEllipse(p.astype(np.float32))
+    except cv2.error:
+        return None
+    for _ in range(rounds):
+        off = _radial_offsets(p, fit)
+        med = float(np.median(off))
+        spread = max(floor_px, k * 1.4826 * float(np.median(np.abs(off - med))))
+        keep = np.abs(off - med) <= spread
+        if keep.all() or keep.sum() < max(keep_min * len(pts), 20):
+            break
+        p = p[keep]
+        fit = cv2.fitEllipse(p.astype(np.float32))
+    return fit
+
+
 def ellipse_from_mask(prob: NDArray[np.floating], spacing: tuple[float, float], square: SquareMap | None = None,
                       level: float = 0.5, method: str = "contour", up: int = 4) -> HeadEllipse | None:
     """The ellipse of the largest component of `prob` >= `level`, in mm, or None.
@@ -122,13 +177,17 @@ def ellipse_from_mask(prob: NDArray[np.floating], spacing: tuple[float, float], 
     sub-pixel boundary. `contour` fits the outer contour, leaving out points on the image's
     border (a head cut by the frame still gets its own ellipse, not the frame's edge); boundary
     pixel centres lie half a pixel inside the edge, hence the +0.5. `moments` takes the filled component's
-    second moments, unbiased for a whole ellipse."""
+    second moments, unbiased for a whole ellipse. `robust` is `contour` refitted without the
+    contour points far from the ellipse (`trimmed_ellipse`): a prediction that leaks past a faint
+    skull bulges out along part of its outline, which pulls a plain fit but not a trimmed one."""
     p = np.asarray(prob, np.float32)
     if square is not None:
         p = cv2.resize(p, (p.shape[1] * up, p.shape[0] * up), interpolation=cv2.INTER_LINEAR)
         px_scale, offset = square.side / float(p.shape[0]), (square.left, square.top)
-        y0, x0 = round(square.top / px_scale), round(square.left / px_scale)
-        y1, x1 = round((square.top + square.shape[0]) / px_scale), round((square.left + square.shape[1]) / px_scale)
+        # the frame's extent on the grid, clipped to it (a crop may hold only part of the frame)
+        y0, x0 = max(round(square.top / px_scale), 0), max(round(square.left / px_scale), 0)
+        y1 = min(round((square.top + square.shape[0]) / px_scale), p.shape[0])
+        x1 = min(round((square.left + square.shape[1]) / px_scale), p.shape[1])
     else:
         px_scale, offset, (y0, x0), (y1, x1) = 1.0, (0.0, 0.0), (0, 0), p.shape
     inside_img = np.zeros(p.shape, np.uint8)
@@ -153,7 +212,10 @@ def ellipse_from_mask(prob: NDArray[np.floating], spacing: tuple[float, float], 
         pts = pts[(pts[:, 0] > x0) & (pts[:, 1] > y0) & (pts[:, 0] < x1 - 1) & (pts[:, 1] < y1 - 1)]
         if len(pts) < 20:
             return None
-        (ex, ey), (ew, eh), ang = cv2.fitEllipse(pts.astype(np.float32))
+        fitted = trimmed_ellipse(pts) if method == "robust" else cv2.fitEllipse(pts.astype(np.float32))
+        if fitted is None:
+            return None
+        (ex, ey), (ew, eh), ang = fitted
         if not all(map(math.isfinite, (ex, ey, ew, eh))) or min(ew, eh) <= 0:
             return None
         centre, axes = np.array([ex, ey]), np.array([ew, eh]) / 2.0 + 0.5
@@ -197,16 +259,17 @@ class HeadLocaliser:
 
     def __init__(self, net: nn.Module, size: int, quality: HeadQuality = HeadQuality(), tta: bool = True,
                  method: str = "moments", level: float = 0.6, batch_size: int = 16,
-                 features: tuple[int, ...] = HEAD_FEATURES) -> None:
+                 features: tuple[int, ...] = HEAD_FEATURES, refine: bool = False) -> None:
         self.net, self.size, self.quality, self.tta = net.eval(), size, quality, tta
         self.method, self.level, self.batch_size, self.features = method, level, batch_size, tuple(features)
+        self.refine = refine
 
     def save(self, folder: Path) -> None:
         """The weights (`head.pt`) and everything needed to use them (`head.json`) in `folder`."""
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(self.net.state_dict(), folder / "head.pt")
         config = {"size": self.size, "features": list(self.features), "tta": self.tta, "method": self.method,
-                  "level": self.level, "quality": asdict(self.quality)}
+                  "level": self.level, "refine": self.refine, "quality": asdict(self.quality)}
         (folder / "head.json").write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
@@ -216,21 +279,43 @@ class HeadLocaliser:
         net = make_head_net(tuple(config["features"]))
         net.load_state_dict(torch.load(folder / "head.pt", map_location="cpu", weights_only=True))
         return cls(net, int(config["size"]), HeadQuality(**config["quality"]), bool(config["tta"]),
-                   str(config["method"]), float(config["level"]), features=tuple(config["features"]))
+                   str(config["method"]), float(config["level"]), features=tuple(config["features"]),
+                   refine=bool(config.get("refine", False)))    # saved before the option: one pass
 
     @torch.no_grad()
-    def probabilities(self, greys: Sequence[NDArray[np.floating]]) -> tuple[list[NDArray[np.float32]], list[SquareMap]]:
-        """Head probability on each frame's square grid (mean over the horizontal flip with `tta`)."""
-        squares = [to_square(g, self.size) for g in greys]
+    def _run(self, inputs: Sequence[NDArray[np.float32]]) -> list[NDArray[np.float32]]:
+        """The network's head probability on size x size inputs (mean over the horizontal flip with `tta`)."""
         dev = next(self.net.parameters()).device
         probs: list[NDArray[np.float32]] = []
-        for i in range(0, len(squares), self.batch_size):
-            x = torch.from_numpy(np.stack([s[0] for s in squares[i:i + self.batch_size]]))[:, None].to(dev)
+        for i in range(0, len(inputs), self.batch_size):
+            x = torch.from_numpy(np.stack(inputs[i:i + self.batch_size]))[:, None].to(dev)
             p = torch.sigmoid(self.net(x))
             if self.tta:
                 p = (p + torch.sigmoid(self.net(x.flip(-1))).flip(-1)) / 2
             probs.extend(p[:, 0].float().cpu().numpy())
-        return probs, [s[1] for s in squares]
+        return probs
+
+    def probabilities(self, greys: Sequence[NDArray[np.floating]]) -> tuple[list[NDArray[np.float32]], list[SquareMap]]:
+        """Head probability on each frame's square grid, and where the frame lies in it. With
+        `refine`, a frame whose whole-frame pass shows a head is run again on a crop of the source
+        frame around that head (REFINE_FILL), and the crop's map is the answer; a frame without one,
+        or whose head already spans REFINE_FILL of it, keeps its first map."""
+        squares = [to_square(g, self.size) for g in greys]
+        probs, maps = self._run([s[0] for s in squares]), [s[1] for s in squares]
+        if not self.refine:
+            return probs, maps
+        again: list[int] = []
+        crops: list[tuple[NDArray[np.float32], SquareMap]] = []
+        for i, (p, m, g) in enumerate(zip(probs, maps, greys, strict=True)):
+            first = ellipse_from_mask(p, (1.0, 1.0), m, self.level, self.method)    # in source pixels
+            side = 2 * first.a / REFINE_FILL if first is not None else math.inf
+            if first is None or first.iou < self.quality.min_iou or side >= max(g.shape):
+                continue                       # no head, or one the whole frame already shows as large
+            again.append(i)
+            crops.append(crop_square(g, first.cx, first.cy, side, self.size))
+        for i, p, (_, m) in zip(again, self._run([c[0] for c in crops]), crops, strict=True):
+            probs[i], maps[i] = p, m
+        return probs, maps
 
     def fit(self, prob: NDArray[np.float32], square: SquareMap, spacing: tuple[float, float]) -> HeadFit:
         return judge(ellipse_from_mask(prob, spacing, square, self.level, self.method), self.quality)
@@ -246,8 +331,12 @@ class HeadLocaliser:
         return self.locate_batch([grey], [spacing])[0]
 
     def source_mask(self, prob: NDArray[np.float32], square: SquareMap) -> NDArray[np.bool_]:
-        """The prediction on the source frame (upsampled, thresholded, largest component), for Dice."""
-        full = cv2.resize(prob, (square.side, square.side), interpolation=cv2.INTER_LINEAR) >= self.level
-        full = full[square.top:square.top + square.shape[0], square.left:square.left + square.shape[1]]
+        """The prediction on the source frame (bilinear from its grid, thresholded, largest
+        component), for Dice."""
+        k = square.side / float(prob.shape[0])
+        to_grid = np.float64([[1 / k, 0, (square.left + 0.5) / k - 0.5], [0, 1 / k, (square.top + 0.5) / k - 0.5]])
+        h, w = square.shape
+        full = cv2.warpAffine(prob, to_grid, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0) >= self.level
         n, lab, stats, _ = cv2.connectedComponentsWithStats(full.astype(np.uint8), connectivity=8)
         return lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])) if n > 1 else np.zeros(full.shape, bool)

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from models.head import HeadModule, make_head_net
 from pipelines.config import HeadSection
-from pipelines.imaging.head import HeadLocaliser, HeadQuality, ellipse_from_mask, hc_mm, to_square
+from pipelines.imaging.head import HeadLocaliser, HeadQuality, crop_square, ellipse_from_mask, hc_mm, to_square
 
 
 def head_quality(params: HeadSection) -> HeadQuality:
@@ -39,7 +39,7 @@ def head_quality(params: HeadSection) -> HeadQuality:
 def make_localiser(net: nn.Module, params: HeadSection) -> HeadLocaliser:
     """A trained network wrapped with the section's input size, ellipse method and thresholds."""
     return HeadLocaliser(net, params.size, head_quality(params), params.tta, params.method, params.level,
-                         batch_size=params.batch_size, features=params.features)
+                         batch_size=params.batch_size, features=params.features, refine=params.refine)
 
 
 @dataclass(frozen=True)
@@ -147,15 +147,53 @@ def split_subjects(subjects: Sequence[str], val_fraction: float, test_fraction: 
     return out
 
 
-def arrays_from_pairs(pairs: Iterable[tuple[NDArray[np.floating], NDArray]],
-                      size: int) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+# the refining crops training sees: the head's long axis spans this share of the crop's side
+# (inference uses REFINE_FILL, inside it), centred within this share of the side of the head's
+CROP_FILL, CROP_JITTER = (0.5, 0.7), 0.05
+
+
+def arrays_from_pairs(pairs: Iterable[tuple[NDArray[np.floating], NDArray]], size: int,
+                      crops: bool = False, seed: int = 0) -> tuple[NDArray[np.float32], ...]:
     """(grey frame, head mask) pairs -> network inputs and soft targets, (N,1,size,size) each:
-    both padded to a square and area-resampled, so the target keeps the edge's sub-pixel place."""
-    xs, ys = [], []
+    both padded to a square and area-resampled, so the target keeps the edge's sub-pixel place.
+    With `crops`, also the inputs and targets of the crop of each source frame around its head
+    that a refining pass sees (fill and centre drawn with `seed`): four arrays, not two."""
+    rng = np.random.default_rng(seed)
+    xs, ys, cxs, cys = [], [], [], []
     for grey, mask in pairs:
-        xs.append(to_square(np.asarray(grey, np.float32), size)[0])
-        ys.append(to_square(np.asarray(mask, np.float32), size)[0])
-    return np.stack(xs)[:, None], np.stack(ys)[:, None]
+        g, m = np.asarray(grey, np.float32), np.asarray(mask, np.float32)
+        xs.append(to_square(g, size)[0])
+        ys.append(to_square(m, size)[0])
+        if not crops:
+            continue
+        head = ellipse_from_mask(m, (1.0, 1.0), method="moments")
+        if head is None:                                   # no head drawn: the crop is the frame
+            cxs.append(xs[-1])
+            cys.append(ys[-1])
+            continue
+        side = 2 * head.a / rng.uniform(*CROP_FILL)
+        dx, dy = rng.uniform(-CROP_JITTER, CROP_JITTER, 2) * side
+        cxs.append(crop_square(g, head.cx + dx, head.cy + dy, side, size)[0])
+        cys.append(crop_square(m, head.cx + dx, head.cy + dy, side, size)[0])
+    whole = (np.stack(xs)[:, None], np.stack(ys)[:, None])
+    return (*whole, np.stack(cxs)[:, None], np.stack(cys)[:, None]) if crops else whole
+
+
+class _FrameOrCrop(Dataset):
+    """Each item once per epoch, as its whole frame or, half the time, its refining crop:
+    an epoch costs what it costs without crops."""
+
+    def __init__(self, arrays: tuple[NDArray[np.float32], ...], generator: torch.Generator) -> None:
+        self.x, self.y, self.cx, self.cy = (torch.from_numpy(a) for a in arrays)
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if float(torch.rand(1, generator=self.generator)) < 0.5:
+            return self.cx[i], self.cy[i]
+        return self.x[i], self.y[i]
 
 
 class _EpochLog(L.Callback):
@@ -167,16 +205,21 @@ class _EpochLog(L.Callback):
               + " ".join(f"{k} {float(v):.4f}" for k, v in sorted(m.items()) if k.startswith("head_")), flush=True)
 
 
-def train_head(train: tuple[NDArray, NDArray], val: tuple[NDArray, NDArray] | None,
+def train_head(train: tuple[NDArray, ...], val: tuple[NDArray, NDArray] | None,
                params: HeadSection) -> tuple[nn.Module, float]:
-    """The trained network (eval mode, CPU) and the training time in seconds."""
+    """The trained network (eval mode, CPU) and the training time in seconds. With
+    `params.refine`, `train` holds the whole frames and their crops (arrays_from_pairs(crops=True))."""
+    if params.refine != (len(train) == 4):
+        raise ValueError(f"head.refine is {params.refine}: training needs arrays_from_pairs(..., crops="
+                         f"{params.refine}), got {len(train)} arrays")
     L.seed_everything(params.seed, workers=True)
     net = make_head_net(params.features)
     module = HeadModule(net, params.lr, params.max_epochs, params.augment)
     g = torch.Generator().manual_seed(params.seed)
-    tr = DataLoader(TensorDataset(torch.from_numpy(train[0]), torch.from_numpy(train[1])),
-                    batch_size=params.batch_size, shuffle=True, generator=g,
-                    drop_last=len(train[0]) > params.batch_size)
+    data = (_FrameOrCrop(train, torch.Generator().manual_seed(params.seed + 1)) if params.refine
+            else TensorDataset(torch.from_numpy(train[0]), torch.from_numpy(train[1])))
+    tr = DataLoader(data, batch_size=params.batch_size, shuffle=True, generator=g,
+                    drop_last=len(data) > params.batch_size)
     va = (DataLoader(TensorDataset(torch.from_numpy(val[0]), torch.from_numpy(val[1])), batch_size=32)
           if val is not None and len(val[0]) else None)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=params.max_epochs, deterministic=True, logger=False,
@@ -200,7 +243,7 @@ def reference_hc(item: HeadItem) -> float:
 
 
 # what the validation subjects choose between: the ellipse fit, flip averaging, the threshold
-METHODS, TTAS, LEVELS = ("contour", "moments"), (False, True), (0.4, 0.5, 0.6, 0.7)
+METHODS, TTAS, LEVELS = ("contour", "moments", "robust"), (False, True), (0.4, 0.5, 0.6, 0.7)
 
 
 def choose_localiser(net: nn.Module, params: HeadSection, val: Sequence[HeadItem],
@@ -212,13 +255,14 @@ def choose_localiser(net: nn.Module, params: HeadSection, val: Sequence[HeadItem
         return make_localiser(net, params), []
     table, best = [], None
     for tta in TTAS:
-        probe = HeadLocaliser(net, params.size, head_quality(params), tta=tta, batch_size=params.batch_size,
-                              features=params.features)
+        probe = HeadLocaliser(net, params.size, head_quality(params), tta=tta, method=params.method,
+                              level=params.level, batch_size=params.batch_size, features=params.features,
+                              refine=params.refine)
         computed = probe.probabilities([it.grey for it in val])       # once per flip setting
         for method in METHODS:
             for level in LEVELS:
                 loc = HeadLocaliser(net, params.size, head_quality(params), tta, method, level,
-                                    batch_size=params.batch_size, features=params.features)
+                                    batch_size=params.batch_size, features=params.features, refine=params.refine)
                 m = evaluate_head(loc, val, computed)
                 table.append((f"{method} tta={tta} level={level}", m))
                 key = (m["refused_share"] > params.max_refused, m["hc_mae_mean"])

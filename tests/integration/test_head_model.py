@@ -53,10 +53,14 @@ def test_train_locate_evaluate(items, tmp_path) -> None:
     train = [it for it in items if split[it.subject] == "train"]
     val = [it for it in items if split[it.subject] == "val"]
     assert train and val and not {it.subject for it in train} & {it.subject for it in val}
-    net, seconds = train_head(arrays_from_pairs(((it.grey, it.mask) for it in train), params.size),
+    assert params.refine                                  # the default: a second pass on a crop
+    with pytest.raises(ValueError, match="crops"):
+        train_head(arrays_from_pairs(((it.grey, it.mask) for it in train), params.size),
+                   arrays_from_pairs(((it.grey, it.mask) for it in val), params.size), params)
+    net, seconds = train_head(arrays_from_pairs(((it.grey, it.mask) for it in train), params.size, True, 0),
                               arrays_from_pairs(((it.grey, it.mask) for it in val), params.size), params)
     assert seconds > 0
-    loc = HeadLocaliser(net, params.size, head_quality(params), tta=True)
+    loc = HeadLocaliser(net, params.size, head_quality(params), tta=True, refine=True)
     fits = loc.locate_batch([it.grey for it in items], [it.spacing for it in items])
     assert len(fits) == len(items) and all(isinstance(f, HeadFit) for f in fits)
     for f in fits:

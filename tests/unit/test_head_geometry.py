@@ -7,9 +7,20 @@ import math
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from pipelines.biometry import ellipse_perimeter
-from pipelines.imaging.head import HeadQuality, SquareMap, ellipse_from_mask, hc_mm, judge, to_square
+from pipelines.imaging.head import (
+    HeadLocaliser,
+    HeadQuality,
+    SquareMap,
+    crop_square,
+    ellipse_from_mask,
+    hc_mm,
+    judge,
+    to_square,
+)
 
 SHAPE = (540, 800)
 
@@ -63,7 +74,8 @@ def _check(e, ell: tuple) -> None:
 
 
 # moments need the whole ellipse in the frame; cases 2 and 3 are cut by the image's edge
-METHOD_CASES = [("contour", c) for c in CASES] + [("moments", CASES[i]) for i in (0, 1, 4)]
+METHOD_CASES = ([("contour", c) for c in CASES] + [("robust", c) for c in CASES]
+                + [("moments", CASES[i]) for i in (0, 1, 4)])
 
 
 @pytest.mark.parametrize(("method", "case"), METHOD_CASES)
@@ -78,6 +90,18 @@ def test_ellipse_from_low_res_probability(method, case, size) -> None:
     ell, spacing = case
     prob, sq = grid_prob(ell, spacing, size)
     _check(ellipse_from_mask(prob, spacing, sq, method=method), ell)
+
+
+def test_robust_fit_ignores_a_leak_past_the_skull() -> None:
+    """A prediction that spills past a faint stretch of skull: the plain contour and moments
+    fits grow with the spill, the trimmed fit keeps the head's own outline (HC within 0.5 %)."""
+    ell, spacing = CASES[0]
+    leaky = np.maximum(source_mask(ell, spacing), source_mask((68.0, 33.0, 9.0, 6.0, 0.0), spacing))
+    true = hc_mm(ell[2], ell[3])
+    errors = {m: abs(hc_mm((e := ellipse_from_mask(leaky, spacing, method=m)).a, e.b) - true) / true
+              for m in ("contour", "moments", "robust")}
+    assert errors["robust"] < 0.005
+    assert errors["contour"] > 0.02 and errors["moments"] > 0.02
 
 
 def test_judge_accepts_a_head_and_maps_to_skull() -> None:
@@ -112,7 +136,7 @@ def test_empty_mask_is_refused() -> None:
 def test_noise_mask_is_refused() -> None:
     noise = (np.random.default_rng(0).random((160, 160)) < 0.5).astype(np.float32)
     _, sq = to_square(np.zeros(SHAPE, np.float32), 160)
-    for method in ("contour", "moments"):
+    for method in ("contour", "moments", "robust"):
         fit = judge(ellipse_from_mask(noise, (0.1, 0.1), sq, method=method), HeadQuality())
         assert not fit.found and fit.hc_mm is None and fit.reason
 
@@ -121,3 +145,48 @@ def test_implausible_size_is_refused() -> None:
     ell, spacing = (40.0, 27.0, 4.0, 3.0, 0.0), (0.1, 0.1)
     fit = judge(ellipse_from_mask(source_mask(ell, spacing), spacing), HeadQuality())
     assert not fit.found and "size" in fit.reason
+
+
+def test_ellipse_from_a_crop_around_the_head() -> None:
+    """A refining crop's grid (the frame at negative offsets, partly outside it) maps back to
+    the source frame exactly, as the whole-frame square does."""
+    ell, spacing = (20.0, 16.0, 15.0, 12.0, 0.5), (0.1, 0.1)      # a head near the frame's corner
+    frame = source_mask(ell, spacing)
+    cx, cy, side = ell[0] / spacing[1], ell[1] / spacing[0], 2 * ell[2] / spacing[1] / 0.6
+    crop, sq = crop_square(frame, cx, cy, side, 160)
+    assert sq.top > 0 and sq.left > 0              # the crop reaches past the frame's top and left
+    for method in ("contour", "moments"):
+        _check(ellipse_from_mask(crop, spacing, sq, method=method), ell)
+    # the crop sees the head at more detail than the whole frame's square
+    assert sq.side < max(frame.shape)
+
+
+class BrightNet(nn.Module):
+    """A 'network' that calls bright pixels head: the right answer on any crop of a frame
+    with a bright filled ellipse, so a second pass can be checked against the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - 0.5) * 40 + 0 * self.w
+
+
+@pytest.mark.parametrize("case", [CASES[1], ((40.0, 27.0, 12.0, 9.0, 0.3), (0.1, 0.1))])
+def test_refining_pass_maps_back_to_the_source_frame(case) -> None:
+    ell, spacing = case
+    frame = source_mask(ell, spacing)
+    true = hc_mm(ell[2], ell[3])
+    errors = {}
+    for refine in (False, True):
+        loc = HeadLocaliser(BrightNet(), 48, tta=False, method="moments", level=0.5, refine=refine)
+        probs, squares = loc.probabilities([frame])
+        fit = loc.fit(probs[0], squares[0], spacing)
+        assert fit.found
+        errors[refine] = abs(fit.hc_mm - true) / true
+        # the prediction maps back onto the source frame, whichever grid it came from
+        pred = loc.source_mask(probs[0], squares[0])
+        assert 2 * (pred & (frame > 0)).sum() / (pred.sum() + (frame > 0).sum()) > 0.97
+        assert (squares[0].side < max(frame.shape)) == refine
+    assert max(errors.values()) < 0.005
