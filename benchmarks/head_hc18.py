@@ -128,6 +128,8 @@ def main() -> None:
     print(row("fit_skull (classical)", baseline(parts["val"])))
     label = f"learned {chosen.method} tta={chosen.tta} level={chosen.level} refine={chosen.refine}"
     print(f"chosen on validation: {label}")
+    if chosen.refine:                         # its first pass is its own: the figures as it will run
+        print(row("the chosen one, as saved", evaluate_head(chosen, parts["val"])))
     if args.no_test:
         return
 

@@ -533,7 +533,7 @@ def head(params: Params, root: Path) -> dict[str, Any]:
         sorted(assignment.items())), "held_for_diagnosis_test": len(kept)}, indent=2) + "\n")
 
     tags = {**lineage.collect(root, params), "model.kind": "head", "head.method": localiser.method,
-            "head.tta": str(localiser.tta), "head.level": str(localiser.level),
+            "head.tta": str(localiser.tta), "head.level": str(localiser.level), "head.refine": str(localiser.refine),
             "data.manifest_md5": lineage.md5_file(root / params.paths.manifest)}
     png, spacing = example_png()
     example = pd.DataFrame({"image": [base64.b64encode(png).decode()], "pixel_spacing_mm": [spacing]})

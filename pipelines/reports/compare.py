@@ -165,11 +165,12 @@ def _head_runs(model_name: str = "fetal-head") -> Table:
         pass
     rows = [[label, *(f"{r.data.metrics[key]:.{digits}f}" if key in r.data.metrics else "-" for _, r in runs)]
             for label, key, digits in HEAD_METRICS]
-    for label, tag in (("Ellipse fit, flip, threshold", None), ("Gate", "promotion.reason")):
+    for label, tag in (("Ellipse fit, flip, threshold, crop pass", None), ("Gate", "promotion.reason")):
         cells = []
         for _, r in runs:
             t = r.data.tags
-            cells.append(f"{t.get('head.method', '-')}, tta={t.get('head.tta', '-')}, {t.get('head.level', '-')}"
+            cells.append(f"{t.get('head.method', '-')}, tta={t.get('head.tta', '-')}, {t.get('head.level', '-')}, "
+                         f"refine={t.get('head.refine', '-')}"
                          if tag is None else _gate_reason(client, model_name, r.info.run_id))
         rows.append([label, *cells])
     return Table(["", *(f"{label} {r.info.run_id[:8]}" for label, r in runs)], rows)

@@ -250,7 +250,10 @@ def choose_localiser(net: nn.Module, params: HeadSection, val: Sequence[HeadItem
                      ) -> tuple[HeadLocaliser, list[tuple[str, dict[str, float]]]]:
     """The ellipse method, flip averaging and threshold with the lowest HC error on the
     validation frames among those refusing at most `max_refused` of them (the section's own
-    choice without validation frames), and every candidate's validation figures."""
+    choice without validation frames), and every candidate's validation figures. With `refine`,
+    every candidate is scored on the crops cut around the section's own first-pass fit (the
+    network runs twice per flip setting, not per candidate); the chosen localiser cuts its own,
+    so its figures are computed again (benchmarks/head_hc18.py prints them)."""
     if not val:
         return make_localiser(net, params), []
     table, best = [], None
