@@ -147,8 +147,9 @@ def split_subjects(subjects: Sequence[str], val_fraction: float, test_fraction: 
     return out
 
 
-# the refining crops training sees: the head's long axis spans this share of the crop's side
-# (inference uses REFINE_FILL, inside it), centred within this share of the side of the head's
+# the refining crops training sees: the head's long axis spans CROP_FILL of the crop's side
+# (inference cuts at REFINE_FILL, inside that range, around a first pass that is never exact),
+# and the crop's centre lies up to CROP_JITTER of its side from the head's
 CROP_FILL, CROP_JITTER = (0.5, 0.7), 0.05
 
 
