@@ -286,10 +286,14 @@ def test_untrained_model_is_registered_then_refused(flow_run):
     client = registry(ws)
     assert str(client.get_model_version_by_alias("cerebellar-hypoplasia", "champion").version) == "1"
     v2 = client.get_model_version("cerebellar-hypoplasia", "2")
-    assert v2.tags["promotion.decision"] == "rejected" and "below the floor" in v2.tags["promotion.reason"]
+    # on this workspace's five test patients an untrained network can rank them by chance, so it
+    # is refused either by a floor or by the paired test against the champion; both say "below"
+    reason = v2.tags["promotion.reason"]
+    assert v2.tags["promotion.decision"] == "rejected"
+    assert "below the floor" in reason or "below the non-inferiority margin" in reason
     events = [json.loads(line) for line in (ws / ".cbh" / "notifications.jsonl").read_text().splitlines()]
     rejected = [e for e in events if e["event"] == "promotion-rejected"]
-    assert len(rejected) == 1 and rejected[0]["version"] == "2" and "below the floor" in rejected[0]["text"]
+    assert len(rejected) == 1 and rejected[0]["version"] == "2" and reason in rejected[0]["text"]
     decisions = [a.path for a in client.list_artifacts(v2.run_id, "promotion")]
     assert len(decisions) == 1 and decisions[0].endswith(".json")
     hist = _cbh(ws, "promote", "--history")
