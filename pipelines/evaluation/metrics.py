@@ -105,14 +105,17 @@ def auc_ci(y: NDArray, p: NDArray, n_boot: int, seed: int) -> tuple[float, float
 MIN_PATIENTS_PER_CLASS = 2
 
 
-def _patient_index(patients: NDArray) -> tuple[int, NDArray[np.intp]]:
-    """The number of patients and each row's patient index, patients numbered in the order they
+def _patient_groups(patients: NDArray) -> tuple[NDArray[np.intp], list[NDArray[np.intp]]]:
+    """Each row's patient index and each patient's rows, patients numbered in the order they
     first appear: the draw then follows the rows' order (key-free: the dataset's rows are ordered
     by pixel digest), not the sorted names, which change with the pseudonymisation key."""
     _, first, inverse = np.unique(np.asarray(patients).astype(str), return_index=True, return_inverse=True)
     rank = np.empty(len(first), np.intp)
     rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-    return len(first), rank[inverse.reshape(-1)]
+    index = rank[inverse.reshape(-1)]
+    order = np.argsort(index, kind="stable")
+    bounds = np.searchsorted(index[order], np.arange(len(first) + 1))
+    return index, [order[bounds[k]:bounds[k + 1]] for k in range(len(first))]
 
 
 def _both_classes(y: NDArray, inverse: NDArray) -> bool:
@@ -130,12 +133,10 @@ def patient_bootstrap(y: NDArray, p: NDArray, patients: NDArray, threshold: floa
     `threshold`, resampling patients with all their images: images of one patient are not
     independent (the same anatomy, several exams), and resampling images treats them as if they
     were, which narrows every interval. Keys: auc, sensitivity, specificity."""
-    n_patients, inverse = _patient_index(patients)
+    inverse, members = _patient_groups(patients)
+    n_patients = len(members)
     if not _both_classes(y, inverse):
         return {key: (float("nan"), float("nan")) for key in ("auc", "sensitivity", "specificity")}
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.searchsorted(inverse[order], np.arange(n_patients + 1))
-    members = [order[bounds[k]:bounds[k + 1]] for k in range(n_patients)]
     called = p >= threshold
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {"auc": [], "sensitivity": [], "specificity": []}
@@ -162,8 +163,8 @@ def paired_auc_difference(y: NDArray, p_ref: NDArray, p_other: NDArray, patients
     correlation between them is kept). Keys: difference, ci_low, ci_high, p_value (at least
     1/n_boot: a finite bootstrap cannot say less), n_boot (draws used). Fewer than two patients
     of either class: NaN interval and p."""
-    n_patients, inverse = _patient_index(patients)
-    members = [np.flatnonzero(inverse == k) for k in range(n_patients)]
+    inverse, members = _patient_groups(patients)
+    n_patients = len(members)
     rng = np.random.default_rng(seed)
     diffs = []
     if not _both_classes(y, inverse):
