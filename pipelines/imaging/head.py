@@ -40,14 +40,23 @@ class SquareMap:
         return (u + 0.5) * k - 0.5 - self.left, (v + 0.5) * k - 0.5 - self.top
 
 
+def _square(grey: NDArray[np.floating], side: int, top: int, left: int,
+            size: int) -> tuple[NDArray[np.float32], SquareMap]:
+    """A zero square of `side` source pixels holding the frame with its corner at (top, left)
+    (negative: the square starts inside the frame), area-resampled to size x size."""
+    h, w = grey.shape
+    canvas = np.zeros((side, side), np.float32)
+    r0, r1, c0, c1 = max(0, -top), min(h, side - top), max(0, -left), min(w, side - left)
+    if r0 < r1 and c0 < c1:
+        canvas[r0 + top:r1 + top, c0 + left:c1 + left] = grey[r0:r1, c0:c1]
+    return cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA), SquareMap((h, w), side, top, left, size)
+
+
 def to_square(grey: NDArray[np.floating], size: int) -> tuple[NDArray[np.float32], SquareMap]:
     """The frame centred in a zero-padded square (aspect ratio kept), area-resampled to size x size."""
     h, w = grey.shape
     side = max(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
-    canvas = np.zeros((side, side), np.float32)
-    canvas[top:top + h, left:left + w] = grey
-    return cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA), SquareMap((h, w), side, top, left, size)
+    return _square(grey, side, (side - h) // 2, (side - w) // 2, size)
 
 
 # the share of a refining crop's side the head's long axis spans: the crop is cut from the
@@ -62,11 +71,7 @@ def crop_square(grey: NDArray[np.floating], cx: float, cy: float, side: float,
     area-resampled to size x size, and where the frame lies in it (offsets may be negative)."""
     side_px = max(int(round(side)), 1)
     x0, y0 = int(round(cx - side_px / 2)), int(round(cy - side_px / 2))
-    shift = np.float32([[1, 0, -x0], [0, 1, -y0]])
-    crop = cv2.warpAffine(np.asarray(grey, np.float32), shift, (side_px, side_px), flags=cv2.INTER_NEAREST,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    return (cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA),
-            SquareMap(tuple(grey.shape), side_px, -y0, -x0, size))
+    return _square(grey, side_px, -y0, -x0, size)
 
 
 def hc_mm(a: float, b: float) -> float:
